@@ -1,0 +1,84 @@
+"""Reading and writing weight files: safetensors (single or sharded), pickle only when trusted."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:  # framework="flax" understands bfloat16, which plain numpy does not.
+        with safe_open(str(path), framework="flax") as f:
+            return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    except Exception as err:  # safetensors raises several error types for corrupt headers
+        raise ValueError(f"cannot read safetensors file {path}: {err}") from err
+
+
+def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    import torch  # only for legacy files the user declared trusted
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def read_weights(folder: str | os.PathLike, stem: str, *, variant: str | None = None,
+                 allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Reads the tensors of one component folder.
+
+    Looks, in order, for `{stem}[.{variant}].safetensors`, its sharded index
+    `{stem}[.{variant}].safetensors.index.json`, any single `*.safetensors`, and (only with
+    `allow_pickle=True`) `{stem}.bin` / `pytorch_model.bin`.
+
+    Args:
+      folder: the component folder (e.g. `.../unet`).
+      stem: the weight file stem the library uses ("diffusion_pytorch_model" or "model").
+    Returns:
+      key -> numpy array in the file's dtype (bfloat16 arrays use ml_dtypes).
+    """
+    folder = Path(folder)
+    name = f"{stem}.{variant}" if variant else stem
+    single, index = folder / f"{name}.safetensors", folder / f"{name}.safetensors.index.json"
+    if single.is_file():
+        return _read_safetensors(single)
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        state: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise FileNotFoundError(f"{index} names shard {shard}, which is missing from {folder}")
+            state.update(_read_safetensors(folder / shard))
+        return state
+    others = sorted(folder.glob("*.safetensors"))
+    if len(others) == 1 and not variant:
+        return _read_safetensors(others[0])
+    pickles = [p for p in (folder / f"{name}.bin", folder / "pytorch_model.bin") if p.is_file()]
+    if pickles and allow_pickle:
+        return _read_pickle(pickles[0])
+    if pickles:
+        raise ValueError(f"{folder} holds only the pickle file {pickles[0].name}; pickles can run code when "
+                         "loaded. Pass allow_pickle=True (--trust-pickle) only for a file you trust, or convert "
+                         "it to safetensors.")
+    raise FileNotFoundError(f"no weights in {folder}: expected {single.name} or {index.name}"
+                            + (f"; found several .safetensors files: {[p.name for p in others]}" if others else ""))
+
+
+def write_json(path: str | os.PathLike, obj: Mapping) -> None:
+    """Writes JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_safetensors(path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> None:
+    """Writes a PyTorch-layout state dict as safetensors atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(dict(state), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
