@@ -1,0 +1,123 @@
+"""The embedded CLIP vocabulary tokenizes as openai/clip-vit-large-patch14 (Stable Diffusion 1.x)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import regex
+
+from cxr_ldm.data.tokenizer import embedded_tokenizer_dir, load_tokenizer, tokenize
+
+SENTENCES = [
+    "moderate right pleural effusion. mild cardiomegaly.",
+    "no acute cardiopulmonary process; lungs are clear bilaterally.",
+    "interval placement of a right internal jugular central venous catheter with tip at the cavoatrial junction",
+    "small left apical pneumothorax (approximately 1.5 cm), unchanged since 03/12/2019!",
+    "it's pt's 2nd film: ett 4 cm above the carina, ng tube's tip isn't visualized.",
+]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class ReferenceBPE:
+    """CLIP's SimpleTokenizer algorithm (lowercase text, no ftfy), built from merges.txt alone."""
+
+    def __init__(self, merges_file):
+        lines = merges_file.read_text(encoding="utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        self.merges = [tuple(line.split()) for line in lines]
+        self.ranks = {pair: i for i, pair in enumerate(self.merges)}
+        self.byte_table = _bytes_to_unicode()
+        symbols = list(self.byte_table.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in self.merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.pattern = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                                     regex.IGNORECASE)
+
+    def _bpe(self, word: str) -> list[str]:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.encoder["<|startoftext|>"]]
+        for word in self.pattern.findall(" ".join(text.split()).lower()):
+            word = "".join(self.byte_table[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[token] for token in self._bpe(word))
+        return ids + [self.encoder["<|endoftext|>"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return ReferenceBPE(embedded_tokenizer_dir() / "merges.txt")
+
+
+def test_vocab_file_follows_clip_construction(reference):
+    vocab = json.loads((embedded_tokenizer_dir() / "vocab.json").read_text(encoding="utf-8"))
+    assert len(vocab) == 49408
+    assert vocab == reference.encoder
+
+
+def test_known_prompt_ids(tokenizer):
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokenizer.model_max_length == 77
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (49406, 49407, 49407)
+
+
+def test_radiology_sentences_match_reference_bpe(tokenizer, reference):
+    for text in SENTENCES:
+        assert tokenizer(text).input_ids == reference.encode(text), text
+
+
+def test_tokenize_pads_and_truncates_keeping_eos(tokenizer, reference):
+    long_text = " ".join(SENTENCES * 3)
+    ids = tokenize(tokenizer, [SENTENCES[0], long_text], max_length=77)
+    assert ids.dtype == np.int32 and ids.shape == (2, 77)
+    short = reference.encode(SENTENCES[0])
+    np.testing.assert_array_equal(ids[0], short + [49407] * (77 - len(short)))
+    full = reference.encode(long_text)
+    assert len(full) > 77
+    np.testing.assert_array_equal(ids[1], full[:76] + [49407])
+    np.testing.assert_array_equal(tokenize(tokenizer, SENTENCES[1], max_length=16)[0],
+                                  reference.encode(SENTENCES[1])[:15] + [49407])
+
+
+def test_load_from_pipeline_folder(tmp_path, tokenizer):
+    shutil.copytree(embedded_tokenizer_dir(), tmp_path / "tokenizer")
+    loaded = load_tokenizer(tmp_path)
+    assert loaded("effusion").input_ids == tokenizer("effusion").input_ids
+
+
+def test_missing_files_error_names_folder(tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="merges.txt") as err:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path) in str(err.value)
