@@ -30,6 +30,7 @@ class ComponentSpec:
       library: "diffusers" or "transformers" (decides the config.json bookkeeping keys).
       ignore: regexes of state-dict keys without a Flax counterpart (buffers).
       key_rules: (regex, replacement) renames applied to file keys before conversion.
+      prefix: key prefix of the Flax tree root in files: stripped on load where present, written on save.
     """
 
     class_name: str
@@ -40,6 +41,7 @@ class ComponentSpec:
     library: str
     ignore: tuple[str, ...] = ()
     key_rules: tuple[tuple[str, str], ...] = ()
+    prefix: str = ""
 
     def classes(self) -> tuple[Any, Any]:
         mod = importlib.import_module(self.module_path)
@@ -63,8 +65,10 @@ SPECS = {
                        (r"\.attentions\.0\.value\.", ".attentions.0.to_v."),
                        (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0.")),
         ),
+        # transformers < 5 and every Stable Diffusion checkpoint prefix the keys with "text_model."; transformers 5
+        # writes them without and reads both.
         ComponentSpec("CLIPTextModel", "cxr_ldm.models.text_encoder", "CLIPTextConfig", "CLIPTextModel",
-                      "model", "transformers", ignore=(r"text_model\.embeddings\.position_ids",)),
+                      "model", "transformers", ignore=(r"embeddings\.position_ids",), prefix="text_model."),
     )
 }
 
@@ -114,10 +118,11 @@ def load_component(path: str | os.PathLike, *, dtype: Any = None, param_dtype: A
         raise ValueError(f"{config_file} is not valid JSON: {err}") from err
     spec = SPECS[_class_name(raw, path)]
     config_cls, model_cls = spec.classes()
-    config = config_cls.from_dict(raw)
+    config = config_cls.from_dict(raw, source=str(config_file))
     kwargs = {"dtype": dtype} if dtype is not None else {}
     module = model_cls(config=config, param_dtype=param_dtype, **kwargs)
     state = weights.read_weights(path, spec.weights_stem, variant=variant, allow_pickle=allow_pickle)
+    state = {k.removeprefix(spec.prefix): v for k, v in state.items()}
     state = convert.rename_keys(state, spec.key_rules)
     abstract = abstract_params(module, config, spec)
     state = _squeeze_1x1_linear(state, abstract)
@@ -138,5 +143,6 @@ def save_component(module, params, path: str | os.PathLike) -> None:
         config = {"_class_name": spec.class_name, "_diffusers_version": "0.36.0", **config}
     else:
         config = {"architectures": [spec.class_name], **config}
-    weights.write_safetensors(path / f"{spec.weights_stem}.safetensors", convert.params_to_state_dict(params))
+    state = {spec.prefix + k: v for k, v in convert.params_to_state_dict(params).items()}
+    weights.write_safetensors(path / f"{spec.weights_stem}.safetensors", state)
     weights.write_json(path / "config.json", config)
