@@ -1,0 +1,193 @@
+"""What the LDM stage trains: the split of {"unet", "text_encoder", "vae"} params into trained and frozen.
+
+Modes (the comparisons of the CXR Stable Diffusion fine-tuning work, plus LoRA):
+  "unet"               trainable {"unet"}; frozen {"text_encoder", "vae"}
+  "unet+text_encoder"  trainable {"unet", "text_encoder"}; frozen {"vae"}
+  "text_encoder"       trainable {"text_encoder"}; frozen {"unet", "vae"}
+  "textual_inversion"  trainable {"new_token_embeddings": (n, D)}, rows appended to the text encoder's
+                       token embedding ("embeddings", "token_embedding", "embedding"); all else frozen
+  "lora"               trainable {"unet_lora": ..., ["text_encoder_lora": ...]}: for each attention
+                       projection kernel W (in, out), A (in, r) and B (r, out); the model runs with
+                       W + (alpha / r) A @ B; all original params frozen
+`merge_params` rebuilds the full params the models run with (and that are exported).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FINETUNE_MODES = ("unet", "unet+text_encoder", "text_encoder", "textual_inversion", "lora")
+COMPONENTS = ("unet", "text_encoder", "vae")
+TOKEN_EMBEDDING_PATH = ("embeddings", "token_embedding", "embedding")
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_FULL_MODES = {"unet": ("unet",), "unet+text_encoder": ("unet", "text_encoder"), "text_encoder": ("text_encoder",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """mode: one of FINETUNE_MODES. lora_rank, lora_alpha: LoRA r and alpha (scale alpha / r).
+    lora_text_encoder: also adapt the text encoder's attention projections in "lora" mode."""
+
+    mode: str = "unet"
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_text_encoder: bool = False
+
+    def __post_init__(self):
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"finetune mode = {self.mode!r}: expected one of {FINETUNE_MODES}")
+        if self.lora_rank < 1:
+            raise ValueError(f"finetune lora_rank = {self.lora_rank}: expected >= 1")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
+def split_params(config: FinetuneConfig, params: dict, *, rng: jax.Array | None = None,
+                 init_token_ids: Sequence[int] | None = None) -> tuple[dict, dict]:
+    """(trainable, frozen) from the full params {"unet": ..., "text_encoder": ..., "vae": ...}.
+
+    rng: initialises LoRA A (normal, std 1 / r; B starts at zero so the model is unchanged).
+    init_token_ids: textual inversion: one existing token id per new token, whose embedding row starts it.
+    """
+    missing = [c for c in COMPONENTS if c not in params]
+    if missing:
+        raise ValueError(f"params for fine-tuning: missing components {missing}; expected keys {COMPONENTS}")
+    params = dict(params)
+    if config.mode in _FULL_MODES:
+        trained = _FULL_MODES[config.mode]
+        return ({c: params[c] for c in trained}, {c: params[c] for c in COMPONENTS if c not in trained})
+    if config.mode == "textual_inversion":
+        if not init_token_ids:
+            raise ValueError("finetune mode 'textual_inversion' needs init_token_ids (one per new token)")
+        table = _get(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+        return {"new_token_embeddings": jnp.asarray(table)[np.asarray(init_token_ids)]}, params
+    if rng is None:
+        raise ValueError("finetune mode 'lora' needs rng to initialise the LoRA A matrices")
+    unet_rng, text_rng = jax.random.split(rng)
+    trainable = {"unet_lora": init_lora(params["unet"], UNET_LORA_TARGETS, config.lora_rank, unet_rng)}
+    if config.lora_text_encoder:
+        trainable["text_encoder_lora"] = init_lora(params["text_encoder"], TEXT_ENCODER_LORA_TARGETS,
+                                                   config.lora_rank, text_rng)
+    return trainable, params
+
+
+def merge_params(config: FinetuneConfig, trainable: dict, frozen: dict) -> dict:
+    """The full {"unet", "text_encoder", "vae"} params the models run with: trained and frozen parts
+    joined, new token rows appended, LoRA merged (W + scale A @ B, float32). Differentiable."""
+    if config.mode in _FULL_MODES:
+        return {**frozen, **trainable}
+    params = dict(frozen)
+    if config.mode == "textual_inversion":
+        table = _get(frozen["text_encoder"], TOKEN_EMBEDDING_PATH)
+        rows = trainable["new_token_embeddings"].astype(table.dtype)
+        params["text_encoder"] = _set(frozen["text_encoder"], TOKEN_EMBEDDING_PATH,
+                                      jnp.concatenate([table, rows], axis=0))
+        return params
+    params["unet"] = merge_lora(frozen["unet"], trainable["unet_lora"], config.lora_scale)
+    if "text_encoder_lora" in trainable:
+        params["text_encoder"] = merge_lora(frozen["text_encoder"], trainable["text_encoder_lora"],
+                                            config.lora_scale)
+    return params
+
+
+def init_lora(params: dict, targets: Sequence[str], rank: int, rng: jax.Array) -> dict:
+    """LoRA factors for every Dense kernel (in, out) under a module named in `targets`, as a nested dict
+    mirroring the module paths: {..., "to_q": {"lora_A": (in, r), "lora_B": (r, out)}}.
+    A ~ normal(0, 1 / r) (peft's "gaussian" init that diffusers' LoRA scripts use), B = 0."""
+    kernels = _lora_kernel_paths(params, targets)
+    if not kernels:
+        raise ValueError(f"LoRA: no 2-D kernel under modules named {tuple(targets)} in the params")
+    lora: dict = {}
+    for index, (path, kernel) in enumerate(kernels):
+        a = jax.random.normal(jax.random.fold_in(rng, index), (kernel.shape[0], rank), jnp.float32) / rank
+        lora = _set(lora, path[:-1], {"lora_A": a, "lora_B": jnp.zeros((rank, kernel.shape[1]), jnp.float32)})
+    return lora
+
+
+def merge_lora(params: dict, lora: dict, scale: float) -> dict:
+    """params with kernel W of each LoRA'd module replaced by W + scale * A @ B (float32)."""
+    merged = params
+    for path, factors in _lora_factor_paths(lora):
+        kernel = _get(params, path + ("kernel",))
+        delta = scale * (factors["lora_A"] @ factors["lora_B"])
+        merged = _set(merged, path + ("kernel",), kernel.astype(jnp.float32) + delta)
+    return merged
+
+
+def add_placeholder_tokens(tokenizer, placeholder_tokens: Sequence[str],
+                           initializer_tokens: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Adds textual-inversion placeholder tokens to a transformers CLIPTokenizer (in place).
+
+    Each initializer must be a single existing token (e.g. "effusion" -> one BPE id). Returns
+    (new token ids, initializer token ids); the new ids are len(tokenizer) before the call onwards, the
+    rows `merge_params` appends to the embedding table (whose original vocab must be that length).
+    """
+    if len(placeholder_tokens) != len(initializer_tokens):
+        raise ValueError(f"{len(placeholder_tokens)} placeholder tokens but {len(initializer_tokens)} "
+                         "initializer tokens: expected one initializer per placeholder")
+    init_ids = []
+    for word in initializer_tokens:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"initializer token {word!r} is {len(ids)} tokens {ids}: expected exactly one")
+        init_ids.append(ids[0])
+    first_new = len(tokenizer)
+    if tokenizer.add_tokens(list(placeholder_tokens)) != len(placeholder_tokens):
+        raise ValueError(f"placeholder tokens {list(placeholder_tokens)}: some are already in the tokenizer")
+    new_ids = tokenizer.convert_tokens_to_ids(list(placeholder_tokens))
+    if new_ids != list(range(first_new, first_new + len(placeholder_tokens))):
+        raise ValueError(f"placeholder token ids {new_ids}: expected consecutive ids from {first_new}")
+    return new_ids, init_ids
+
+
+def with_vocab_size(text_encoder, vocab_size: int):
+    """The text encoder module with its config's vocab_size changed (for appended token rows)."""
+    return text_encoder.clone(config=dataclasses.replace(text_encoder.config, vocab_size=vocab_size))
+
+
+def trainable_summary(trainable: Any) -> dict[str, int]:
+    """Number of trained parameters per top-level key (for logs)."""
+    return {key: int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(value)))
+            for key, value in trainable.items()}
+
+
+def _lora_kernel_paths(params: dict, targets: Sequence[str]) -> list[tuple[tuple[str, ...], Any]]:
+    pattern = re.compile(rf"(^|/)({'|'.join(map(re.escape, targets))})/kernel$")
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = tuple(str(k.key) for k in path)
+        if pattern.search("/".join(keys)) and np.ndim(leaf) == 2:
+            found.append((keys, leaf))
+    return found
+
+
+def _lora_factor_paths(lora: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict]]:
+    if "lora_A" in lora:
+        return [(prefix, lora)]
+    return [item for key, sub in lora.items() for item in _lora_factor_paths(sub, prefix + (key,))]
+
+
+def _get(tree: dict, path: Sequence[str]) -> Any:
+    for depth, key in enumerate(path):
+        if not isinstance(tree, Mapping) or key not in tree:
+            raise KeyError(f"params: no entry {'/'.join(path[: depth + 1])!r}")
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: Sequence[str], value: Any) -> dict:
+    """A copy of nested dict `tree` with `value` at `path` (intermediate dicts created/copied)."""
+    tree = dict(tree)
+    if len(path) == 1:
+        tree[path[0]] = value
+    else:
+        tree[path[0]] = _set(tree.get(path[0], {}), path[1:], value)
+    return tree
