@@ -32,7 +32,7 @@ def read_weights(folder: str | os.PathLike, stem: str, *, variant: str | None = 
     """Reads the tensors of one component folder.
 
     Looks, in order, for `{stem}[.{variant}].safetensors`, its sharded index
-    `{stem}[.{variant}].safetensors.index.json`, any single `*.safetensors`, and (only with
+    `{stem}.safetensors.index[.{variant}].json`, any single `*.safetensors`, and (only with
     `allow_pickle=True`) `{stem}.bin` / `pytorch_model.bin`.
 
     Args:
@@ -43,7 +43,9 @@ def read_weights(folder: str | os.PathLike, stem: str, *, variant: str | None = 
     """
     folder = Path(folder)
     name = f"{stem}.{variant}" if variant else stem
-    single, index = folder / f"{name}.safetensors", folder / f"{name}.safetensors.index.json"
+    # diffusers / transformers put the variant before the last suffix: "model.safetensors.index.fp16.json".
+    index_name = f"{stem}.safetensors.index.{variant}.json" if variant else f"{stem}.safetensors.index.json"
+    single, index = folder / f"{name}.safetensors", folder / index_name
     if single.is_file():
         return _read_safetensors(single)
     if index.is_file():
