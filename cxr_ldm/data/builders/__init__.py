@@ -1,0 +1,51 @@
+"""TFDS builders of the CXR data sets (array_record files, read with `tfds.data_source`).
+
+  phantom_cxr     embedded synthetic radiographs (no download); configs "64", "128", "256", "tiny"
+  mimic_cxr_jpg   MIMIC-CXR-JPG 2.x (manual download); configs "64" ... "512", "<res>_all_views"
+  openi_cxr       Indiana University collection (manual download); same config names
+
+Importing this package registers the builders with TFDS, so `tfds.data_source("phantom_cxr/64",
+data_dir=...)` finds them.
+"""
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+
+from cxr_ldm.data.builders.mimic_cxr_jpg import MimicCxrJpg
+from cxr_ldm.data.builders.openi_cxr import OpeniCxr
+from cxr_ldm.data.builders.phantom_cxr import PhantomCxr
+
+BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    "phantom_cxr": PhantomCxr,
+    "mimic_cxr_jpg": MimicCxrJpg,
+    "openi_cxr": OpeniCxr,
+}
+
+
+def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
+            manual_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+    """The builder of data set `name` (config `config`, None = default) with its files in `data_dir`.
+
+    Builds the array_record files first if they are absent (a no-op otherwise). `name` may also be
+    "name/config". `manual_dir` is where the manual-download data sets (MIMIC-CXR-JPG, Open-i) lie.
+    """
+    if "/" in name:
+        if config is not None:
+            raise ValueError(f"Data set {name!r} names a config and config={config!r} names another.")
+        name, config = name.split("/", 1)
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown data set {name!r}; expected one of {sorted(BUILDERS)}.")
+    builder_cls = BUILDERS[name]
+    config_names = [c.name for c in builder_cls.BUILDER_CONFIGS]
+    if config is not None and config not in config_names:
+        raise ValueError(f"Unknown config {config!r} of {name}; expected one of {config_names}.")
+    builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=None if manual_dir is None else os.fspath(manual_dir))
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+__all__ = ["BUILDERS", "MimicCxrJpg", "OpeniCxr", "PhantomCxr", "prepare"]

@@ -1,0 +1,211 @@
+"""TFDS builder for MIMIC-CXR-JPG (PhysioNet, credentialed access; manual download).
+
+One example per image (dicom_id). Splits follow the official split CSV (train / validate -> validation
+/ test). Views: frontal (ViewPosition PA or AP) by default; the `*_all_views` configs keep every image.
+Images: grayscale, centred square crop + bicubic resize (see `common`). Prompt:
+reports.prompt_from_report of the study's free-text report (impression first, at most 75 CLIP
+tokens). Labels: the study's row of the CheXpert CSV (blank -> not mentioned, encoded -2; see
+`common`). Images that are missing or unreadable, and studies without a report file, are skipped,
+logged and counted in `info.metadata["skipped"][split]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zipfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from cxr_ldm.data import reports
+from cxr_ldm.data.builders import common
+from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.tokenizer import load_tokenizer
+
+FRONTAL_VIEWS = ("PA", "AP")
+_SPLITS = {"train": "train", "validate": "validation", "test": "test"}
+
+_INSTRUCTIONS = """\
+Download MIMIC-CXR-JPG 2.x from https://physionet.org/content/mimic-cxr-jpg/ (credentialed access)
+and the free-text reports from MIMIC-CXR (https://physionet.org/content/mimic-cxr/), then point
+manual_dir at the version folder, laid out as:
+  files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg
+  mimic-cxr-2.0.0-metadata.csv.gz     (or .csv)
+  mimic-cxr-2.0.0-split.csv.gz        (or .csv)
+  mimic-cxr-2.0.0-chexpert.csv.gz     (or .csv)
+  mimic-cxr-reports.zip holding files/pXX/pXXXXXXXX/sXXXXXXXX.txt
+    (or those .txt files under mimic-cxr-reports/files/ or next to the study folders under files/)
+"""
+
+
+def _csv_names(stem: str) -> tuple[str, str]:
+    return (f"{stem}.csv.gz", f"{stem}.csv")
+
+
+_REQUIRED = {
+    "images": ("files",),
+    "metadata": _csv_names("mimic-cxr-2.0.0-metadata"),
+    "split": _csv_names("mimic-cxr-2.0.0-split"),
+    "chexpert": _csv_names("mimic-cxr-2.0.0-chexpert"),
+    # The last alternative is the MIMIC-CXR (DICOM) layout: reports next to the study folders.
+    "reports": ("mimic-cxr-reports.zip", "mimic-cxr-reports/files", "files"),
+}
+# How many metadata rows are probed for a report before the reports location is declared wrong.
+_REPORT_PROBE_ROWS = 20
+
+
+@dataclasses.dataclass
+class MimicCxrJpgConfig(tfds.core.BuilderConfig):
+    """resolution: output side in pixels; views: ViewPosition values kept (None = all);
+    num_workers: threads decoding images."""
+
+    resolution: int = 256
+    views: tuple[str, ...] | None = FRONTAL_VIEWS
+    num_workers: int = dataclasses.field(default_factory=common.default_num_workers)
+
+
+def _study_path(subject_id: str, study_id: str) -> str:
+    return f"p{subject_id[:2]}/p{subject_id}/s{study_id}"
+
+
+class _Reports:
+    """Report texts from the folder layout or the zip archive, keyed by (subject_id, study_id)."""
+
+    def __init__(self, location: epath.Path):
+        self._folder, self._zip, self._members = None, None, {}
+        if location.name.endswith(".zip"):
+            self._zip = zipfile.ZipFile(location.open("rb"))
+            for name in self._zip.namelist():
+                parts = name.split("/")
+                if name.endswith(".txt") and len(parts) >= 3:
+                    self._members["/".join(parts[-3:])] = name
+        else:
+            self._folder = location
+
+    def read(self, subject_id: str, study_id: str) -> str | None:
+        relative = _study_path(subject_id, study_id) + ".txt"
+        if self._zip is not None:
+            member = self._members.get(relative)
+            return None if member is None else self._zip.read(member).decode("utf-8")
+        path = self._folder / relative
+        return path.read_text() if path.exists() else None
+
+
+def _chexpert_labels(row: dict[str, str], path: epath.Path) -> dict[str, int | None]:
+    """One CheXpert CSV row ("1.0", "0.0", "-1.0" or blank per observation) -> label dict."""
+    labels = {}
+    for name in CHEXPERT_LABELS:
+        text = (row.get(name) or "").strip()
+        try:
+            value = None if not text or math.isnan(float(text)) else int(float(text))
+        except ValueError:
+            value = text
+        if value not in (None, 1, 0, -1):
+            raise ValueError(f"{path}: study s{row['study_id']} column {name!r} = {text!r}; "
+                             "expected 1.0, 0.0, -1.0 or blank.")
+        labels[name] = value
+    return labels
+
+
+def _study_key(row: dict[str, str]) -> tuple[int, int]:
+    return int(row["subject_id"]), int(row["study_id"])
+
+
+class MimicCxrJpg(tfds.core.GeneratorBasedBuilder):
+    """MIMIC-CXR-JPG image/report pairs at a fixed square resolution."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+    BUILDER_CONFIGS = [
+        MimicCxrJpgConfig(name=name, resolution=res, views=views)
+        for res in (64, 128, 256, 512)
+        for name, views in ((str(res), FRONTAL_VIEWS), (f"{res}_all_views", None))
+    ]
+    DEFAULT_CONFIG_NAME = "256"
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=common.cxr_features(
+                self.builder_config.resolution,
+                dicom_id=tfds.features.Text(),
+                study_id=tfds.features.Scalar(dtype=np.int64),
+                subject_id=tfds.features.Scalar(dtype=np.int64),
+                view=tfds.features.Text(doc="DICOM ViewPosition (PA, AP, LATERAL, LL, ...)."),
+            ),
+            metadata=tfds.core.MetadataDict(),
+            homepage="https://physionet.org/content/mimic-cxr-jpg/",
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        manual_dir = epath.Path(dl_manager.manual_dir)
+        paths = common.find_required(manual_dir, self.name, _REQUIRED, _INSTRUCTIONS)
+        metadata = common.read_csv(paths["metadata"])
+        common.require_columns(metadata, paths["metadata"], ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+        split_rows = common.read_csv(paths["split"])
+        common.require_columns(split_rows, paths["split"], ("dicom_id", "split"))
+        chexpert_rows = common.read_csv(paths["chexpert"])
+        common.require_columns(chexpert_rows, paths["chexpert"], ("subject_id", "study_id", *CHEXPERT_LABELS))
+
+        split_of = {row["dicom_id"]: row["split"] for row in split_rows}
+        labels_of = {_study_key(row): _chexpert_labels(row, paths["chexpert"]) for row in chexpert_rows}
+        views = self.builder_config.views
+        records = {split: [] for split in _SPLITS.values()}
+        for row in metadata:
+            split = _SPLITS.get(split_of.get(row["dicom_id"], ""))
+            if split is not None and (views is None or row["ViewPosition"] in views):
+                records[split].append(row)
+        report_store = _Reports(paths["reports"])
+        probe = metadata[:_REPORT_PROBE_ROWS]
+        if probe and all(report_store.read(row["subject_id"], row["study_id"]) is None for row in probe):
+            raise FileNotFoundError(
+                f"{self.name}: no report found at {paths['reports']} for the first {len(probe)} studies of "
+                f"{paths['metadata']} (e.g. {_study_path(probe[0]['subject_id'], probe[0]['study_id'])}.txt)."
+                f"\n{_INSTRUCTIONS}")
+        return {
+            split: self._generate_examples(split, rows, paths["images"], report_store, labels_of)
+            for split, rows in records.items()
+        }
+
+    def _generate_examples(self, split, rows, image_root, report_store, labels_of):
+        skips = common.SkipCounter(self.name, split)
+        resolution = self.builder_config.resolution
+        tokenizer = load_tokenizer()
+
+        def load(row):
+            path = image_root / _study_path(row["subject_id"], row["study_id"]) / f"{row['dicom_id']}.jpg"
+            try:
+                return row, common.load_square_grayscale(path, resolution), None
+            except FileNotFoundError:
+                return row, None, ("missing_image", str(path))
+            except common.IMAGE_ERRORS as error:
+                return row, None, ("corrupt_image", f"{path}: {error}")
+
+        with_reports = []
+        for row in rows:
+            text = report_store.read(row["subject_id"], row["study_id"])
+            if text is None:
+                skips.skip("missing_report", row["dicom_id"], f"study s{row['study_id']}")
+            else:
+                with_reports.append((row, text))
+        texts = {row["dicom_id"]: text for row, text in with_reports}
+        loaded = common.ordered_parallel_map(load, [row for row, _ in with_reports],
+                                             self.builder_config.num_workers)
+        for row, image, problem in loaded:
+            if problem is not None:
+                skips.skip(problem[0], row["dicom_id"], problem[1])
+                continue
+            text = texts[row["dicom_id"]]
+            labels = labels_of.get(_study_key(row), {})
+            yield row["dicom_id"], {
+                "image": common.png_bytes(image),
+                "report": text,
+                "prompt": reports.prompt_from_report(text, tokenizer=tokenizer),
+                "labels": common.encode_labels(labels),
+                "dicom_id": row["dicom_id"],
+                "study_id": int(row["study_id"]),
+                "subject_id": int(row["subject_id"]),
+                "view": row["ViewPosition"],
+            }
+        skips.record(self.info)

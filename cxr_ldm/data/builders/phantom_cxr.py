@@ -1,0 +1,138 @@
+"""TFDS builder for the embedded phantom CXR data set (`cxr_ldm.data.phantom`): no download needed.
+
+Every example is `phantom.generate(seed, resolution)`; a split is a fixed range of seeds, so an
+example's content depends only on its seed and the resolution:
+  train       seeds         0 ..         train_size - 1
+  validation  seeds 10_000_000 .. 10_000_000 + validation_size - 1
+  test        seeds 20_000_000 .. 20_000_000 + test_size - 1
+(the ranges stay disjoint for any split size below ten million). Per observation (CheXpert order)
+the builder stores `labels` (see `common.encode_labels`), `side` as int8 codes (`SIDES`) and
+`severity` as text ("" where the report gives none).
+
+Configs: "64", "128", "256" (6000 / 500 / 1000 examples) and "tiny" (32 px, 256 / 32 / 32), the
+data set of the quick recipes and tests.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cxr_ldm.data import phantom
+from cxr_ldm.data.builders import common
+from cxr_ldm.data.labeler import CHEXPERT_LABELS
+
+SPLIT_SEED_OFFSETS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
+# int8 code of a finding's side is its index here; 0 (None) where no side is stated.
+SIDES = (None, "left", "right", "bilateral")
+_CHUNK_SIZE = 64
+
+
+def encode_sides(sides: Mapping[str, str | None]) -> np.ndarray:
+    """{CheXpert name: "left" | "right" | "bilateral" | None} -> int8 (14,) codes (index in SIDES)."""
+    codes = np.zeros((common.NUM_LABELS,), np.int8)
+    for i, name in enumerate(CHEXPERT_LABELS):
+        side = sides.get(name)
+        if side not in SIDES:
+            raise ValueError(f"side of {name!r} = {side!r}; expected one of {SIDES}.")
+        codes[i] = SIDES.index(side)
+    return codes
+
+
+def decode_sides(codes: np.ndarray) -> dict[str, str | None]:
+    """Inverse of `encode_sides`."""
+    return {name: SIDES[int(code)] for name, code in zip(CHEXPERT_LABELS, codes)}
+
+
+@dataclasses.dataclass
+class PhantomCxrConfig(tfds.core.BuilderConfig):
+    """resolution: image side in pixels; *_size: examples per split; num_workers: generating processes."""
+
+    resolution: int = 64
+    train_size: int = 6000
+    validation_size: int = 500
+    test_size: int = 1000
+    num_workers: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1))
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
+
+
+def make_example(seed: int, resolution: int) -> dict:
+    """phantom.generate(seed, resolution) as a feature dict of this builder (PNG-encoded image)."""
+    sample = phantom.generate(seed, resolution)
+    return {
+        "image": common.png_bytes(sample["image"]),
+        "report": sample["report"],
+        "prompt": sample["prompt"],
+        "labels": common.encode_labels(sample["labels"]),
+        "side": encode_sides(sample["side"]),
+        "severity": np.array([sample["severity"].get(name) or "" for name in CHEXPERT_LABELS], object),
+        "seed": seed,
+    }
+
+
+def _make_chunk(seeds: range, resolution: int) -> list[dict]:
+    return [make_example(seed, resolution) for seed in seeds]
+
+
+def generate_examples(seeds: range, resolution: int, num_workers: int) -> Iterator[tuple[int, dict]]:
+    """(seed, example) for every seed, in seed order; chunks of seeds go to `num_workers` processes.
+
+    Worker processes are spawned (not forked), so a caller that already initialised JAX or
+    TensorFlow is safe.
+    """
+    chunks = [seeds[i:i + _CHUNK_SIZE] for i in range(0, len(seeds), _CHUNK_SIZE)]
+    if num_workers <= 1 or len(chunks) <= 1:
+        results = (_make_chunk(chunk, resolution) for chunk in chunks)
+        yield from ((ex["seed"], ex) for examples in results for ex in examples)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+        for examples in pool.map(_make_chunk, chunks, [resolution] * len(chunks)):
+            yield from ((ex["seed"], ex) for ex in examples)
+
+
+class PhantomCxr(tfds.core.GeneratorBasedBuilder):
+    """Synthetic chest radiographs with their reports, prompts and CheXpert-style labels."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        PhantomCxrConfig(name="64", resolution=64),
+        PhantomCxrConfig(name="128", resolution=128),
+        PhantomCxrConfig(name="256", resolution=256),
+        PhantomCxrConfig(name="tiny", resolution=32, train_size=256, validation_size=32, test_size=32,
+                         num_workers=1),
+    ]
+    DEFAULT_CONFIG_NAME = "64"
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=common.cxr_features(
+                self.builder_config.resolution,
+                side=tfds.features.Tensor(
+                    shape=(common.NUM_LABELS,), dtype=np.int8,
+                    doc=f"Side per observation: index in {SIDES}."),
+                severity=tfds.features.Tensor(
+                    shape=(common.NUM_LABELS,), dtype=np.str_,
+                    doc="Severity word per observation as the report states it; empty if none."),
+                seed=tfds.features.Scalar(dtype=np.int64, doc="phantom.generate seed."),
+            ),
+            supervised_keys=None,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager
+        return {
+            split: self._generate_examples(range(SPLIT_SEED_OFFSETS[split], SPLIT_SEED_OFFSETS[split] + size))
+            for split, size in self.builder_config.split_sizes().items()
+        }
+
+    def _generate_examples(self, seeds: range):
+        return generate_examples(seeds, self.builder_config.resolution, self.builder_config.num_workers)
