@@ -1,0 +1,214 @@
+"""Samplers: DDIM, DPM-Solver++ (2M) and DDPM, each equal to its diffusers scheduler step by step.
+
+Every sampler is reduced to per-step coefficients computed in numpy (float64) from the scheduler config
+and the number of steps; the jitted loop then runs one rule for all of them:
+
+    x0, eps = estimates from the model output at x (by prediction_type); x0 clipped if the sampler clips
+    x <- c_sample * x + c_x0 * x0 + c_eps * eps + c_prev_x0 * x0_of_previous_step + noise_std * z
+
+DDIM (DDIMScheduler.step): c_x0 = sqrt(alpha_bar_prev), c_eps = sqrt(1 - alpha_bar_prev - std^2),
+  std = eta * sqrt(var); the previous timestep is t - T // n, as diffusers takes it for every spacing.
+DDPM (DDPMScheduler.step after set_timesteps(n)): the posterior mean of x_prev given x and x0; noise
+  with the fixed_small / fixed_large variance at every t > 0.
+DPM-Solver++ 2M (DPMSolverMultistepScheduler defaults: solver_order=2, midpoint, final_sigmas_type
+  "zero"): first order at the first and the last step, second order (multistep) in between.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
+from cxr_ldm.diffusion.targets import predicted_x0_and_eps
+from cxr_ldm.diffusion.timesteps import ddim_timesteps, dpm_solver_timesteps
+
+SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The numbers of one sampling run, float64 numpy arrays (S,) over the S steps (int64 timesteps).
+
+    alpha, sigma: x_t = alpha * x0 + sigma * eps at the step's timestep (turns the model output into
+    x0 and eps). The coefficients are those of the update rule in the module docstring.
+    clip_range: bound of the clipped x0 estimate, or None for no clipping.
+    """
+
+    timesteps: np.ndarray
+    alpha: np.ndarray
+    sigma: np.ndarray
+    c_sample: np.ndarray
+    c_x0: np.ndarray
+    c_eps: np.ndarray
+    c_prev_x0: np.ndarray
+    noise_std: np.ndarray
+    clip_range: float | None
+
+
+def _zeros_like(a: np.ndarray) -> np.ndarray:
+    return np.zeros(a.shape, np.float64)
+
+
+def _ddim_plan(config: SchedulerConfig, n: int, eta: float) -> StepPlan:
+    ac = compute_alphas_cumprod(config)
+    ts = ddim_timesteps(config, n)
+    prev = ts - config.num_train_timesteps // n
+    final = 1.0 if config.set_alpha_to_one else ac[0]
+    a, a_prev = ac[ts], np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
+    variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    std = eta * np.sqrt(variance)
+    return StepPlan(ts, np.sqrt(a), np.sqrt(1 - a), c_sample=_zeros_like(a), c_x0=np.sqrt(a_prev),
+                    c_eps=np.sqrt(1 - a_prev - std**2), c_prev_x0=_zeros_like(a), noise_std=std,
+                    clip_range=config.clip_sample_range if config.clip_sample else None)
+
+
+def _ddpm_plan(config: SchedulerConfig, n: int) -> StepPlan:
+    ac = compute_alphas_cumprod(config)
+    ts = ddim_timesteps(config, n)
+    prev = np.append(ts[1:], -1)
+    a, a_prev = ac[ts], np.where(prev >= 0, ac[np.maximum(prev, 0)], 1.0)
+    beta = 1 - a / a_prev  # of the (strided) step t -> prev
+    if config.variance_type == "fixed_large":
+        variance = beta
+    else:  # fixed_small, fixed_small_log: the posterior variance, floored as diffusers does
+        variance = np.maximum((1 - a_prev) / (1 - a) * beta, 1e-20)
+    return StepPlan(ts, np.sqrt(a), np.sqrt(1 - a), c_sample=np.sqrt(1 - beta) * (1 - a_prev) / (1 - a),
+                    c_x0=np.sqrt(a_prev) * beta / (1 - a), c_eps=_zeros_like(a), c_prev_x0=_zeros_like(a),
+                    noise_std=np.where(ts > 0, np.sqrt(variance), 0.0),
+                    clip_range=config.clip_sample_range if config.clip_sample else None)
+
+
+def _dpm_solver_plan(config: SchedulerConfig, n: int) -> StepPlan:
+    ac = compute_alphas_cumprod(config)
+    if config.rescale_betas_zero_snr:
+        ac[-1] = 2.0**-24  # as DPMSolverMultistepScheduler: keeps log-SNR finite
+    ts = dpm_solver_timesteps(config, n)
+    alpha, sigma = np.sqrt(ac[ts]), np.sqrt(1 - ac[ts])
+    log_snr = np.log(alpha) - np.log(sigma)
+    steps = len(ts)
+    c_sample, c_x0, c_prev = _zeros_like(alpha), _zeros_like(alpha), _zeros_like(alpha)
+    c_x0[-1] = 1.0  # the last step goes to sigma = 0: x <- x0 estimate
+    for i in range(steps - 1):
+        h = log_snr[i + 1] - log_snr[i]
+        c_sample[i] = sigma[i + 1] / sigma[i]
+        c_x0[i] = -alpha[i + 1] * np.expm1(-h)
+        if i > 0:  # second order: D1 = (x0_i - x0_{i-1}) / r0, weight 0.5 (midpoint)
+            r0 = (log_snr[i] - log_snr[i - 1]) / h
+            half = 0.5 * alpha[i + 1] * np.expm1(-h) / r0
+            c_x0[i] -= half
+            c_prev[i] = half
+    return StepPlan(ts, alpha, sigma, c_sample=c_sample, c_x0=c_x0, c_eps=_zeros_like(alpha),
+                    c_prev_x0=c_prev, noise_std=_zeros_like(alpha), clip_range=None)
+
+
+def step_plan(config: SchedulerConfig, num_inference_steps: int, sampler: str, eta: float = 0.0) -> StepPlan:
+    """The per-step numbers of `sampler` (see `StepPlan`). eta: DDIM's noise weight (0 = deterministic)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler = {sampler!r}: expected one of {SAMPLERS}")
+    if not isinstance(eta, numbers.Real) or eta < 0:
+        raise ValueError(f"eta = {eta!r}: expected a non-negative Python number (it is static)")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta = {eta}: only the 'ddim' sampler takes eta; '{sampler}' has its own noise")
+    if sampler == "ddim":
+        return _ddim_plan(config, num_inference_steps, float(eta))
+    if sampler == "ddpm":
+        return _ddpm_plan(config, num_inference_steps)
+    return _dpm_solver_plan(config, num_inference_steps)
+
+
+def sampling_timesteps(config: SchedulerConfig, num_inference_steps: int, sampler: str) -> np.ndarray:
+    """The descending int64 timesteps (S,) at which `sampler` calls the model (S = num_inference_steps
+    for all valid settings)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler = {sampler!r}: expected one of {SAMPLERS}")
+    if sampler == "dpmpp_2m":
+        return dpm_solver_timesteps(config, num_inference_steps)
+    return ddim_timesteps(config, num_inference_steps)
+
+
+def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *, num_inference_steps: int,
+           sampler: str = "ddim", eta: float = 0.0, rng: jax.Array | None = None,
+           noise: jax.Array | None = None) -> jax.Array:
+    """Runs the reverse diffusion from `latents` (pure noise, (B, ...)) to a float32 sample of the same shape.
+
+    denoise_fn(x float32 (B, ...), t int32 (B,)) -> model output (B, ...) in `config.prediction_type`.
+    num_inference_steps, sampler, eta: static Python values; the whole loop is one `lax.scan`, so this
+    function is jittable (and compiled as one loop when called eagerly).
+    rng: key for the noise of DDPM and of DDIM with eta > 0; step i draws normal(fold_in(rng, i)).
+    noise: instead of rng, the noise itself, (S, *latents.shape) with S = len(sampling_timesteps(...));
+      step i adds noise[i] (scaled by that step's std; steps without noise ignore it).
+    """
+    plan = step_plan(config, num_inference_steps, sampler, eta)
+    steps = len(plan.timesteps)
+    stochastic = bool(np.any(plan.noise_std > 0))
+    if stochastic and noise is None and rng is None:
+        raise ValueError(f"sampler={sampler!r} with eta={eta} adds noise: pass `rng` (a jax.random key) or `noise`")
+    if noise is not None and noise.shape != (steps, *latents.shape):
+        raise ValueError(f"noise shape {noise.shape}: expected (steps, *latents.shape) = "
+                         f"{(steps, *latents.shape)}")
+    per_step: dict[str, Any] = {
+        name: jnp.asarray(getattr(plan, name), jnp.float32)
+        for name in ("alpha", "sigma", "c_sample", "c_x0", "c_eps", "c_prev_x0", "noise_std")}
+    per_step["t"] = jnp.asarray(plan.timesteps, jnp.int32)
+    per_step["index"] = jnp.arange(steps)
+    if stochastic and noise is not None:
+        per_step["noise"] = jnp.asarray(noise, jnp.float32)
+    # Terms whose coefficient is zero at every step are left out of the loop.
+    uses = {name: bool(np.any(getattr(plan, name) != 0)) for name in ("c_sample", "c_eps", "c_prev_x0")}
+    batch = latents.shape[0]
+
+    def step(carry, s):
+        x, prev_x0 = carry
+        output = denoise_fn(x, jnp.full((batch,), s["t"], jnp.int32)).astype(jnp.float32)
+        x0, eps = predicted_x0_and_eps(config.prediction_type, output, x, s["alpha"], s["sigma"])
+        if plan.clip_range is not None:
+            x0 = jnp.clip(x0, -plan.clip_range, plan.clip_range)
+        new_x = s["c_x0"] * x0
+        if uses["c_sample"]:
+            new_x = new_x + s["c_sample"] * x
+        if uses["c_eps"]:
+            new_x = new_x + s["c_eps"] * eps
+        if uses["c_prev_x0"]:
+            new_x = new_x + s["c_prev_x0"] * prev_x0
+        if stochastic:
+            z = s["noise"] if noise is not None else jax.random.normal(
+                jax.random.fold_in(rng, s["index"]), x.shape, jnp.float32)
+            new_x = new_x + s["noise_std"] * z
+        return (new_x, x0 if uses["c_prev_x0"] else prev_x0), None
+
+    x = jnp.asarray(latents, jnp.float32)
+    prev_x0 = jnp.zeros_like(x) if uses["c_prev_x0"] else jnp.zeros((), jnp.float32)
+    (x, _), _ = jax.lax.scan(step, (x, prev_x0), per_step)
+    return x
+
+
+def guided_denoise_fn(model_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, uncond: Any,
+                      guidance_scale: float | jax.Array) -> DenoiseFn:
+    """Classifier-free guidance: output = u + guidance_scale * (c - u), u and c the model outputs with
+    `uncond` and `cond` context, computed as one doubled batch [uncond; cond] (diffusers' order).
+
+    model_fn(x (B, ...), t int (B,), context) -> output (B, ...); cond, uncond: contexts with batch B
+    (arrays (B, L, D) or pytrees of them), uncond None -> plain model_fn with cond (no guidance).
+    guidance_scale: a float or a traced scalar. The guided output is float32.
+    """
+    if uncond is None:
+        return lambda x, t: model_fn(x, t, cond)
+    cond_shapes = jax.tree.map(jnp.shape, cond)
+    if jax.tree.map(jnp.shape, uncond) != cond_shapes:
+        raise ValueError(f"uncond context shapes {jax.tree.map(jnp.shape, uncond)} differ from cond "
+                         f"context shapes {cond_shapes}")
+    context = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+
+    def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), context).astype(jnp.float32)
+        u, c = jnp.split(out, 2)
+        return u + guidance_scale * (c - u)
+
+    return denoise
