@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes)."""
     try:  # framework="flax" understands bfloat16, which plain numpy does not.
         with safe_open(str(path), framework="flax") as f:
             return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
@@ -19,7 +20,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"cannot read safetensors file {path}: {err}") from err
 
 
-def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+def read_pickle(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a PyTorch pickle (its "state_dict" entry if it has one), floats as float32."""
     import torch  # only for legacy files the user declared trusted
 
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -47,21 +49,21 @@ def read_weights(folder: str | os.PathLike, stem: str, *, variant: str | None = 
     index_name = f"{stem}.safetensors.index.{variant}.json" if variant else f"{stem}.safetensors.index.json"
     single, index = folder / f"{name}.safetensors", folder / index_name
     if single.is_file():
-        return _read_safetensors(single)
+        return read_safetensors(single)
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         state: dict[str, np.ndarray] = {}
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():
                 raise FileNotFoundError(f"{index} names shard {shard}, which is missing from {folder}")
-            state.update(_read_safetensors(folder / shard))
+            state.update(read_safetensors(folder / shard))
         return state
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1 and not variant:
-        return _read_safetensors(others[0])
+        return read_safetensors(others[0])
     pickles = [p for p in (folder / f"{name}.bin", folder / "pytorch_model.bin") if p.is_file()]
     if pickles and allow_pickle:
-        return _read_pickle(pickles[0])
+        return read_pickle(pickles[0])
     if pickles:
         raise ValueError(f"{folder} holds only the pickle file {pickles[0].name}; pickles can run code when "
                          "loaded. Pass allow_pickle=True (--trust-pickle) only for a file you trust, or convert "
