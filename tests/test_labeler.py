@@ -124,6 +124,7 @@ def test_empty_report_has_no_labels():
     ("Right upper lobe consolidation and left basilar atelectasis.", ATX, "left", None),
     ("Possible small left pleural effusion.", EFF, "left", "small"),
     ("Bibasilar opacities.", LO, "bilateral", None),
+    ("Patchy opacities in the lung bases.", LO, "bilateral", None),
 ])
 def test_side_and_severity(text, name, side, severity):
     detail = label_report_details(text)[name]

@@ -182,7 +182,8 @@ _LIST_BREAKER = _rx(
     r"decreas\w*|persistent|stable|unchanged|worsen\w*|improv\w*|left|right|bilateral|bibasilar)\b",
 )
 
-_SIDES = (("bilateral", _rx(r"\bbilateral\w*", r"\bbi(?:basilar|basal|apical|lateral)\b", r"\bboth\b")),
+_SIDES = (("bilateral", _rx(r"\bbilateral\w*", r"\bbi(?:basilar|basal|apical|lateral)\b", r"\bboth\b",
+                             r"\b(?:lung )?(?:bases|apices)\b")),
           ("left", _rx(r"\bleft\b", r"\blt\b", r"\bl(?:ll|ul)\b", r"\blingul\w*", r"\bretrocardiac\b")),
           ("right", _rx(r"\bright\b", r"\brt\b", r"\br(?:ll|ml|ul)\b")))
 _SEVERITIES = (("small", _rx(r"\bsmall\b", r"\btiny\b", r"\btrace\b", r"\bminimal\w*")),
