@@ -117,10 +117,16 @@ def step_plan(config: SchedulerConfig, num_inference_steps: int, sampler: str, e
     if eta and sampler != "ddim":
         raise ValueError(f"eta = {eta}: only the 'ddim' sampler takes eta; '{sampler}' has its own noise")
     if sampler == "ddim":
-        return _ddim_plan(config, num_inference_steps, float(eta))
-    if sampler == "ddpm":
-        return _ddpm_plan(config, num_inference_steps)
-    return _dpm_solver_plan(config, num_inference_steps)
+        plan = _ddim_plan(config, num_inference_steps, float(eta))
+    elif sampler == "ddpm":
+        plan = _ddpm_plan(config, num_inference_steps)
+    else:
+        plan = _dpm_solver_plan(config, num_inference_steps)
+    if config.prediction_type == "epsilon" and np.any(plan.alpha == 0):
+        raise ValueError(f"sampler '{sampler}' would divide by alpha_t = 0 at timestep {plan.timesteps[0]}: "
+                         "an epsilon-prediction model cannot start from the zero-SNR timestep of "
+                         "rescale_betas_zero_snr=true (use v_prediction, or 'leading' timestep_spacing)")
+    return plan
 
 
 def sampling_timesteps(config: SchedulerConfig, num_inference_steps: int, sampler: str) -> np.ndarray:
