@@ -1,0 +1,190 @@
+"""AutoencoderKL against diffusers' PyTorch AutoencoderKL at tiny random configs (fp32 parity <= 2e-4)."""
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL as TorchAutoencoderKL
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+import cxr_ldm
+from cxr_ldm.io.convert import ConversionError
+from cxr_ldm.models.autoencoder import AutoencoderConfig, dummy_inputs
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+TOL = 2e-4
+# bf16 has an 8-bit mantissa (relative rounding 2^-9); through ~20 layers the error stays a few percent of
+# the output range. The bound is 5% of the largest fp32 magnitude, the mean error 1%.
+BF16_MAX_REL, BF16_MEAN_REL = 0.05, 0.01
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def nchw(a) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.float32).transpose(0, 3, 1, 2).copy())
+
+
+def torch_vae(channels: int, groups: int, seed: int) -> TorchAutoencoderKL:
+    """A tiny diffusers VAE whose params are all perturbed (diffusers zero-inits none here, but norm
+    scales start at exactly 1 and biases at 0, which would hide a scale/bias mix-up)."""
+    torch.manual_seed(seed)
+    model = TorchAutoencoderKL(
+        in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=groups, sample_size=32, scaling_factor=0.5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def torch_outputs(model: TorchAutoencoderKL, images: torch.Tensor):
+    with torch.no_grad():
+        posterior = model.encode(images).latent_dist
+        return posterior.mean, posterior.logvar, model.decode(posterior.mean).sample
+
+
+@pytest.fixture(scope="module", params=[(1, 8), (3, 16)], ids=["gray-g8", "rgb-g16"])
+def case(request, tmp_path_factory):
+    """(torch model, its save_pretrained folder, NCHW test images)."""
+    channels, groups = request.param
+    model = torch_vae(channels, groups, seed=channels)
+    folder = tmp_path_factory.mktemp(f"vae{channels}")
+    model.save_pretrained(folder)
+    images = torch.rand(2, channels, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return model, folder, images
+
+
+def test_encode_decode_match_diffusers(case):
+    model, folder, images = case
+    module, params = cxr_ldm.load_component(folder)
+    assert module.config.in_channels == images.shape[1] and module.config.scaling_factor == 0.5
+    mean_t, logvar_t, decoded_t = torch_outputs(model, images)
+    mean, logvar = module.apply({"params": params}, nhwc(images), method=module.encode)
+    decoded = module.apply({"params": params}, nhwc(mean_t), method=module.decode)
+    assert mean.shape == (2, 16, 16, 4) and decoded.shape == (2, 32, 32, images.shape[1])
+    np.testing.assert_allclose(mean, nhwc(mean_t), atol=TOL, rtol=0)
+    np.testing.assert_allclose(logvar, nhwc(logvar_t), atol=TOL, rtol=0)
+    np.testing.assert_allclose(decoded, nhwc(decoded_t), atol=TOL, rtol=0)
+    reconstruction, mean2, _ = module.apply({"params": params}, nhwc(images))
+    np.testing.assert_allclose(mean2, mean, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(reconstruction, nhwc(decoded_t), atol=TOL, rtol=0)
+
+
+def test_posterior_sample_uses_gaussian_rng(case):
+    _, folder, images = case
+    module, params = cxr_ldm.load_component(folder)
+    rng = jax.random.key(3)
+    reconstruction, mean, logvar = module.apply({"params": params}, nhwc(images), sample_posterior=True,
+                                                rngs={"gaussian": rng})
+    # The noise key is the first make_rng("gaussian") of the root scope.
+    key = module.apply({"params": params}, method=lambda m: m.make_rng("gaussian"), rngs={"gaussian": rng})
+    latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    expected = module.apply({"params": params}, latents, method=module.decode)
+    np.testing.assert_allclose(reconstruction, expected, atol=1e-5, rtol=0)
+    assert np.abs(latents - mean).max() > 1e-3
+
+
+def test_save_component_reloads_in_diffusers(case, tmp_path):
+    model, folder, images = case
+    module, params = cxr_ldm.load_component(folder)
+    cxr_ldm.save_component(module, params, tmp_path)
+    reloaded = TorchAutoencoderKL.from_pretrained(tmp_path).eval()
+    for key in ("in_channels", "block_out_channels", "norm_num_groups", "latent_channels", "scaling_factor"):
+        assert np.array_equal(reloaded.config[key], model.config[key]), key
+    for a, b in zip(torch_outputs(model, images), torch_outputs(reloaded, images)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_legacy_attention_keys_load(case, tmp_path):
+    """Checkpoints from before diffusers 0.14 name the mid-block attention query/key/value/proj_attn
+    and store its projections as 1x1 convs."""
+    model, folder, images = case
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    legacy = {}
+    for key, value in load_file(folder / WEIGHTS).items():
+        for new, old in renames.items():
+            if f".attentions.0.{new}." in key:
+                key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+                value = value[:, :, None, None] if value.ndim == 2 else value
+        legacy[key] = value
+    save_file(legacy, tmp_path / WEIGHTS)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    module, params = cxr_ldm.load_component(tmp_path)
+    mean, _ = module.apply({"params": params}, nhwc(images), method=module.encode)
+    np.testing.assert_allclose(mean, nhwc(torch_outputs(model, images)[0]), atol=TOL, rtol=0)
+
+
+def test_bf16_compute_stays_close_to_fp32(case):
+    _, folder, images = case
+    module32, params = cxr_ldm.load_component(folder)
+    module16, _ = cxr_ldm.load_component(folder, dtype=jnp.bfloat16)
+    out32 = module32.apply({"params": params}, nhwc(images))
+    out16 = module16.apply({"params": params}, nhwc(images))
+    for a16, a32 in zip(out16, out32):  # reconstruction, mean, logvar
+        assert a16.dtype == jnp.float32
+        scale = np.abs(a32).max()
+        err = np.abs(np.asarray(a16) - np.asarray(a32))
+        assert err.max() <= BF16_MAX_REL * scale and err.mean() <= BF16_MEAN_REL * scale, (err.max(), scale)
+
+
+def test_remat_keeps_params_and_outputs(case):
+    _, folder, images = case
+    module, params = cxr_ldm.load_component(folder)
+    remat = module.clone(remat=True)
+    inputs = dummy_inputs(module.config)
+    remat_shapes = jax.eval_shape(lambda: remat.init(jax.random.key(0), *inputs))["params"]
+    assert jax.tree.structure(remat_shapes) == jax.tree.structure(params)
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, nhwc(images))[0] ** 2)
+
+    def rematerialised(m):  # the remat primitive is "remat2" in current jax, "checkpoint" in others
+        return len(re.findall(r"= (?:remat2|checkpoint)\[", str(jax.make_jaxpr(jax.grad(lambda p: loss(m, p)))(params))))
+
+    # Encoder: 2 down-block + 2 mid resnets, decoder: 2 mid + 2 x 2 up-block resnets; 2 attentions.
+    assert rematerialised(remat) == 12 and rematerialised(module) == 0
+    np.testing.assert_allclose(remat.apply({"params": params}, nhwc(images))[0],
+                               module.apply({"params": params}, nhwc(images))[0], atol=1e-6, rtol=0)
+
+
+def test_config_round_trips_and_warns_on_unknown_keys(case):
+    _, folder, _ = case
+    raw = json.loads((folder / "config.json").read_text())
+    with pytest.warns(UserWarning, match="unknown keys \\['my_note'\\]"):
+        config = AutoencoderConfig.from_dict({**raw, "my_note": 1}, source="cfg.json")
+    assert AutoencoderConfig.from_dict(config.to_dict()) == config
+    assert config.downsampling_factor == 2 and config.block_out_channels == (32, 64)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"], "down_block_types"),
+    ("up_block_types", ["UpDecoderBlock2D"], "up_block_types"),
+    ("act_fn", "gelu", "act_fn"),
+    ("block_out_channels", [32, 60], "block_out_channels"),
+    ("latent_channels", 0, "latent_channels"),
+])
+def test_unsupported_config_values_raise(case, tmp_path, key, value, expected):
+    _, folder, _ = case
+    raw = {**json.loads((folder / "config.json").read_text()), key: value}
+    with pytest.raises(ValueError, match=f"cfg.json: '{expected}'"):
+        AutoencoderConfig.from_dict(raw, source="cfg.json")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=expected):
+        cxr_ldm.load_component(tmp_path)
+
+
+def test_missing_tensor_is_named(case, tmp_path):
+    _, folder, _ = case
+    state = load_file(folder / WEIGHTS)
+    del state["decoder.mid_block.attentions.0.to_k.bias"]
+    save_file(state, tmp_path / WEIGHTS)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ConversionError, match=r"missing tensor.*\n\s+decoder\.mid_block\.attentions\.0\.to_k\.bias"):
+        cxr_ldm.load_component(tmp_path)
