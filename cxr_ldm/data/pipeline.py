@@ -1,0 +1,208 @@
+"""Grain input pipeline over the TFDS array_record data sets (`tfds.data_source`, no TensorFlow).
+
+Each process reads its own shard (default: `grain.sharding.ShardByJaxProcess`) and gets batches of
+global_batch_size // shard_count examples, as numpy dicts:
+  "image"      float32 (b, H, W, 1) in [-1, 1]
+  "input_ids"  int32 (b, max_length) CLIP token ids of the prompt ("" for dropped prompts: CFG)
+  "labels"     int8 (b, 14) (see builders/common.py)
+Randomness (shuffle order, prompt drop, crop) comes from the seed and the example's position in the
+sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
+`grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an Orbax CheckpointManager) yields
+exactly the batches the original would have. Images are never flipped left-right (that would
+contradict the laterality a prompt states).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from cxr_ldm.data import builders
+from cxr_ldm.data.tokenizer import tokenize
+
+# Prompts whose token ids are kept per loader (or per worker process), after the first tokenization.
+_MAX_CACHED_PROMPTS = 500_000
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class _PromptIds:
+    """Text -> int32 (max_length,) CLIP token ids, cached per distinct text."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, text: str) -> np.ndarray:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = tokenize(self.tokenizer, [text], self.max_length)[0]
+            if len(self._cache) < _MAX_CACHED_PROMPTS:
+                self._cache[text] = ids
+        return ids
+
+
+def random_crop_resize(image: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
+    """Random square crop of side U(min_scale, 1) * H at a uniform position, resized back to H x W.
+
+    Args:
+      image: uint8 (H, W, 1). rng: the example's generator. min_scale: smallest crop side / image side.
+    Returns:
+      uint8 (H, W, 1), bicubic. Orientation is kept (no flips, no rotation).
+    """
+    height, width = image.shape[:2]
+    scale = rng.uniform(min_scale, 1.0)
+    crop_h, crop_w = max(1, round(height * scale)), max(1, round(width * scale))
+    top = int(rng.integers(0, height - crop_h + 1))
+    left = int(rng.integers(0, width - crop_w + 1))
+    crop = Image.fromarray(image[top:top + crop_h, left:left + crop_w, 0])
+    resized = crop.resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(resized, np.uint8)[:, :, None]
+
+
+def to_model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, C) in 0..255 -> float32 in [-1, 1]."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+class _TrainExample(grain.transforms.RandomMap):
+    """TFDS example -> {"image", "input_ids", "labels"} with prompt drop and optional crop."""
+
+    def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float):
+        self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
+        self.augment, self.min_crop_scale = augment, min_crop_scale
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        drop = rng.random() < self.prompt_dropout
+        image = element["image"]
+        if self.augment:
+            image = random_crop_resize(image, rng, self.min_crop_scale)
+        return {
+            "image": to_model_range(image),
+            "input_ids": self.prompt_ids("" if drop else _text(element["prompt"])),
+            "labels": np.asarray(element["labels"], np.int8),
+        }
+
+
+class _EvalExample(grain.transforms.Map):
+    """TFDS example -> {"image", "input_ids", "labels", "mask"} (mask True: a real example)."""
+
+    def __init__(self, prompt_ids: _PromptIds):
+        self.prompt_ids = prompt_ids
+
+    def map(self, element: dict) -> dict:
+        return {
+            "image": to_model_range(element["image"]),
+            "input_ids": self.prompt_ids(_text(element["prompt"])),
+            "labels": np.asarray(element["labels"], np.int8),
+            "mask": np.bool_(True),
+        }
+
+
+def data_source(builder_or_name, split: str, data_dir: str | os.PathLike | None = None):
+    """`tfds` data source of `split`; a name ("phantom_cxr/64") is prepared (built if absent) first."""
+    if isinstance(builder_or_name, str):
+        if data_dir is None:
+            raise ValueError(f"data_dir is required to find data set {builder_or_name!r}.")
+        builder_or_name = builders.prepare(builder_or_name, data_dir)
+    return builder_or_name.as_data_source(split=split)
+
+
+def _per_shard_batch_size(global_batch_size: int, shard_options: grain.sharding.ShardOptions) -> int:
+    if global_batch_size % shard_options.shard_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the number of "
+                         f"data shards (processes) {shard_options.shard_count}.")
+    return global_batch_size // shard_options.shard_count
+
+
+def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathLike | None,
+                        global_batch_size: int, tokenizer, seed: int, prompt_dropout: float = 0.0,
+                        augment: bool = False, num_epochs: int | None = None, shuffle: bool = True,
+                        min_crop_scale: float = 0.85, max_length: int = 77,
+                        shard_options: grain.sharding.ShardOptions | None = None,
+                        worker_count: int = 0) -> grain.DataLoaderIterator:
+    """Training batches of this process's shard (module doc), endless unless num_epochs is given.
+
+    Args:
+      builder_or_name: a TFDS builder, or "name/config" of `cxr_ldm.data.builders` (built if absent).
+      split: TFDS split ("train", "validation", "test" or a slice such as "train[:90%]").
+      data_dir: TFDS data folder (used with a name).
+      global_batch_size: examples per step over all processes.
+      tokenizer: a CLIPTokenizer (`cxr_ldm.data.tokenizer.load_tokenizer()`).
+      seed: 0 <= seed < 2**32; fixes shuffle order, prompt drops and crops.
+      prompt_dropout: probability that an example's prompt is replaced by "" (classifier-free guidance).
+      augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
+      num_epochs: None repeats forever. shuffle: reshuffle every epoch.
+      shard_options: default ShardByJaxProcess(drop_remainder=True).
+      worker_count: Grain worker processes (0 = in this process).
+    Returns:
+      A `grain.DataLoaderIterator`; the final partial batch of a finite run is dropped.
+    """
+    if not 0.0 <= prompt_dropout <= 1.0:
+        raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}.")
+    if not 0.0 < min_crop_scale <= 1.0:
+        raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
+    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    batch_size = _per_shard_batch_size(global_batch_size, shard_options)
+    source = data_source(builder_or_name, split, data_dir)
+    sampler = grain.samplers.IndexSampler(len(source), shard_options, shuffle=shuffle,
+                                          num_epochs=num_epochs, seed=seed)
+    loader = grain.DataLoader(
+        data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
+        operations=[
+            _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale),
+            grain.transforms.Batch(batch_size, drop_remainder=True),
+        ])
+    return iter(loader)
+
+
+def make_eval_batches(builder_or_name, *, split: str, data_dir: str | os.PathLike | None,
+                      global_batch_size: int, tokenizer, num_examples: int | None = None,
+                      max_length: int = 77, shard_options: grain.sharding.ShardOptions | None = None,
+                      worker_count: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """One ordered pass over `split` (or its first `num_examples`), this process's shard, no dropout.
+
+    Shard i of n holds the contiguous examples [i * N // n, (i + 1) * N // n). Every process yields
+    the same number of batches of global_batch_size // n; the last ones are padded with zero
+    examples whose "mask" is False (real examples have mask True), so jitted evaluation steps see
+    one shape and all processes step together.
+    """
+    shard_options = shard_options or grain.sharding.ShardByJaxProcess()
+    batch_size = _per_shard_batch_size(global_batch_size, shard_options)
+    source = data_source(builder_or_name, split, data_dir)
+    total = len(source) if num_examples is None else min(num_examples, len(source))
+    count, index = shard_options.shard_count, shard_options.shard_index
+    if total < count:
+        raise ValueError(f"split {split!r} has {total} examples to evaluate, fewer than the {count} processes.")
+    start, end = index * total // count, (index + 1) * total // count
+    shard = grain.MapDataset.source(source)[start:end]
+    no_sharding = grain.sharding.NoSharding()
+    loader = grain.DataLoader(
+        data_source=shard, sampler=grain.samplers.IndexSampler(len(shard), no_sharding, num_epochs=1),
+        shard_options=no_sharding, worker_count=worker_count,
+        operations=[_EvalExample(_PromptIds(tokenizer, max_length)),
+                    grain.transforms.Batch(batch_size, drop_remainder=False)])
+    num_batches = math.ceil(math.ceil(total / count) / batch_size)
+    return _padded(iter(loader), batch_size, num_batches)
+
+
+def _padded(batches: Iterator[dict], batch_size: int, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """Pads every batch to batch_size rows (zeros, mask False) and appends empty batches up to num_batches."""
+    template = None
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is None:
+            batch = {key: value[:0] for key, value in template.items()}
+        template = batch
+        missing = batch_size - len(batch["mask"])
+        if missing:
+            batch = {key: np.concatenate([value, np.zeros((missing, *value.shape[1:]), value.dtype)])
+                     for key, value in batch.items()}
+        yield batch

@@ -1,0 +1,209 @@
+"""Grain input pipeline over a small TFDS data set built here (example i is recognisable by its labels)."""
+from __future__ import annotations
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from etils import epath
+
+from cxr_ldm.data import pipeline
+from cxr_ldm.data.builders import common
+from cxr_ldm.data.tokenizer import load_tokenizer, tokenize
+
+NUM_EXAMPLES = 40
+SIDE = 16
+
+
+def toy_image(index: int) -> np.ndarray:
+    """uint8 (16, 16, 1): column c holds 10 + 12 c + index, increasing left to right."""
+    row = 10 + 12 * np.arange(SIDE) + index
+    return np.broadcast_to(row, (SIDE, SIDE)).astype(np.uint8)[:, :, None]
+
+
+def toy_prompt(index: int) -> str:
+    return f"finding number {index}"
+
+
+def toy_example(index: int) -> dict:
+    """Example `index`: toy_image(index), toy_prompt(index), labels[0] = index and the other labels -2."""
+    labels = np.full((common.NUM_LABELS,), common.NOT_MENTIONED, np.int8)
+    labels[0] = index
+    return {"image": common.png_bytes(toy_image(index)), "report": toy_prompt(index),
+            "prompt": toy_prompt(index), "labels": labels}
+
+
+class PipelineToyCxr(tfds.core.GeneratorBasedBuilder):
+    """NUM_EXAMPLES toy examples in one "train" split."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    pkg_dir_path = epath.Path(__file__).parent  # TFDS otherwise expects builders inside a package
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=common.cxr_features(SIDE))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        return ((index, toy_example(index)) for index in range(NUM_EXAMPLES))
+
+
+@pytest.fixture(scope="module")
+def builder(tmp_path_factory):
+    toy = PipelineToyCxr(data_dir=str(tmp_path_factory.mktemp("tfds")), file_format="array_record")
+    toy.download_and_prepare()
+    return toy
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def _train(builder, tokenizer, **overrides):
+    kwargs = dict(split="train", data_dir=None, global_batch_size=8, tokenizer=tokenizer, seed=3,
+                  shard_options=grain.sharding.NoSharding())
+    kwargs.update(overrides)
+    return pipeline.make_train_iterator(builder, **kwargs)
+
+
+def _file_order(builder) -> list[int]:
+    """Example indices in the order of the array_record files (TFDS shuffles examples when writing)."""
+    source = builder.as_data_source(split="train")
+    return [int(source[i]["labels"][0]) for i in range(len(source))]
+
+
+def _ids(batches) -> list[int]:
+    return [int(i) for batch in batches for i in batch["labels"][:, 0]]
+
+
+def test_batches_hold_decoded_images_tokens_and_labels(builder, tokenizer):
+    batch = next(_train(builder, tokenizer))
+    assert batch["image"].shape == (8, SIDE, SIDE, 1) and batch["image"].dtype == np.float32
+    assert batch["input_ids"].shape == (8, 77) and batch["input_ids"].dtype == np.int32
+    assert batch["labels"].shape == (8, 14) and batch["labels"].dtype == np.int8
+    indices = batch["labels"][:, 0].astype(int)
+    expected_images = np.stack([toy_image(i) for i in indices]).astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(batch["image"], expected_images, atol=1e-6)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    np.testing.assert_array_equal(batch["input_ids"], tokenize(tokenizer, [toy_prompt(i) for i in indices]))
+    assert np.all(batch["labels"][:, 1:] == common.NOT_MENTIONED)
+
+
+def test_epochs_are_shuffled_permutations_fixed_by_seed(builder, tokenizer):
+    first = _ids(_train(builder, tokenizer, num_epochs=2))
+    assert len(first) == 2 * NUM_EXAMPLES
+    for epoch in (first[:NUM_EXAMPLES], first[NUM_EXAMPLES:]):
+        assert sorted(epoch) == list(range(NUM_EXAMPLES))
+    assert first[:NUM_EXAMPLES] != list(range(NUM_EXAMPLES))
+    assert first[:NUM_EXAMPLES] != first[NUM_EXAMPLES:]  # reshuffled every epoch
+    assert _ids(_train(builder, tokenizer, num_epochs=2)) == first
+    assert _ids(_train(builder, tokenizer, num_epochs=2, seed=4)) != first
+    assert _ids(_train(builder, tokenizer, num_epochs=1, shuffle=False)) == _file_order(builder)
+
+
+def test_two_processes_read_disjoint_halves(builder, tokenizer):
+    seen = []
+    for index in range(2):
+        shard = grain.sharding.ShardOptions(shard_index=index, shard_count=2, drop_remainder=True)
+        batches = list(_train(builder, tokenizer, num_epochs=1, shard_options=shard))
+        assert all(batch["image"].shape[0] == 4 for batch in batches)  # global 8 over 2 processes
+        seen.append(_ids(batches))
+    assert len(seen[0]) == len(seen[1]) == NUM_EXAMPLES // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(NUM_EXAMPLES))
+    with pytest.raises(ValueError, match="not divisible"):
+        _train(builder, tokenizer, global_batch_size=7,
+               shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=2))
+
+
+def test_prompt_dropout_rate(builder, tokenizer):
+    empty = tokenize(tokenizer, [""])[0]
+    assert empty[0] == tokenizer.bos_token_id and empty[1] == tokenizer.eos_token_id
+
+    def dropped_fraction(rate):
+        batches = list(_train(builder, tokenizer, prompt_dropout=rate, num_epochs=10))
+        ids = np.concatenate([batch["input_ids"] for batch in batches])
+        dropped = np.all(ids == empty, axis=1)
+        kept_ids = np.concatenate([batch["labels"][:, 0] for batch in batches])[~dropped]
+        if len(kept_ids):
+            expected_kept = tokenize(tokenizer, [toy_prompt(int(i)) for i in kept_ids])
+            np.testing.assert_array_equal(ids[~dropped], expected_kept)
+        return dropped.mean()
+
+    assert dropped_fraction(0.0) == 0.0 and dropped_fraction(1.0) == 1.0
+    assert abs(dropped_fraction(0.3) - 0.3) < 0.07  # 400 draws: 3.1 standard deviations
+
+
+def test_augmentation_crops_but_never_flips(builder, tokenizer):
+    batches = list(_train(builder, tokenizer, augment=True, min_crop_scale=0.6, num_epochs=2))
+    images = np.concatenate([batch["image"] for batch in batches])[..., 0]
+    indices = np.concatenate([batch["labels"][:, 0] for batch in batches]).astype(int)
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    original = np.stack([toy_image(i)[..., 0] for i in indices]).astype(np.float32) / 127.5 - 1.0
+    changed = np.abs(images - original).max(axis=(1, 2)) > 0.05
+    assert changed.mean() > 0.8
+    column_means = images.mean(axis=1)
+    assert np.all(column_means[:, -1] - column_means[:, 0] > 0.5)  # left stays dark, right bright
+    assert np.all(np.diff(column_means, axis=1) > -1e-3)
+
+
+def _assert_same_batches(a, b):
+    for batch_a, batch_b in zip(a, b, strict=True):
+        assert batch_a.keys() == batch_b.keys()
+        for key in batch_a:
+            np.testing.assert_array_equal(batch_a[key], batch_b[key])
+
+
+def test_state_round_trip_yields_the_same_batches(builder, tokenizer):
+    kwargs = dict(prompt_dropout=0.5, augment=True)
+    original = _train(builder, tokenizer, **kwargs)
+    for _ in range(7):  # past the first epoch
+        next(original)
+    state = original.get_state()
+    expected = [next(original) for _ in range(4)]
+
+    restored = _train(builder, tokenizer, **kwargs)
+    restored.set_state(state)
+    _assert_same_batches([next(restored) for _ in range(4)], expected)
+
+
+def test_orbax_checkpoint_of_iterator_state(builder, tokenizer, tmp_path):
+    original = _train(builder, tokenizer, prompt_dropout=0.2)
+    for _ in range(3):
+        next(original)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(original)))
+        manager.wait_until_finished()
+    expected = [next(original) for _ in range(3)]
+
+    fresh = _train(builder, tokenizer, prompt_dropout=0.2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        restored = manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    _assert_same_batches([next(restored["data"]) for _ in range(3)], expected)
+
+
+def test_eval_batches_ordered_padded_and_equal_per_process(builder, tokenizer):
+    batches = list(pipeline.make_eval_batches(builder, split="train", data_dir=None, global_batch_size=16,
+                                              tokenizer=tokenizer, shard_options=grain.sharding.NoSharding()))
+    assert [batch["image"].shape[0] for batch in batches] == [16, 16, 16]
+    mask = np.concatenate([batch["mask"] for batch in batches])
+    assert mask.tolist() == [True] * NUM_EXAMPLES + [False] * 8
+    order = _file_order(builder)
+    assert _ids(batches)[:NUM_EXAMPLES] == order
+    np.testing.assert_array_equal(batches[0]["image"][5], toy_image(order[5]).astype(np.float32) / 127.5 - 1.0)
+    assert np.all(batches[-1]["image"][8:] == 0)
+
+    per_process = []
+    for index in range(3):  # 13 examples over 3 processes: 4, 4, 5 -> 3 batches of 2 each
+        shard = grain.sharding.ShardOptions(shard_index=index, shard_count=3, drop_remainder=False)
+        per_process.append(list(pipeline.make_eval_batches(
+            builder, split="train", data_dir=None, global_batch_size=6, tokenizer=tokenizer,
+            num_examples=13, shard_options=shard)))
+    assert [len(batches) for batches in per_process] == [3, 3, 3]
+    for batches, (start, end) in zip(per_process, [(0, 4), (4, 8), (8, 13)]):
+        mask = np.concatenate([batch["mask"] for batch in batches])
+        assert mask.tolist() == [True] * (end - start) + [False] * (6 - (end - start))
+        assert _ids(batches)[:end - start] == order[start:end]
