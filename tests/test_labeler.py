@@ -69,6 +69,7 @@ CASES = [
     ("Left-sided pacemaker with leads in the right atrium and right ventricle.", {NF: 1, SD: 1}),
     ("Sternotomy wires are intact. Plate-like atelectasis at the left base.", {SD: 1, ATX: 1}),
     ("No acute cardiopulmonary process.", {NF: 1}),
+    ("Status post median sternotomy. ETT and Dobhoff in place.", {NF: 1, SD: 1}),
     ("Hyperinflated lungs consistent with emphysema. No focal consolidation.", {CO: 0}),
     ("Blunting of the left costophrenic angle.", {EFF: 1}),
 ]

@@ -83,7 +83,8 @@ _MENTIONS: dict[str, re.Pattern] = {
         r"\ba?icds?\b", r"\bdefibrillators?\b", r"\bwires?\b", r"\bdevices?\b",
         r"\bstents?\b", r"\bdrains?\b", r"\bcannula\w*", r"\bhardware\b", r"\bprosthe\w+",
         r"\bplates?\b(?![- ]?like)", r"\bscrews?\b", r"\bcoils?\b", r"\barthroplast\w*",
-        r"\b(?:port-?a-?cath|mediport|swan[- ]ganz|impella|lvad|iabp|balloon pump)\b",
+        r"\b(?:port-?a-?cath|mediport|swan[- ]ganz|impella|lvad|iabp|balloon pump|dobhoff)\b",
+        r"\b(?:ett|ngt|ogt)\b", r"\bsternotomy\b",
         r"\b(?:central(?: venous)?|picc|midline|arterial|venous|jugular|ij|subclavian|dialysis|"
         r"femoral|pa|access|support|monitoring) lines?\b",
         r"\b(?:lines|tubes) and (?:tubes|lines)\b",
