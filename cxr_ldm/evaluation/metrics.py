@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+import scipy.stats
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -139,3 +140,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between two feature sets (N, D) and (M, D)."""
     return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative
+    (ties count one half), by the Mann-Whitney rank statistic. scores (N,), positive bool (N,)."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"auroc needs positives and negatives, got {n_pos} and {n_neg}")
+    ranks = scipy.stats.rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,399 @@
+"""A CXR finding classifier in Flax: multi-label findings plus the side of lateral findings.
+
+The evaluator trains it on the real training split, picks a decision threshold per finding on the
+validation split and checks it on the test split; its verdicts on generated images give the
+conditioning accuracy and its penultimate features give the domain FID and the memorization search.
+
+Data conventions (`LabelledImages`): images uint8 or float (N, H, W, 1) (float in [0, 1]); labels int8
+(N, 14) in `CHEXPERT_LABELS` order with 1 / 0 / -1 (uncertain) / -2 (not mentioned); sides int8
+(N, 14) with 0 = none stated, 1 left, 2 right, 3 bilateral (`findings.SIDES`). Not mentioned counts
+as absent (CheXpert's "blank = negative"); uncertain labels are masked out of the loss and of every
+accuracy. Training never flips images left-right: that would swap the side the labels state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from tqdm import tqdm
+
+from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.evaluation import metrics
+from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
+from cxr_ldm.io.weights import read_safetensors, write_json, write_safetensors
+
+FORMAT_VERSION = 1
+UNCERTAIN, NOT_MENTIONED = -1, -2
+
+
+@dataclasses.dataclass
+class LabelledImages:
+    """Images (N, H, W, 1) uint8 or float in [0, 1], labels int8 (N, 14), sides int8 (N, 14) (module doc)."""
+    images: np.ndarray
+    labels: np.ndarray
+    sides: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.images)
+        if self.images.ndim != 4 or self.images.shape[-1] != 1:
+            raise ValueError(f"images: expected (N, H, W, 1), got {self.images.shape}")
+        for name in ("labels", "sides"):
+            shape = getattr(self, name).shape
+            if shape != (n, len(CHEXPERT_LABELS)):
+                raise ValueError(f"{name}: expected ({n}, {len(CHEXPERT_LABELS)}), got {shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index) -> "LabelledImages":
+        return LabelledImages(self.images[index], self.labels[index], self.sides[index])
+
+    def signature(self) -> str:
+        """sha256 of the images, labels and sides: identifies the training data of a cached classifier."""
+        digest = hashlib.sha256()
+        for array in (self.images, self.labels, self.sides):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+
+def as_float_images(images: np.ndarray) -> np.ndarray:
+    """uint8 or float images (N, H, W, C) -> float32 (N, H, W, 1) in [0, 1]; RGB is averaged to gray."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"expected images (N, H, W, 1|3), got shape {images.shape}")
+    images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+    return images.mean(axis=-1, keepdims=True) if images.shape[-1] == 3 else images
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Classifier recipe. Shifts are in pixels of the classifier input; intensities in [0, 1] units."""
+    input_size: int = 64
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    feature_dim: int = 256
+    min_positives: int = 20
+    epochs: int = 12
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    max_shift: int = 3
+    brightness: float = 0.05
+    contrast: float = 0.1
+    noise_std: float = 0.02
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"classifier config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class ClassifierNet(nn.Module):
+    """CNN: images (B, S, S, 1) in [-1, 1] -> (finding logits (B, F), side logits (B, F_side, 3),
+    features (B, feature_dim)).
+
+    Each stage halves the side (stride-2 conv) then refines (3x3 conv), GroupNorm + ReLU after each.
+    The final S/2^len(widths) map is flattened rather than pooled, so features keep left and right apart.
+    """
+    num_findings: int
+    num_sided: int
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    feature_dim: int = 256
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray):
+        def conv_norm(x, width, stride):
+            x = nn.Conv(width, (3, 3), strides=(stride, stride), padding=1)(x)
+            return nn.relu(nn.GroupNorm(num_groups=min(8, width))(x))
+
+        x = conv_norm(images, self.widths[0], 1)
+        for width in self.widths:
+            x = conv_norm(conv_norm(x, width, 2), width, 1)
+        features = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
+        logits = nn.Dense(self.num_findings)(features)
+        side_logits = nn.Dense(max(self.num_sided, 1) * len(SIDES))(features)
+        return logits, side_logits.reshape(-1, max(self.num_sided, 1), len(SIDES))[:, :self.num_sided], features
+
+
+@dataclasses.dataclass
+class Predictions:
+    """probabilities (N, F) float, positive (N, F) bool (thresholded), side_probabilities (N, F_side, 3),
+    side (N, F_side) int codes 1..3 (argmax, meaningful where the finding is positive), features (N, D)."""
+    probabilities: np.ndarray
+    positive: np.ndarray
+    side_probabilities: np.ndarray
+    side: np.ndarray
+    features: np.ndarray
+
+
+class FindingClassifier:
+    """A trained `ClassifierNet` with its observation lists, decision thresholds and provenance."""
+
+    def __init__(self, observations, side_observations, thresholds, params, config: TrainConfig,
+                 data_signature: str = "", training_report: dict | None = None):
+        self.observations = tuple(observations)
+        self.side_observations = tuple(side_observations)
+        self.thresholds = np.asarray(thresholds, np.float32)
+        self.params = params
+        self.config = config
+        self.data_signature = data_signature
+        self.training_report = training_report or {}
+        self.net = make_net(config, len(self.observations), len(self.side_observations))
+        self._apply = jax.jit(lambda p, x: self.net.apply({"params": p}, x))
+
+    @property
+    def major_findings(self) -> tuple[str, ...]:
+        """The observations of this classifier that are major findings (findings.MAJOR_FINDINGS)."""
+        return tuple(name for name in self.observations if name in MAJOR_FINDINGS)
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> Predictions:
+        """images (N, H, W, 1|3) uint8 or float in [0, 1] -> Predictions (resized to config.input_size)."""
+        images = as_float_images(images)
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            padded = np.pad(batch, ((0, batch_size - len(batch)), (0, 0), (0, 0), (0, 0)))
+            x = resize(jnp.asarray(padded), self.config.input_size) * 2.0 - 1.0
+            logits, side_logits, features = self._apply(self.params, x)
+            outputs.append([np.asarray(a)[:len(batch)] for a in
+                            (jax.nn.sigmoid(logits), jax.nn.softmax(side_logits, -1), features)])
+        if not outputs:
+            raise ValueError("predict: no images")
+        probabilities, side_probabilities, features = (np.concatenate(parts) for parts in zip(*outputs))
+        return Predictions(probabilities, probabilities >= self.thresholds, side_probabilities,
+                           side_probabilities.argmax(-1) + 1, features)
+
+    def save(self, folder: str | Path) -> None:
+        """Writes classifier.json (observations, thresholds, config, data signature) + params.safetensors."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        flat = traverse_util.flatten_dict(jax.device_get(self.params), sep="/")
+        write_safetensors(folder / "params.safetensors", {k: np.asarray(v) for k, v in flat.items()})
+        write_json(folder / "classifier.json", {
+            "format_version": FORMAT_VERSION, "observations": list(self.observations),
+            "side_observations": list(self.side_observations), "thresholds": self.thresholds.tolist(),
+            "config": self.config.to_dict(), "data_signature": self.data_signature,
+            "training_report": self.training_report})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "FindingClassifier":
+        folder = Path(folder)
+        meta_file = folder / "classifier.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"no classifier in {folder}: {meta_file.name} is missing")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        params = traverse_util.unflatten_dict(read_safetensors(folder / "params.safetensors"), sep="/")
+        return cls(meta["observations"], meta["side_observations"], meta["thresholds"], params,
+                   TrainConfig.from_dict(meta["config"]), meta["data_signature"], meta.get("training_report"))
+
+
+def make_net(config: TrainConfig, num_findings: int, num_sided: int) -> ClassifierNet:
+    return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim)
+
+
+def resize(images: jnp.ndarray, size: int) -> jnp.ndarray:
+    """(B, H, W, C) -> (B, size, size, C), antialiased linear resampling; a no-op at the same size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear")
+
+
+def select_observations(labels: np.ndarray, sides: np.ndarray, min_positives: int
+                        ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Observations with >= min_positives positive training labels ("No Finding" excluded: it is the
+    absence of the others), and among them those whose positives state >= 2 different sides, each
+    side-stated positive counted (>= min_positives in all)."""
+    observations, sided = [], []
+    for i, name in enumerate(CHEXPERT_LABELS):
+        positive = labels[:, i] == 1
+        if name == "No Finding" or positive.sum() < min_positives:
+            continue
+        observations.append(name)
+        stated = sides[positive, i]
+        stated = stated[stated > 0]
+        if len(stated) >= min_positives and len(np.unique(stated)) >= 2:
+            sided.append(name)
+    if not observations:
+        raise ValueError(f"no observation has >= {min_positives} positive training labels")
+    return tuple(observations), tuple(sided)
+
+
+def targets(data: LabelledImages, observations, side_observations) -> dict[str, np.ndarray]:
+    """Training targets: label (N, F) {0,1} with mask (uncertain -> 0); side (N, F_side) in 0..2 with mask
+    (only positives with a stated side)."""
+    columns = [CHEXPERT_LABELS.index(n) for n in observations]
+    side_columns = [CHEXPERT_LABELS.index(n) for n in side_observations]
+    labels = data.labels[:, columns]
+    side_labels, side_codes = data.labels[:, side_columns], data.sides[:, side_columns]
+    return {"label": (labels == 1).astype(np.float32), "label_mask": (labels != UNCERTAIN).astype(np.float32),
+            "side": np.maximum(side_codes.astype(np.int32) - 1, 0),
+            "side_mask": ((side_labels == 1) & (side_codes > 0)).astype(np.float32)}
+
+
+def augment(rng: jax.Array, images: jnp.ndarray, config: TrainConfig) -> jnp.ndarray:
+    """Random shift (edge padding), contrast, brightness and Gaussian noise; never a left-right flip.
+
+    images (B, S, S, 1) in [0, 1] -> same shape."""
+    b, s = images.shape[0], images.shape[1]
+    k_shift, k_contrast, k_bright, k_level, k_noise = jax.random.split(rng, 5)
+    m = config.max_shift
+    if m:
+        padded = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), mode="edge")
+        offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * m + 1)
+        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (s, s, 1)))(padded, offsets)
+    mean = images.mean(axis=(1, 2, 3), keepdims=True)
+    contrast = jax.random.uniform(k_contrast, (b, 1, 1, 1), minval=1 - config.contrast, maxval=1 + config.contrast)
+    brightness = jax.random.uniform(k_bright, (b, 1, 1, 1), minval=-config.brightness, maxval=config.brightness)
+    noise = config.noise_std * jax.random.uniform(k_level, (b, 1, 1, 1)) * jax.random.normal(k_noise, images.shape)
+    return (images - mean) * contrast + mean + brightness + noise
+
+
+def loss_fn(params, net: ClassifierNet, images: jnp.ndarray, batch: dict) -> jnp.ndarray:
+    """Masked binary cross-entropy over findings + masked cross-entropy over sides (each a masked mean)."""
+    logits, side_logits, _ = net.apply({"params": params}, images * 2.0 - 1.0)
+    bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"])
+    loss = (bce * batch["label_mask"]).sum() / jnp.maximum(batch["label_mask"].sum(), 1.0)
+    if net.num_sided:
+        ce = optax.softmax_cross_entropy_with_integer_labels(side_logits, batch["side"])
+        loss += (ce * batch["side_mask"]).sum() / jnp.maximum(batch["side_mask"].sum(), 1.0)
+    return loss
+
+
+def train_classifier(train: LabelledImages, validation: LabelledImages, config: TrainConfig = TrainConfig(),
+                     observations: tuple[str, ...] | None = None) -> FindingClassifier:
+    """Trains on `train`, sets per-finding thresholds on `validation`; logs throughput.
+
+    observations: the findings to learn (default: `select_observations` with config.min_positives).
+    """
+    if observations is None:
+        observations, side_observations = select_observations(train.labels, train.sides, config.min_positives)
+    else:
+        _, side_observations = select_observations(train.labels, train.sides, config.min_positives)
+        side_observations = tuple(n for n in side_observations if n in observations)
+    if len(train) < config.batch_size:
+        raise ValueError(f"train: {len(train)} images, fewer than one batch of {config.batch_size}")
+    net = make_net(config, len(observations), len(side_observations))
+    images = np.asarray(resize(jnp.asarray(as_float_images(train.images)), config.input_size))
+    train_targets = targets(train, observations, side_observations)
+    steps_per_epoch = len(train) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, min(config.warmup_steps, total_steps // 2),
+                                                  total_steps)
+    optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
+    rng = jax.random.key(config.seed)
+    params = net.init(rng, jnp.zeros((1, config.input_size, config.input_size, 1)))["params"]
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, batch_images, batch, step_rng):
+        augmented = augment(step_rng, batch_images, config)
+        loss, grads = jax.value_and_grad(loss_fn)(params, net, augmented, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    order_rng = np.random.default_rng(config.seed)
+    start, losses = time.perf_counter(), []
+    progress = tqdm(total=total_steps, desc="classifier", unit="step", leave=False)
+    for epoch in range(config.epochs):
+        order = order_rng.permutation(len(train))
+        for step in range(steps_per_epoch):
+            index = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
+            batch = {k: v[index] for k, v in train_targets.items()}
+            step_rng = jax.random.fold_in(rng, epoch * steps_per_epoch + step)
+            params, opt_state, loss = train_step(params, opt_state, images[index], batch, step_rng)
+            losses.append(loss)
+            progress.update()
+        progress.set_postfix(loss=f"{float(losses[-1]):.4f}")
+    progress.close()
+    seconds = time.perf_counter() - start
+    logging.info("classifier: %d steps in %.1f s (%.0f images/s)", total_steps, seconds,
+                 total_steps * config.batch_size / seconds)
+    classifier = FindingClassifier(observations, side_observations, np.full(len(observations), 0.5), params, config,
+                                   train.signature(), {"train_seconds": seconds, "steps": total_steps,
+                                                       "final_loss": float(np.mean(losses[-steps_per_epoch:]))})
+    classifier.thresholds = select_thresholds(classifier.predict(validation.images).probabilities,
+                                              targets(validation, observations, ()))
+    return classifier
+
+
+def select_thresholds(probabilities: np.ndarray, target: dict[str, np.ndarray],
+                      grid: np.ndarray = np.linspace(0.02, 0.98, 49)) -> np.ndarray:
+    """Per finding, the grid threshold of highest validation accuracy (ties: the one nearest 0.5).
+
+    probabilities (N, F); target["label"], target["label_mask"] (N, F) -> thresholds (F,)."""
+    label, mask = target["label"].astype(bool), target["label_mask"]
+    correct = ((probabilities[None] >= grid[:, None, None]) == label[None]) * mask[None]  # (G, N, F)
+    accuracy = correct.sum(1) / np.maximum(mask.sum(0), 1)  # (G, F)
+    tie_break = -np.abs(grid - 0.5)[:, None] * 1e-6
+    return grid[np.argmax(accuracy + tie_break, axis=0)].astype(np.float32)
+
+
+def evaluate_classifier(classifier: FindingClassifier, data: LabelledImages) -> dict:
+    """Accuracy of the classifier on labelled images.
+
+    Returns a dict with
+      exact_match: fraction of images whose every major finding (`classifier.major_findings`) is
+        predicted right (uncertain labels skipped; not mentioned = absent) -- `classifier_accuracy_real`;
+      mean_accuracy: mean over observations of the per-observation accuracy;
+      per_observation: {name: {accuracy, auroc, sensitivity, specificity, positives}};
+      side_accuracy: fraction of positive, side-stated findings whose predicted side is right
+        (per observation under per_observation[name]["side_accuracy"]).
+    """
+    predictions = classifier.predict(data.images)
+    target = targets(data, classifier.observations, classifier.side_observations)
+    label, mask = target["label"].astype(bool), target["label_mask"].astype(bool)
+    correct = (predictions.positive == label) | ~mask
+    major = [classifier.observations.index(n) for n in classifier.major_findings]
+    per_observation = {}
+    for j, name in enumerate(classifier.observations):
+        m = mask[:, j]
+        y, p = label[m, j], predictions.positive[m, j]
+        per_observation[name] = {
+            "accuracy": float((y == p).mean()), "positives": int(y.sum()),
+            "sensitivity": float(p[y].mean()) if y.any() else None,
+            "specificity": float((~p[~y]).mean()) if (~y).any() else None,
+            "auroc": metrics.auroc(predictions.probabilities[m, j], y) if 0 < y.sum() < len(y) else None}
+    side_hits = predictions.side == target["side"] + 1
+    side_mask = target["side_mask"].astype(bool)
+    for k, name in enumerate(classifier.side_observations):
+        if side_mask[:, k].any():
+            per_observation[name]["side_accuracy"] = float(side_hits[side_mask[:, k], k].mean())
+    return {"exact_match": float(correct[:, major].all(axis=1).mean()),
+            "mean_accuracy": float(np.mean([v["accuracy"] for v in per_observation.values()])),
+            "side_accuracy": float(side_hits[side_mask].mean()) if side_mask.any() else None,
+            "major_findings": list(classifier.major_findings), "num_images": len(data),
+            "per_observation": per_observation}
+
+
+def load_or_train(folder: str | Path, train: LabelledImages, validation: LabelledImages,
+                  config: TrainConfig = TrainConfig()) -> tuple[FindingClassifier, bool]:
+    """The classifier cached in `folder` when it was trained with `config` on exactly `train`; else trains
+    one and caches it there. Returns (classifier, was_cached)."""
+    folder = Path(folder)
+    if (folder / "classifier.json").is_file():
+        cached = FindingClassifier.load(folder)
+        if cached.config == config and cached.data_signature == train.signature():
+            return cached, True
+        logging.info("classifier cache %s was trained on other data or with another recipe; retraining", folder)
+    classifier = train_classifier(train, validation, config)
+    classifier.save(folder)
+    return classifier, False
