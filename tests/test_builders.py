@@ -335,20 +335,6 @@ def test_phantom_cxr_tiny_matches_generator(phantom_tiny_dir):
                 expected["severity"].get(name) or "" for name in CHEXPERT_LABELS]
 
 
-def test_phantom_parallel_generation_equals_serial():
-    seeds = range(5, 9)
-    serial = list(phantom_cxr.generate_examples(seeds, 32, num_workers=1))
-    phantom_cxr._CHUNK_SIZE, chunk_size = 2, phantom_cxr._CHUNK_SIZE
-    try:
-        parallel = list(phantom_cxr.generate_examples(seeds, 32, num_workers=2))
-    finally:
-        phantom_cxr._CHUNK_SIZE = chunk_size
-    assert [key for key, _ in parallel] == list(seeds) == [key for key, _ in serial]
-    for (_, a), (_, b) in zip(serial, parallel):
-        assert a["image"] == b["image"] and a["report"] == b["report"]
-        np.testing.assert_array_equal(a["labels"], b["labels"])
-
-
 def test_data_source_reads_without_tensorflow(phantom_tiny_dir, tmp_path):
     """A process in which `import tensorflow` fails reads the array_record files."""
     site = next(p for p in sys.path if p.endswith("site-packages") and os.path.isdir(os.path.join(p, "grain")))

@@ -8,7 +8,9 @@ global_batch_size // shard_count examples, as numpy dicts:
 Randomness (shuffle order, prompt drop, crop) comes from the seed and the example's position in the
 sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
 `grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an Orbax CheckpointManager) yields
-exactly the batches the original would have. Images are never flipped left-right (that would
+exactly the batches the original would have. With worker processes (worker_count > 0) each worker
+batches its own share of the examples, so the batch sequence depends on worker_count as well; a
+restored iterator must use the same worker_count. Images are never flipped left-right (that would
 contradict the laterality a prompt states).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from cxr_ldm.data import builders
@@ -122,6 +125,12 @@ def _per_shard_batch_size(global_batch_size: int, shard_options: grain.sharding.
     return global_batch_size // shard_options.shard_count
 
 
+def _allow_worker_processes(worker_count: int) -> None:
+    """Grain worker processes read absl flags; outside an absl app (notebooks, tests) take their defaults."""
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathLike | None,
                         global_batch_size: int, tokenizer, seed: int, prompt_dropout: float = 0.0,
                         augment: bool = False, num_epochs: int | None = None, shuffle: bool = True,
@@ -151,6 +160,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     batch_size = _per_shard_batch_size(global_batch_size, shard_options)
+    _allow_worker_processes(worker_count)
     source = data_source(builder_or_name, split, data_dir)
     sampler = grain.samplers.IndexSampler(len(source), shard_options, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=seed)
@@ -176,6 +186,7 @@ def make_eval_batches(builder_or_name, *, split: str, data_dir: str | os.PathLik
     """
     shard_options = shard_options or grain.sharding.ShardByJaxProcess()
     batch_size = _per_shard_batch_size(global_batch_size, shard_options)
+    _allow_worker_processes(worker_count)
     source = data_source(builder_or_name, split, data_dir)
     total = len(source) if num_examples is None else min(num_examples, len(source))
     count, index = shard_options.shard_count, shard_options.shard_index

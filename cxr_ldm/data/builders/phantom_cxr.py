@@ -108,7 +108,7 @@ class PhantomCxr(tfds.core.GeneratorBasedBuilder):
         PhantomCxrConfig(name="128", resolution=128),
         PhantomCxrConfig(name="256", resolution=256),
         PhantomCxrConfig(name="tiny", resolution=32, train_size=256, validation_size=32, test_size=32,
-                         num_workers=1),
+                         num_workers=2),
     ]
     DEFAULT_CONFIG_NAME = "64"
 
