@@ -70,7 +70,10 @@ def _study_path(subject_id: str, study_id: str) -> str:
 
 
 class _Reports:
-    """Report texts from the folder layout or the zip archive, keyed by (subject_id, study_id)."""
+    """Report texts from the folder layout or the zip archive, keyed by (subject_id, study_id).
+
+    `read` may be called from several threads (zipfile serialises reads of the shared archive).
+    """
 
     def __init__(self, location: epath.Path):
         self._folder, self._zip, self._members = None, None, {}
@@ -174,29 +177,22 @@ class MimicCxrJpg(tfds.core.GeneratorBasedBuilder):
         tokenizer = load_tokenizer()
 
         def load(row):
-            path = image_root / _study_path(row["subject_id"], row["study_id"]) / f"{row['dicom_id']}.jpg"
-            try:
-                return row, common.load_square_grayscale(path, resolution), None
-            except FileNotFoundError:
-                return row, None, ("missing_image", str(path))
-            except common.IMAGE_ERRORS as error:
-                return row, None, ("corrupt_image", f"{path}: {error}")
-
-        with_reports = []
-        for row in rows:
+            """row -> (row, report text, image, None) or (row, None, None, (skip reason, detail))."""
             text = report_store.read(row["subject_id"], row["study_id"])
             if text is None:
-                skips.skip("missing_report", row["dicom_id"], f"study s{row['study_id']}")
-            else:
-                with_reports.append((row, text))
-        texts = {row["dicom_id"]: text for row, text in with_reports}
-        loaded = common.ordered_parallel_map(load, [row for row, _ in with_reports],
-                                             self.builder_config.num_workers)
-        for row, image, problem in loaded:
+                return row, None, None, ("missing_report", f"study s{row['study_id']}")
+            path = image_root / _study_path(row["subject_id"], row["study_id"]) / f"{row['dicom_id']}.jpg"
+            try:
+                return row, text, common.load_square_grayscale(path, resolution), None
+            except FileNotFoundError:
+                return row, None, None, ("missing_image", str(path))
+            except common.IMAGE_ERRORS as error:
+                return row, None, None, ("corrupt_image", f"{path}: {error}")
+
+        for row, text, image, problem in common.ordered_parallel_map(load, rows, self.builder_config.num_workers):
             if problem is not None:
                 skips.skip(problem[0], row["dicom_id"], problem[1])
                 continue
-            text = texts[row["dicom_id"]]
             labels = labels_of.get(_study_key(row), {})
             yield row["dicom_id"], {
                 "image": common.png_bytes(image),
