@@ -19,7 +19,9 @@ from PIL import Image
 
 from cxr_ldm.data import phantom_anatomy as anatomy
 from cxr_ldm.data import phantom_findings
-from cxr_ldm.data.phantom_reports import FINDING_NAMES, Finding, draw_findings, parse_findings, random_stream
+from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.phantom_reports import (FINDING_NAMES, PARENCHYMAL, Finding, draw_findings, parse_findings,
+                                          random_stream, write_report)
 
 
 def render_image(seed: int, findings: tuple[Finding, ...], resolution: int) -> np.ndarray:
@@ -43,3 +45,115 @@ def render_image(seed: int, findings: tuple[Finding, ...], resolution: int) -> n
         else:
             intensity = np.asarray(Image.fromarray(intensity).resize((resolution, resolution), Image.BOX))
     return np.round(intensity * 255.0).astype(np.uint8)[:, :, None]
+
+
+def _sides_and_severities(findings: tuple[Finding, ...], labels: Mapping) -> tuple[dict, dict]:
+    """{CheXpert name: side} and {CheXpert name: severity} of the case (None where not applicable)."""
+    side = {name: None for name in CHEXPERT_LABELS}
+    severity = {name: None for name in CHEXPERT_LABELS}
+    for finding in findings:
+        side[finding.name], severity[finding.name] = finding.side, finding.severity
+        if finding.name == "Consolidation" and labels["Pneumonia"] in (1, -1):
+            side["Pneumonia"] = finding.side
+    opacity_sides = {f.side for f in findings if f.name in PARENCHYMAL and f.certainty == 1}
+    if labels["Lung Opacity"] == 1:
+        side["Lung Opacity"] = opacity_sides.pop() if len(opacity_sides) == 1 else "bilateral"
+    return side, severity
+
+
+def generate(seed: int, resolution: int = 128, findings: Mapping[str, Mapping | None] | None = None) -> dict:
+    """One phantom study.
+
+    Args:
+      seed: any non-negative int; the study is a deterministic function of (seed, resolution, findings).
+      resolution: image side in pixels (>= 16).
+      findings: None draws the case at random (NORMAL_FRACTION normal studies); a mapping forces it, e.g.
+        {"Pleural Effusion": {"side": "left", "severity": "moderate"}} or {"No Finding": None}; see
+        `phantom_reports.parse_findings` for the fields.
+
+    Returns:
+      {"image": uint8 (resolution, resolution, 1), "report": str, "prompt": str (the impression),
+       "labels": {CheXpert name: 1 | 0 | -1 | None}, "side": {name: "left" | "right" | "bilateral" | None},
+       "severity": {name: "mild" | "moderate" | "severe" | "small" | "large" | None}}.
+    """
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"phantom.generate: seed must be a non-negative int, got {seed!r}.")
+    if not isinstance(resolution, (int, np.integer)) or resolution < 16:
+        raise ValueError(f"phantom.generate: resolution must be an int >= 16, got {resolution!r}.")
+    case = draw_findings(seed) if findings is None else parse_findings(seed, findings)
+    report, impression, labels = write_report(seed, case)
+    side, severity = _sides_and_severities(case, labels)
+    return {"image": render_image(seed, case, int(resolution)), "report": report, "prompt": impression,
+            "labels": labels, "side": side, "severity": severity}
+
+
+# Contact sheet: one row per finding, (label, forced findings) per column.
+_L, _R = "left", "right"
+GRID_ROWS: tuple[tuple[str, tuple[tuple[str, dict | None], ...]], ...] = (
+    ("No Finding", tuple(("normal", None) for _ in range(6))),
+    ("Cardiomegaly", tuple((s, {"severity": s}) for s in ("mild", "moderate", "severe") * 2)),
+    ("Pleural Effusion", tuple((f"{side[0].upper()} {sev}", {"side": side, "severity": sev}) for side, sev in (
+        (_L, "small"), (_R, "small"), (_L, "moderate"), (_R, "moderate"), (_R, "large"), ("bilateral", "large")))),
+    ("Pneumothorax", tuple((f"{side[0].upper()} {sev}", {"side": side, "severity": sev}) for side, sev in (
+        (_L, "small"), (_R, "small"), (_L, "moderate"), (_R, "moderate"), (_L, "large"), (_R, "large")))),
+    ("Consolidation", tuple((f"{side[0].upper()} {lobe}", {"side": side, "kind": lobe}) for side in (_R, _L)
+                            for lobe in ("upper", "middle", "lower"))),
+    ("Atelectasis", tuple((f"{side[0].upper()} {sev}", {"side": side, "severity": sev}) for side, sev in (
+        (_L, "mild"), (_R, "mild"), (_L, "moderate"), (_R, "moderate"), ("bilateral", "mild"), ("bilateral", "moderate")))),
+    ("Edema", tuple((s, {"severity": s}) for s in ("mild", "mild", "moderate", "moderate", "severe", "severe"))),
+    ("Lung Lesion", tuple((f"{side[0].upper()} {sev} {zone}", {"side": side, "severity": sev, "kind": zone})
+                          for side, sev, zone in ((_R, "small", "upper"), (_L, "small", "mid"), (_R, "small", "lower"),
+                                                  (_L, "large", "upper"), (_R, "large", "mid"), (_L, "large", "lower")))),
+    ("Support Devices", (("ET+NG", {"devices": ["et_tube", "ng_tube"]}),
+                         ("R IJ line", {"devices": ["central_line"], "side": _R, "kind": "jugular"}),
+                         ("L subclavian", {"devices": ["central_line"], "side": _L, "kind": "subclavian"}),
+                         ("L pacemaker", {"devices": ["pacemaker"], "side": _L}),
+                         ("R pacer+ET", {"devices": ["pacemaker", "et_tube"], "side": _R}),
+                         ("sternotomy", {"devices": ["sternotomy"]}))),
+    ("Fracture", tuple((f"{side[0].upper()} {kind}", {"side": side, "kind": kind}) for side, kind in (
+        (_L, "rib"), (_R, "rib"), (_L, "clavicle"), (_R, "clavicle"), (_R, "rib"), (_L, "clavicle")))),
+)
+
+
+def contact_sheet(resolution: int = 128, first_seed: int = 0) -> Image.Image:
+    """Grayscale grid: one row per GRID_ROWS finding, its name and variant written in each tile.
+
+    Tiles below 128 px are enlarged (nearest neighbour) to 128 px so that the text fits.
+    """
+    from PIL import ImageDraw
+    tile = max(resolution, 128)
+    columns = max(len(variants) for _, variants in GRID_ROWS)
+    sheet = Image.new("L", (columns * tile, len(GRID_ROWS) * tile))
+    draw = ImageDraw.Draw(sheet)
+    for row, (name, variants) in enumerate(GRID_ROWS):
+        for column, (variant, spec) in enumerate(variants):
+            forced = {"No Finding": None} if spec is None else {name: spec}
+            image = generate(first_seed + row * columns + column, resolution, forced)["image"][:, :, 0]
+            x, y = column * tile, row * tile
+            sheet.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (x, y))
+            for line, text in enumerate((name, variant)):
+                draw.rectangle((x, y + 11 * line, x + 6 * len(text) + 3, y + 11 * line + 11), fill=0)
+                draw.text((x + 2, y + 11 * line), text, fill=255)
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", help="write a labelled contact sheet (PNG) to this path")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--reports", type=int, default=0, help="print this many random reports")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    args = parser.parse_args(argv)
+    if not args.grid and not args.reports:
+        parser.error("nothing to do: pass --grid PATH and/or --reports N")
+    if args.grid:
+        contact_sheet(args.resolution, args.seed).save(args.grid)
+        print(f"wrote {args.grid}")
+    for seed in range(args.seed, args.seed + args.reports):
+        study = generate(seed, args.resolution)
+        positives = {name: value for name, value in study["labels"].items() if value is not None}
+        print(f"=== seed {seed}  labels {positives}\n{study['report']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -57,7 +57,7 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         apex_y=u(-0.78, -0.68), dome_y=u(0.3, 0.44), left_dome_drop=u(0.02, 0.07),
         lung_half_width=u(0.39, 0.44), body_half_width=u(0.9, 1.0), heart_ctr=u(0.39, 0.47),
         heart_tilt=u(0.55, 0.8), mediastinum_half_width=u(0.1, 0.13), soft_tissue=u(0.95, 1.15),
-        lung_air=u(0.74, 0.84), bone=u(0.12, 0.17), rib_phase=u(-0.03, 0.03),
+        lung_air=u(0.74, 0.84), bone=u(0.1, 0.14), rib_phase=u(-0.03, 0.03),
         gastric_bubble=u(0.05, 0.09) if rng.random() < 0.7 else 0.0, exposure=u(0.85, 1.05),
         gamma=u(0.85, 1.15), noise=u(0.006, 0.02), blur=u(0.006, 0.014))
 
@@ -373,7 +373,7 @@ def normal_layers(canvas: Canvas, thorax: Thorax, rng: np.random.Generator, frac
         vessels = np.maximum(radial_lines(sub, (hx, hy), sign, rng, 16, 0.028, 0.8),
                              0.7 * radial_lines(sub, (hx, hy), sign, rng, 30, 0.016, 0.95, start=0.1))
         hilum_distance = np.hypot(sub.x - hx, sub.y - hy)
-        markings[sub.rows, sub.cols] += lung * 0.5 * vessels * np.exp(-hilum_distance / 0.7)
+        markings[sub.rows, sub.cols] += lung * 0.38 * vessels * np.exp(-hilum_distance / 0.7)
         tissue[sub.rows, sub.cols] += 0.22 * ramp(np.hypot((sub.x - hx) / 0.7, sub.y - hy) - 0.06, 0.06)
         lungs[sign] = np.zeros_like(x)
         lungs[sign][sub.rows, sub.cols] = lung

@@ -19,7 +19,7 @@ CARDIOTHORACIC_RATIO = {"mild": (0.53, 0.56), "moderate": (0.58, 0.62), "severe"
 UNCERTAIN_CARDIOTHORACIC_RATIO = (0.5, 0.52)
 EFFUSION_HEIGHT = {"small": (0.16, 0.21), "moderate": (0.32, 0.42), "large": (0.6, 0.72)}
 COLLAPSED_LUNG_SCALE = {"small": (0.78, 0.82), "moderate": (0.64, 0.7), "large": (0.46, 0.52)}
-EDEMA_OPACITY = {"mild": 0.5, "moderate": 0.68, "severe": 0.85}
+EDEMA_OPACITY = {"mild": 0.55, "moderate": 0.72, "severe": 0.9}
 LESION_RADIUS = {"small": (0.05, 0.07), "large": (0.11, 0.16)}
 
 
@@ -83,7 +83,7 @@ def pneumothorax(canvas, thorax, layers, finding, rng) -> None:
 
 def consolidation(canvas, thorax, layers, finding, rng) -> None:
     """Patchy-to-dense lobar airspace opacity with air bronchograms, bounded by a fissure where one exists."""
-    density = 0.6 if finding.certainty == -1 else rng.uniform(0.82, 0.95)
+    density = 0.7 if finding.certainty == -1 else rng.uniform(0.92, 1.0)
     for sign in sides(finding):
         sub, lung = _hemithorax(canvas, thorax, layers, sign)
         u, y = sign * sub.x, sub.y
@@ -93,12 +93,12 @@ def consolidation(canvas, thorax, layers, finding, rng) -> None:
         elif finding.kind == "middle":   # right middle lobe / lingula: against the heart border
             lobe = ramp(hilum_y + 0.02 - y, sub.pixel if sign < 0 else 0.1) * ramp(u - 0.5, 0.12)
         else:
-            lobe = ramp(hilum_y + 0.15 - y, 0.12)
-        patchy = np.clip(0.9 + 0.35 * smooth_noise(rng, sub.x.shape, 7), 0.3, 1.0)
+            lobe = ramp(hilum_y + 0.04 - y, 0.15)
+        patchy = np.clip(1.1 + 0.3 * smooth_noise(rng, sub.x.shape, 7), 0.5, 1.0)
         opacity = density * lobe * patchy * lung
         bronchi = radial_lines(sub, thorax.hilum[sign], sign, rng, 10, 0.012, 0.6)
         _opacify(layers, sub, opacity)
-        layers.air[sub.rows, sub.cols] += 0.3 * thorax.patient.lung_air * opacity * bronchi
+        layers.air[sub.rows, sub.cols] += 0.15 * thorax.patient.lung_air * opacity * bronchi
 
 
 def atelectasis(canvas, thorax, layers, finding, rng) -> None:
@@ -129,11 +129,11 @@ def edema(canvas, thorax, layers, finding, rng) -> None:
     for sign in (-1.0, 1.0):
         sub, lung = _hemithorax(canvas, thorax, layers, sign)
         hx, hy = thorax.hilum[sign]
-        haze = np.exp(-(np.hypot((sub.x - hx) / 1.2, sub.y - hy) / (0.35 + 0.15 * level)) ** 2)
+        haze = np.exp(-(np.hypot((sub.x - hx) / 1.2, sub.y - hy) / (0.4 + 0.2 * level)) ** 2)
         patchy = 0.8 + 0.2 * smooth_noise(rng, sub.x.shape, 6)
         window = (sub.rows, sub.cols)
         layers.markings[window] *= 1.0 + level
-        _opacify(layers, sub, np.clip(level * haze * patchy + 0.12 * level, 0, 1) * lung, 0.9)
+        _opacify(layers, sub, np.clip(level * (0.3 + 0.9 * haze) * patchy, 0, 1) * lung, 0.9)
         u = sign * sub.x
         base = thorax.dome_y(sign, thorax.lateral_u)
         septal = ((sub.y / 0.05 + 0.3 * smooth_noise(rng, sub.x.shape, 9)) % 1.0 < 0.35) * ramp(thorax.lateral_u - 0.09 - u, 0.02)
@@ -173,19 +173,19 @@ def support_devices(canvas, thorax, layers, finding, rng) -> None:
     svc = [(mx - 0.06, carina - 0.05), (mx - 0.07, carina + 0.1)]
     if "et_tube" in finding.devices:
         tip = carina - rng.uniform(0.08, 0.16)
-        canvas.stroke(metal, [(mx, -1.2), (mx, tip)], 0.024, 0.5)
-        canvas.stroke(metal, [(mx + 0.012, -1.2), (mx + 0.012, tip)], 0.01, 1.5)
+        canvas.stroke(metal, [(mx, -1.2), (mx, tip)], 0.026, 0.6)
+        canvas.stroke(metal, [(mx + 0.012, -1.2), (mx + 0.012, tip)], 0.012, 2.0)
     if "ng_tube" in finding.devices:
         stomach_y = thorax.dome[1.0] + 0.2
         path = [(mx - 0.01, -1.2), (mx, -0.3), (mx + 0.04, thorax.dome[1.0] + 0.1), (0.25, stomach_y), (0.4, stomach_y)]
-        canvas.stroke(metal, smooth_curve(path), 0.009, 1.2)
+        canvas.stroke(metal, smooth_curve(path), 0.012, 1.6)
     if "central_line" in finding.devices:
-        if rng.random() < 0.5:   # internal jugular
-            path = [(sign * 0.22, -1.2), (sign * 0.13, -0.75), (mx - 0.06, carina - 0.2)] + svc
-        else:                    # subclavian
+        if finding.kind == "jugular":
+            path = [(sign * 0.3, -1.2), (sign * 0.2, -0.8), (sign * 0.1, carina - 0.25)] + svc
+        else:
             path = [(sign * 0.95, apex + 0.05), (sign * 0.55, apex + 0.18), (sign * 0.2, apex + 0.26),
                     (mx - 0.04, carina - 0.22)] + svc
-        canvas.stroke(metal, smooth_curve(path), 0.009, 1.2)
+        canvas.stroke(metal, smooth_curve(path), 0.012, 1.8)
     if "pacemaker" in finding.devices:
         gx, gy = sign * rng.uniform(0.5, 0.6), apex + rng.uniform(0.18, 0.26)
         sub = canvas.crop(*canvas.window([(gx, gy)], 0.12))
