@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
-from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 import cxr_ldm
@@ -27,13 +26,9 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-def nchw(a) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(a, np.float32).transpose(0, 3, 1, 2).copy())
-
-
 def torch_vae(channels: int, groups: int, seed: int) -> TorchAutoencoderKL:
-    """A tiny diffusers VAE whose params are all perturbed (diffusers zero-inits none here, but norm
-    scales start at exactly 1 and biases at 0, which would hide a scale/bias mix-up)."""
+    """A tiny diffusers VAE with every param perturbed: norm scales start at exactly 1 and norm biases
+    at 0, which would hide a scale/bias or norm mix-up."""
     torch.manual_seed(seed)
     model = TorchAutoencoderKL(
         in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -173,6 +168,8 @@ def test_config_round_trips_and_warns_on_unknown_keys(gray):
         config = AutoencoderConfig.from_dict({**raw, "my_note": 1}, source="cfg.json")
     assert AutoencoderConfig.from_dict(config.to_dict()) == config
     assert config.downsampling_factor == 2 and config.block_out_channels == (32, 64)
+    assert AutoencoderConfig(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                             up_block_types=["UpDecoderBlock2D"] * 2).block_out_channels == (32, 64)
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -27,6 +27,8 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 EPS = 1e-6  # group-norm epsilon of every VAE layer in diffusers
 # config.json keys that carry no model setting.
 METADATA_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+SEQUENCE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "sample_size", "latents_mean",
+                   "latents_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,9 @@ class AutoencoderConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self):
+        for key in SEQUENCE_FIELDS:  # lists (as JSON has them) -> tuples, so that configs hash and compare
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         _validate(self)
 
     @property
@@ -91,10 +96,6 @@ class AutoencoderConfig:
         unknown = sorted(k for k in d if k not in fields and k not in METADATA_KEYS)
         if unknown:
             warnings.warn(f"{source}: unknown keys {unknown} are ignored", stacklevel=2)
-        for key in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std",
-                    "sample_size"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
         try:
             return cls(**values)
         except ValueError as err:
