@@ -300,7 +300,7 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
                                                   total_steps)
     optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
     rng = jax.random.key(config.seed)
-    params = net.init(rng, jnp.zeros((1, config.input_size, config.input_size, 1)))["params"]
+    params = jax.jit(net.init)(rng, jnp.zeros((1, config.input_size, config.input_size, 1)))["params"]
     opt_state = optimizer.init(params)
 
     @jax.jit

@@ -1,0 +1,231 @@
+"""Conditioning accuracy: does a generated CXR show the findings its prompt states, and only those?
+
+The evaluation prompt set has every single finding with side and severity words, common combinations
+and normal studies, each phrased like the phantom impressions ("template") and in hand-written
+alternates ("alternate"). N images per prompt are generated and classified; an image succeeds when
+every prompted finding is detected and no unprompted major finding is (findings a prompted one
+implies, e.g. Lung Opacity by Consolidation, are allowed). A normal prompt's image succeeds when no
+major finding is detected.
+
+    conditioning_accuracy = mean over prompts of the fraction of successful images.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from cxr_ldm.evaluation.classifier import FindingClassifier, Predictions
+from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES, allowed_findings
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    """A prompt and the findings it states: {CheXpert name: side or None}; empty = a normal study."""
+    text: str
+    findings: Mapping[str, str | None]
+    style: str = "template"  # "template" (phantom impression wording) or "alternate"
+
+    def __post_init__(self):
+        unknown = set(self.findings) - set(MAJOR_FINDINGS)
+        if unknown:
+            raise ValueError(f"prompt {self.text!r}: {sorted(unknown)} are not major findings {MAJOR_FINDINGS}")
+        bad = {n: s for n, s in self.findings.items() if s is not None and s not in SIDES}
+        if bad:
+            raise ValueError(f"prompt {self.text!r}: sides {bad}; expected one of {SIDES} or None")
+        if self.style not in ("template", "alternate"):
+            raise ValueError(f"prompt {self.text!r}: style {self.style!r}; expected 'template' or 'alternate'")
+
+
+def _p(text: str, style: str = "template", **findings: str | None) -> EvalPrompt:
+    names = {"effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax", "consolidation": "Consolidation",
+             "atelectasis": "Atelectasis", "edema": "Edema", "lesion": "Lung Lesion", "cardiomegaly": "Cardiomegaly",
+             "fracture": "Fracture", "devices": "Support Devices"}
+    return EvalPrompt(text, {names[k]: v for k, v in findings.items()}, style)
+
+
+ALT = "alternate"
+PROMPTS: tuple[EvalPrompt, ...] = (
+    # Normal studies.
+    _p("No acute cardiopulmonary process."),
+    _p("Normal chest radiograph."),
+    _p("The lungs are clear. Heart size is normal. No effusion or pneumothorax.", ALT),
+    # Pleural effusion: every side, severities.
+    _p("Small left pleural effusion.", effusion="left"),
+    _p("Moderate right pleural effusion.", effusion="right"),
+    _p("Large left pleural effusion.", effusion="left"),
+    _p("Moderate bilateral pleural effusions.", effusion="bilateral"),
+    _p("Left pleural effusion, large.", ALT, effusion="left"),
+    _p("There is a moderate effusion on the right.", ALT, effusion="right"),
+    # Pneumothorax.
+    _p("Small right apical pneumothorax.", pneumothorax="right"),
+    _p("Large left pneumothorax.", pneumothorax="left"),
+    _p("Moderate right pneumothorax.", pneumothorax="right"),
+    _p("Pneumothorax on the left, large in size.", ALT, pneumothorax="left"),
+    # Consolidation (lobes), with and without the pneumonia wording.
+    _p("Right lower lobe consolidation.", consolidation="right"),
+    _p("Left upper lobe consolidation.", consolidation="left"),
+    _p("Right middle lobe consolidation, compatible with pneumonia.", consolidation="right"),
+    _p("Bilateral lower lobes consolidation.", consolidation="bilateral"),
+    _p("Pneumonia in the left lower lobe.", ALT, consolidation="left"),
+    # Atelectasis.
+    _p("Moderate left basilar atelectasis.", atelectasis="left"),
+    _p("Mild bibasilar atelectasis.", atelectasis="bilateral"),
+    _p("Moderate right basilar atelectasis.", atelectasis="right"),
+    _p("Atelectasis at the right lung base, moderate.", ALT, atelectasis="right"),
+    # Edema (always bilateral).
+    _p("Mild pulmonary edema.", edema="bilateral"),
+    _p("Moderate pulmonary edema.", edema="bilateral"),
+    _p("Severe pulmonary edema.", edema="bilateral"),
+    _p("Findings of severe interstitial and alveolar edema.", ALT, edema="bilateral"),
+    # Lung lesions.
+    _p("Large right upper lobe mass.", lesion="right"),
+    _p("Left lung base nodule.", lesion="left"),
+    _p("Large left perihilar region mass.", lesion="left"),
+    _p("A large mass is seen in the right upper lung.", ALT, lesion="right"),
+    # Cardiomegaly.
+    _p("Mild cardiomegaly.", cardiomegaly=None),
+    _p("Severe cardiomegaly.", cardiomegaly=None),
+    _p("The heart is markedly enlarged.", ALT, cardiomegaly=None),
+    # Fractures.
+    _p("Left clavicle fracture.", fracture="left"),
+    _p("Right lateral rib fractures.", fracture="right"),
+    _p("Acute fracture of the right clavicle.", ALT, fracture="right"),
+    # Support devices.
+    _p("Endotracheal tube in standard position.", devices=None),
+    _p("Left-sided pacemaker in standard position.", devices="left"),
+    _p("Right internal jugular central line in standard position.", devices="right"),
+    _p("Lines and tubes: a pacemaker in the left chest wall.", ALT, devices="left"),
+    # Combinations.
+    _p("Moderate left pleural effusion. Moderate cardiomegaly.", effusion="left", cardiomegaly=None),
+    _p("Moderate pulmonary edema. Small bilateral pleural effusions. Moderate cardiomegaly.",
+       edema="bilateral", effusion="bilateral", cardiomegaly=None),
+    _p("Right lower lobe consolidation, consistent with pneumonia. Small right pleural effusion.",
+       consolidation="right", effusion="right"),
+    _p("Large right pneumothorax. Right lateral rib fractures.", pneumothorax="right", fracture="right"),
+    _p("Endotracheal tube and nasogastric tube in standard position. Mild bibasilar atelectasis.",
+       devices=None, atelectasis="bilateral"),
+    _p("Enlarged heart with pulmonary edema and effusions on both sides.", ALT,
+       cardiomegaly=None, edema="bilateral", effusion="bilateral"),
+)
+
+
+@dataclasses.dataclass
+class PromptResult:
+    """Per-image verdicts of one prompt (N images): success (N,), detected {finding: (N,)},
+    side_correct {finding: (N,) or None where not checkable}, unprompted (N, F) major findings seen."""
+    prompt: EvalPrompt
+    success: np.ndarray
+    detected: dict[str, np.ndarray]
+    side_correct: dict[str, np.ndarray]
+    unprompted: dict[str, np.ndarray]
+
+
+def score_prompt(prompt: EvalPrompt, predictions: Predictions, classifier: FindingClassifier) -> PromptResult:
+    """Verdicts for the images of one prompt from the classifier's predictions on them.
+
+    Side is checked where the prompt states one and the classifier has a side head for the finding,
+    on images where the finding is detected.
+    """
+    observations = classifier.observations
+    allowed = allowed_findings(prompt.findings)
+    detected = {name: predictions.positive[:, observations.index(name)] for name in prompt.findings}
+    unprompted = {name: predictions.positive[:, observations.index(name)]
+                  for name in classifier.major_findings if name not in allowed}
+    n = len(predictions.positive)
+    success = np.ones(n, bool)
+    for flags in detected.values():
+        success &= flags
+    for flags in unprompted.values():
+        success &= ~flags
+    side_correct = {}
+    for name, side in prompt.findings.items():
+        if side is not None and name in classifier.side_observations:
+            predicted = predictions.side[:, classifier.side_observations.index(name)]
+            side_correct[name] = (predicted == SIDES.index(side) + 1)[detected[name]]
+    return PromptResult(prompt, success, detected, side_correct, unprompted)
+
+
+def usable_prompts(prompts: Sequence[EvalPrompt], classifier: FindingClassifier) -> tuple[list, list]:
+    """(prompts whose findings the classifier knows, prompts skipped because it does not)."""
+    usable, skipped = [], []
+    for prompt in prompts:
+        (usable if set(prompt.findings) <= set(classifier.observations) else skipped).append(prompt)
+    return usable, skipped
+
+
+def summarize(results: Sequence[PromptResult]) -> dict:
+    """Aggregate verdicts.
+
+    Returns conditioning_accuracy (mean over prompts of the success fraction) and the same per style;
+    detection_rate {finding: fraction of images of prompts stating it where it is detected};
+    side_accuracy {finding: fraction of detected, side-prompted findings on the prompted side} and
+    overall; normal_false_positive_rate {finding: fraction of normal-prompt images where it is
+    detected} and "any" (some major finding detected); per_prompt details.
+    """
+    if not results:
+        raise ValueError("no prompt results to summarize")
+    per_prompt = [{"prompt": r.prompt.text, "style": r.prompt.style, "findings": dict(r.prompt.findings),
+                   "num_images": len(r.success), "success_rate": float(r.success.mean()),
+                   "detection_rate": {k: float(v.mean()) for k, v in r.detected.items()},
+                   "side_accuracy": {k: float(v.mean()) if v.size else None for k, v in r.side_correct.items()},
+                   "unprompted_rate": {k: float(v.mean()) for k, v in r.unprompted.items() if v.any()}}
+                  for r in results]
+    by_style = {}
+    for style in ("template", "alternate"):
+        rates = [p["success_rate"] for p in per_prompt if p["style"] == style]
+        by_style[style] = float(np.mean(rates)) if rates else None
+    detection, sides = {}, {}
+    for r in results:
+        for name, flags in r.detected.items():
+            detection.setdefault(name, []).append(flags)
+        for name, flags in r.side_correct.items():
+            sides.setdefault(name, []).append(flags)
+    normal = [r for r in results if not r.prompt.findings]
+    false_positive = None
+    if normal:
+        stacked = {name: np.concatenate([r.unprompted[name] for r in normal]) for name in normal[0].unprompted}
+        false_positive = {name: float(v.mean()) for name, v in stacked.items()}
+        false_positive["any"] = float(np.mean(np.any(list(stacked.values()), axis=0))) if stacked else 0.0
+    all_sides = np.concatenate([np.concatenate(v) for v in sides.values()]) if sides else np.zeros(0)
+    return {
+        "conditioning_accuracy": float(np.mean([p["success_rate"] for p in per_prompt])),
+        "conditioning_accuracy_by_style": by_style,
+        "detection_rate": {k: float(np.concatenate(v).mean()) for k, v in detection.items()},
+        "side_accuracy": {k: float(np.concatenate(v).mean()) if np.concatenate(v).size else None
+                          for k, v in sides.items()},
+        "side_accuracy_overall": float(all_sides.mean()) if all_sides.size else None,
+        "normal_false_positive_rate": false_positive,
+        "num_prompts": len(results),
+        "per_prompt": per_prompt,
+    }
+
+
+def generate_images(generate: Callable[[list[str], list[int]], np.ndarray], prompts: Sequence[str],
+                    num_per_prompt: int, seed: int, batch_size: int) -> list[np.ndarray]:
+    """num_per_prompt images for each prompt: a list of (N, H, W, C) float arrays in [0, 1].
+
+    generate(texts, seeds) -> images (B, H, W, C), e.g. a Pipeline call. Image i of prompt p uses seed
+    seed + p * num_per_prompt + i, so adding prompts or changing the batch size leaves images unchanged.
+    Every call gets exactly batch_size prompts (the last batch is padded by repetition), so a jitted
+    generator compiles once.
+    """
+    jobs = [(p, seed + p * num_per_prompt + i) for p in range(len(prompts)) for i in range(num_per_prompt)]
+    outputs: list[list[np.ndarray]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generating", unit="batch", leave=False):
+        chunk = jobs[start:start + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        images = generate([prompts[p] for p, _ in padded], [s for _, s in padded])
+        for (p, _), image in zip(chunk, images[:len(chunk)]):
+            outputs[p].append(image)
+    return [np.stack(images) for images in outputs]
+
+
+def evaluate_conditioning(classifier: FindingClassifier, images_per_prompt: Sequence[np.ndarray],
+                          prompts: Sequence[EvalPrompt]) -> tuple[dict, list[PromptResult]]:
+    """Classifies each prompt's images and summarizes (see `summarize`)."""
+    results = [score_prompt(prompt, classifier.predict(images), classifier)
+               for prompt, images in zip(prompts, images_per_prompt)]
+    return summarize(results), results

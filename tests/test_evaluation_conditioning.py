@@ -1,0 +1,107 @@
+"""Conditioning accuracy arithmetic: a fake generator draws exactly the findings a rule says, a fake
+classifier reads them back, and every rate must equal the rule's count."""
+import numpy as np
+import pytest
+
+from cxr_ldm.evaluation import conditioning
+from cxr_ldm.evaluation.classifier import Predictions
+from cxr_ldm.evaluation.conditioning import EvalPrompt
+from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
+
+OBSERVATIONS = ("Cardiomegaly", "Lung Opacity", "Consolidation", "Pneumothorax", "Pleural Effusion")
+SIDED = ("Consolidation", "Pleural Effusion")
+PROMPTS = (
+    EvalPrompt("No acute cardiopulmonary process.", {}),
+    EvalPrompt("Large left pleural effusion.", {"Pleural Effusion": "left"}),
+    EvalPrompt("Right lower lobe consolidation.", {"Consolidation": "right"}, "alternate"),
+    EvalPrompt("Moderate left pleural effusion. Moderate cardiomegaly.", {"Pleural Effusion": "left", "Cardiomegaly": None}),
+)
+N = 12
+
+
+def shown(prompt: EvalPrompt, seed: int) -> dict[str, str | None]:
+    """The rule of the fake generator: the prompted findings, all missing when seed % 4 == 0 (not for
+    normal prompts), an unprompted pneumothorax when seed % 5 == 0, the wrong side when seed % 3 == 0,
+    and always Lung Opacity with a consolidation (implied, so allowed)."""
+    findings = {} if seed % 4 == 0 else dict(prompt.findings)
+    findings = {k: ("right" if v == "left" else "left") if v and seed % 3 == 0 else v for k, v in findings.items()}
+    if seed % 5 == 0:
+        findings["Pneumothorax"] = "left"
+    if "Consolidation" in findings:
+        findings["Lung Opacity"] = None
+    return findings
+
+
+def fake_generator(texts, seeds):
+    """Image row 0 = which observations are shown, row 1 = their side codes."""
+    by_text = {p.text: p for p in PROMPTS}
+    images = np.zeros((len(texts), 4, len(OBSERVATIONS), 1), np.float32)
+    for b, (text, seed) in enumerate(zip(texts, seeds)):
+        for name, side in shown(by_text[text], seed).items():
+            j = OBSERVATIONS.index(name)
+            images[b, 0, j, 0] = 1.0
+            images[b, 1, j, 0] = 0 if side is None else SIDES.index(side) + 1
+    return images
+
+
+class FakeClassifier:
+    observations, side_observations = OBSERVATIONS, SIDED
+    major_findings = tuple(n for n in OBSERVATIONS if n in MAJOR_FINDINGS)
+
+    def predict(self, images):
+        positive = images[:, 0, :, 0] > 0.5
+        side = images[:, 1, [OBSERVATIONS.index(n) for n in SIDED], 0].astype(int)
+        return Predictions(positive.astype(np.float32), positive, np.zeros(side.shape + (3,)), side,
+                           np.zeros((len(images), 2)))
+
+
+def test_conditioning_rates_equal_the_generator_rule():
+    images = conditioning.generate_images(fake_generator, [p.text for p in PROMPTS], N, seed=0, batch_size=5)
+    assert [im.shape[0] for im in images] == [N] * len(PROMPTS)
+    summary, _ = conditioning.evaluate_conditioning(FakeClassifier(), images, PROMPTS)
+
+    seeds = {p: [p * N + i for i in range(N)] for p in range(len(PROMPTS))}
+    expected_success = [np.mean([(not prompt.findings or s % 4 != 0) and s % 5 != 0 for s in seeds[p]])
+                        for p, prompt in enumerate(PROMPTS)]
+    assert summary["conditioning_accuracy"] == pytest.approx(np.mean(expected_success))
+    assert summary["conditioning_accuracy_by_style"]["alternate"] == pytest.approx(expected_success[2])
+    effusion_seeds = seeds[1] + seeds[3]
+    assert summary["detection_rate"]["Pleural Effusion"] == pytest.approx(np.mean([s % 4 != 0 for s in effusion_seeds]))
+    detected = [s for s in effusion_seeds if s % 4 != 0]
+    assert summary["side_accuracy"]["Pleural Effusion"] == pytest.approx(np.mean([s % 3 != 0 for s in detected]))
+    assert "Cardiomegaly" not in summary["side_accuracy"]  # no side stated
+    normal_fp = np.mean([s % 5 == 0 for s in seeds[0]])
+    assert summary["normal_false_positive_rate"]["Pneumothorax"] == pytest.approx(normal_fp)
+    assert summary["normal_false_positive_rate"]["any"] == pytest.approx(normal_fp)
+    assert summary["normal_false_positive_rate"]["Cardiomegaly"] == 0.0
+
+
+def test_generated_images_do_not_depend_on_batch_size():
+    a = conditioning.generate_images(fake_generator, [p.text for p in PROMPTS], 3, seed=7, batch_size=4)
+    b = conditioning.generate_images(fake_generator, [p.text for p in PROMPTS], 3, seed=7, batch_size=7)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_prompt_set_covers_every_phantom_finding_in_both_styles():
+    for name in MAJOR_FINDINGS:
+        if name == "Pleural Other":
+            continue
+        styles = {p.style for p in conditioning.PROMPTS if name in p.findings}
+        assert styles == {"template", "alternate"}, name
+    assert sum(not p.findings for p in conditioning.PROMPTS) >= 2
+    assert any(len(p.findings) >= 2 for p in conditioning.PROMPTS)
+
+
+def test_prompts_reject_unknown_findings_and_sides():
+    with pytest.raises(ValueError, match="not major findings"):
+        EvalPrompt("x", {"Lung Opacity": None})
+    with pytest.raises(ValueError, match="sides"):
+        EvalPrompt("x", {"Pleural Effusion": "up"})
+
+
+def test_usable_prompts_skips_findings_the_classifier_lacks():
+    usable, skipped = conditioning.usable_prompts(conditioning.PROMPTS, FakeClassifier())
+    assert all(set(p.findings) <= set(OBSERVATIONS) for p in usable)
+    assert {p.text for p in skipped} >= {"Left clavicle fracture."}
+    assert len(usable) + len(skipped) == len(conditioning.PROMPTS)
