@@ -25,10 +25,10 @@ CASES = [
     ("Interval resolution of the left pleural effusion.", {NF: 1, EFF: 0}),
     ("No new consolidation to suggest pneumonia.", {NF: 1, CO: 0, PNA: 0}),
     ("No pneumothorax, but there is a small left effusion.", {PTX: 0, EFF: 1}),
-    ("No focal consolidation; however, there is mild bibasilar atelectasis.", {CO: 0, ATX: 1}),
+    ("No focal consolidation; however, there is mild bibasilar atelectasis.", {CO: 0, ATX: 1, LO: 1}),
     ("No pneumothorax, and the heart is enlarged.", {PTX: 0, CM: 1}),
     ("No pleural effusion, moderate cardiomegaly.", {EFF: 0, CM: 1}),
-    ("There is no pneumothorax. Right lower lobe consolidation.", {PTX: 0, CO: 1}),
+    ("There is no pneumothorax. Right lower lobe consolidation.", {PTX: 0, CO: 1, LO: 1}),
     # pseudo-negations: the finding is still there
     ("No significant change in moderate cardiomegaly.", {CM: 1}),
     ("Near complete resolution of the right pleural effusion.", {EFF: 1}),
@@ -53,23 +53,24 @@ CASES = [
     ("The cardiomediastinal silhouette is within normal limits.", {NF: 1, ECM: 0}),
     ("Heart size may be mildly enlarged.", {CM: -1}),
     ("Borderline cardiomegaly.", {CM: -1}),
-    ("The heart is moderately enlarged. Mild pulmonary edema.", {CM: 1, ED: 1}),
+    ("The heart is moderately enlarged. Mild pulmonary edema.", {CM: 1, ED: 1, LO: 1}),
     ("Tip of the right PICC line projects over the cardiac silhouette.", {NF: 1, SD: 1}),
     # CHF implies an uncertain big heart (CheXpert); venous hypertension is an uncertain edema
-    ("Mild CHF.", {CM: -1, ED: 1}),
+    ("Mild CHF.", {CM: -1, ED: 1, LO: 1}),
     ("Findings suggestive of pulmonary venous hypertension.", {ED: -1}),
     # several findings in one sentence
     ("Moderate right pleural effusion with adjacent compressive atelectasis and a 2 cm right upper lobe nodule.",
-     {EFF: 1, ATX: 1, LL: 1}),
+     {EFF: 1, ATX: 1, LL: 1, LO: 1}),
     ("Large left pneumothorax with mediastinal shift, left chest tube in place.", {PTX: 1, SD: 1}),
     ("Calcified pleural plaques and old healed left rib fractures.", {PO: 1, FX: 1}),
     # support devices and "No Finding"
     ("Endotracheal tube terminates 4 cm above the carina. No pneumothorax.", {NF: 1, SD: 1, PTX: 0}),
     ("Interval removal of the right chest tube without pneumothorax.", {NF: 1, SD: 0, PTX: 0}),
     ("Left-sided pacemaker with leads in the right atrium and right ventricle.", {NF: 1, SD: 1}),
-    ("Sternotomy wires are intact. Plate-like atelectasis at the left base.", {SD: 1, ATX: 1}),
+    ("Sternotomy wires are intact. Plate-like atelectasis at the left base.", {SD: 1, ATX: 1, LO: 1}),
     ("No acute cardiopulmonary process.", {NF: 1}),
     ("Status post median sternotomy. ETT and Dobhoff in place.", {NF: 1, SD: 1}),
+    ("Left line tip is in the mid SVC.", {NF: 1, SD: 1}),
     ("Hyperinflated lungs consistent with emphysema. No focal consolidation.", {CO: 0}),
     ("Blunting of the left costophrenic angle.", {EFF: 1}),
 ]
@@ -87,6 +88,14 @@ def test_chexpert_names_and_order():
         "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
         "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
         "Fracture", "Support Devices")
+
+
+def test_lung_opacity_hierarchy():
+    text = "Left lower lobe consolidation. Possible right upper lobe nodule."
+    assert label_report(text)[LO] == 1
+    assert label_report_details(text)[LO]["side"] == "left"
+    assert label_report(text, opacity_hierarchy=False)[LO] is None
+    assert label_report("Possible left lower lobe pneumonia.")[LO] is None
 
 
 def test_positive_beats_uncertain_beats_negative_across_mentions():

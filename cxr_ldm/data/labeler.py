@@ -9,7 +9,9 @@ Follows the CheXpert labeler (Irvin et al. 2019, itself built on NegBio) in spir
    "No Finding" is 1 when no observation other than "Support Devices" (nor any other
    abnormality, e.g. emphysema or calcification) is positive or uncertain, else None.
    As in CheXpert, a positive or uncertain "CHF"/"heart failure" adds an uncertain
-   cardiomegaly mention.
+   cardiomegaly mention. With `opacity_hierarchy` (default), CheXpert's label hierarchy
+   also applies: a positive Consolidation, Pneumonia, Edema, Atelectasis or Lung Lesion is
+   a positive "Lung Opacity" (the phantom data set labels this way).
 
 Cue scope (dependency parses replaced by clause rules): a clause ends at ";", ":", "but",
 "however", "although", "except", ", and the/there ...", "there is/are"; a forward cue
@@ -36,6 +38,7 @@ CHEXPERT_LABELS: tuple[str, ...] = (
     "Pleural Other", "Fracture", "Support Devices",
 )
 _OTHER = "Other Finding"  # abnormalities outside the 14 that still rule out "No Finding"
+_OPACITY_CHILDREN = ("Consolidation", "Pneumonia", "Edema", "Atelectasis", "Lung Lesion")
 
 
 def _rx(*patterns: str) -> re.Pattern:
@@ -88,6 +91,7 @@ _MENTIONS: dict[str, re.Pattern] = {
         r"\b(?:central(?: venous)?|picc|midline|arterial|venous|jugular|ij|subclavian|dialysis|"
         r"femoral|pa|access|support|monitoring) lines?\b",
         r"\b(?:lines|tubes) and (?:tubes|lines)\b",
+        r"\blines? tips?\b", r"\bline (?:terminat\w*|ends|courses|projects)",
         r"\b(?:pacer|pacemaker|pacing|icd|defibrillator|transvenous|epicardial|ecg|ekg|"
         r"monitoring) leads?\b",
         r"\b(?:chest|chest wall|infusion|power|subcutaneous|access) port\b",
@@ -213,16 +217,18 @@ class _Cue:
     end: int
 
 
-def label_report(text: str) -> dict[str, int | None]:
+def label_report(text: str, *, opacity_hierarchy: bool = True) -> dict[str, int | None]:
     """CheXpert labels of one report.
 
     Labels the impression plus the findings when the report has either section, else the
     whole report. Returns {name: 1 | 0 | -1 | None} for every name of `CHEXPERT_LABELS`.
+    `opacity_hierarchy=False` keeps "Lung Opacity" to its own mentions, as the CheXpert labeler does.
     """
-    return {name: detail["label"] for name, detail in label_report_details(text).items()}
+    details = label_report_details(text, opacity_hierarchy=opacity_hierarchy)
+    return {name: detail["label"] for name, detail in details.items()}
 
 
-def label_report_details(text: str) -> dict[str, dict]:
+def label_report_details(text: str, *, opacity_hierarchy: bool = True) -> dict[str, dict]:
     """Like `label_report`, plus the side and severity stated near positive mentions.
 
     Returns {name: {"label": 1|0|-1|None, "side": "left"|"right"|"bilateral"|None,
@@ -230,6 +236,9 @@ def label_report_details(text: str) -> dict[str, dict]:
     the mentions that carry the label (1 or -1) and are None otherwise.
     """
     mentions = [m for sentence in split_sentences(_labelled_text(text)) for m in _sentence_mentions(sentence)]
+    if opacity_hierarchy:
+        mentions += [_Mention("Lung Opacity", m.start, m.end, 1, m.side) for m in mentions
+                     if m.observation in _OPACITY_CHILDREN and m.label == 1]
     details = {}
     for name in CHEXPERT_LABELS[1:]:
         own = [m for m in mentions if m.observation == name]
