@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
+from diffusers.models.downsampling import Downsample2D as TorchDownsample2D
+from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D
+from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
 from safetensors.numpy import load_file, save_file
 
 import cxr_ldm
-from cxr_ldm.io.convert import ConversionError
+from cxr_ldm.io.convert import ConversionError, state_dict_to_params
+from cxr_ldm.models import layers
 from cxr_ldm.models.autoencoder import AutoencoderConfig, dummy_inputs
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -197,3 +201,30 @@ def test_missing_tensor_is_named(gray, tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(ConversionError, match=r"missing tensor.*\n\s+decoder\.mid_block\.attentions\.0\.to_k\.bias"):
         cxr_ldm.load_component(tmp_path)
+
+
+def test_unet_variants_of_shared_layers_match_diffusers():
+    """The layer settings the VAE does not use (time embedding, symmetric downsampling padding, upsampling
+    to an odd skip-connection size) against diffusers' own layers."""
+    torch.manual_seed(0)
+    x, temb = torch.randn(2, 32, 7, 5), torch.randn(2, 16)
+    cases = [
+        (TorchResnetBlock2D(in_channels=32, out_channels=64, temb_channels=16, groups=8, eps=1e-5,
+                            output_scale_factor=2.0),
+         layers.ResnetBlock2D(64, groups=8, output_scale_factor=2.0), (x, temb), {}),
+        (TorchDownsample2D(32, use_conv=True, out_channels=48, padding=1, name="op"), layers.Downsample2D(48),
+         (x,), {}),
+        (TorchUpsample2D(32, use_conv=True, out_channels=16), layers.Upsample2D(16), (x,), {"output_size": (13, 9)}),
+    ]
+    for torch_layer, layer, args, kwargs in cases:
+        with torch.no_grad():
+            for p in torch_layer.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            expected = nhwc(torch_layer(*args, **kwargs))
+        flax_args = (nhwc(args[0]), *(a.numpy() for a in args[1:]))
+        abstract = jax.eval_shape(lambda: layer.init(jax.random.key(0), *flax_args, **kwargs))["params"]
+        state = {k: v.numpy() for k, v in torch_layer.state_dict().items()}
+        params = state_dict_to_params(state, abstract)
+        actual = layer.apply({"params": params}, *flax_args, **kwargs)
+        assert actual.shape == expected.shape, type(layer).__name__
+        np.testing.assert_allclose(actual, expected, atol=TOL, rtol=0, err_msg=type(layer).__name__)
