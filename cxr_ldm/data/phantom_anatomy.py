@@ -312,7 +312,7 @@ def _rib_fracture(s, index, local, edge, fracture: Finding, rng: np.random.Gener
     broken = (index >= first) & (index < first + count)
     offset = step * (broken & (s > break_s))
     gap = 1.0 - broken * ramp(np.abs(s - break_s) - 0.012, edge)
-    callus = 2.5 * np.exp(-((s - break_s) / 0.07) ** 2 - ((local - step / 2) / 0.05) ** 2) * broken
+    callus = 4.0 * np.exp(-((s - break_s) / 0.07) ** 2 - ((local - step / 2) / 0.05) ** 2) * broken
     return offset, gap, callus
 
 
@@ -328,9 +328,9 @@ def _clavicles(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np
         for fracture in fractures:
             if fracture.kind == "clavicle" and SIDE_SIGN[fracture.side] == sign:
                 break_u = rng.uniform(0.3, 0.4)
-                centre = centre + rng.uniform(0.055, 0.075) * (u > break_u) + 0.15 * np.clip(u - break_u, 0, None)
-                gap = 1.0 - ramp(np.abs(u - break_u) - 0.018, edge)
-        half = 0.03 + 0.012 * np.clip(0.25 - u, 0, 1)
+                centre = centre + rng.uniform(0.07, 0.09) * (u > break_u) + 0.25 * np.clip(u - break_u, 0, None)
+                gap = 1.0 - ramp(np.abs(u - break_u) - 0.025, edge)
+        half = 0.034 + 0.012 * np.clip(0.25 - u, 0, 1)
         bones += ramp(np.abs(y - centre) - half, edge) * ramp(0.06 - u, 0.02) * ramp(u - 0.66, 0.03) * gap
     return bones
 
@@ -388,7 +388,7 @@ def normal_layers(canvas: Canvas, thorax: Thorax, rng: np.random.Generator, frac
         sub = canvas.crop(*canvas.window([(0.38, centre_y)], 1.5 * p.gastric_bubble))
         flat_top = np.maximum(sub.y - centre_y, (centre_y - sub.y) * 2.2)
         air[sub.rows, sub.cols] += 0.45 * ramp(np.hypot((sub.x - 0.38) / 1.4, flat_top) - p.gastric_bubble, edge)
-    bone = p.bone * (_ribs(canvas, thorax, fractures, fracture_rng) + 2.5 * _clavicles(canvas, thorax, fractures, fracture_rng)
+    bone = p.bone * (_ribs(canvas, thorax, fractures, fracture_rng) + 3.5 * _clavicles(canvas, thorax, fractures, fracture_rng)
                      + _spine(canvas, thorax))
     return Layers(tissue, air, markings, bone, np.zeros_like(x), lungs)
 

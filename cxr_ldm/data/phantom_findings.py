@@ -145,10 +145,10 @@ def lung_lesion(canvas, thorax, layers, finding, rng) -> None:
     """Round, slightly lobulated nodule (small) or mass (large) inside the lung zone named by `kind`."""
     sign = SIDE_SIGN[finding.side]
     radius = rng.uniform(*LESION_RADIUS[finding.severity])
-    hilum_y, apex_y = thorax.hilum[sign][1], thorax.patient.apex_y
-    zone = {"upper": (apex_y + 0.15 + radius, hilum_y - 0.1), "mid": (hilum_y - 0.06, hilum_y + 0.14),
-            "lower": (hilum_y + 0.2, thorax.dome[sign] - 0.05 - radius)}[finding.kind]
-    centre = (sign * 0.5, 0.5 * (hilum_y + apex_y))
+    apex_y, dome_y = thorax.patient.apex_y, thorax.dome[sign]
+    top, bottom = {"upper": (0.15, 0.42), "mid": (0.42, 0.62), "lower": (0.62, 0.88)}[finding.kind]
+    zone = (apex_y + top * (dome_y - apex_y), apex_y + bottom * (dome_y - apex_y))
+    centre = (sign * 0.5, sum(zone) / 2)
     for _ in range(50):
         x, y = sign * rng.uniform(0.3, thorax.lateral_u - 0.08 - radius), rng.uniform(*zone)
         rim = [(x + dx, y + dy) for dx, dy in ((radius, 0), (-radius, 0), (0, radius), (0, -radius))]
