@@ -135,6 +135,8 @@ def test_empty_report_has_no_labels():
     ("Possible small left pleural effusion.", EFF, "left", "small"),
     ("Bibasilar opacities.", LO, "bilateral", None),
     ("Patchy opacities in the lung bases.", LO, "bilateral", None),
+    ("Left upper lobe consolidation, consistent with pneumonia.", PNA, "left", None),
+    ("Right basilar opacity may represent atelectasis.", ATX, "right", None),
 ])
 def test_side_and_severity(text, name, side, severity):
     detail = label_report_details(text)[name]
@@ -147,3 +149,26 @@ def test_no_side_or_severity_for_negative_findings():
     assert details[EFF] == {"label": 0, "side": None, "severity": None}
     assert details[ATX] == {"label": 1, "side": "left", "severity": "mild"}
     assert details[NF] == {"label": None, "side": None, "severity": None}
+
+
+def test_recovers_phantom_labels_sides_and_severities():
+    from cxr_ldm.data import phantom
+
+    pairs, mismatches = 0, []
+    stated = {"side": ("Pleural Effusion", "Pneumothorax", "Consolidation", "Pneumonia", "Atelectasis",
+                       "Lung Lesion", "Fracture", "Support Devices"),
+              "severity": ("Pleural Effusion", "Pneumothorax", "Atelectasis", "Edema", "Cardiomegaly")}
+    agreement = {"side": [], "severity": []}
+    for seed in range(300):
+        study = phantom.generate(seed, resolution=16)
+        details = label_report_details(study["report"])
+        for name in CHEXPERT_LABELS:
+            pairs += 1
+            if details[name]["label"] != study["labels"][name]:
+                mismatches.append((seed, name, study["labels"][name], details[name]["label"]))
+        for field, names in stated.items():
+            agreement[field] += [details[name][field] == study[field][name] for name in names
+                                 if study["labels"][name] == 1 and study[field][name] is not None]
+    assert len(mismatches) <= 0.01 * pairs, mismatches[:10]
+    for field, agrees in agreement.items():
+        assert len(agrees) > 50 and sum(agrees) >= 0.97 * len(agrees), (field, sum(agrees), len(agrees))

@@ -197,6 +197,8 @@ _SEVERITIES = (("small", _rx(r"\bsmall\b", r"\btiny\b", r"\btrace\b", r"\bminima
                ("large", _rx(r"\blarge\b", r"\bmassive\b", r"\bextensive\b", r"\bsizable\b")),
                ("severe", _rx(r"\bsevere\w*", r"\bmarked(?:ly)?\b")))
 _SEVERITY_ORDER = [name for name, _ in _SEVERITIES]
+_LATERAL = ("Lung Opacity", "Lung Lesion", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
+            "Pleural Effusion", "Pleural Other", "Fracture")
 
 
 @dataclasses.dataclass
@@ -285,6 +287,7 @@ def _sentence_mentions(sentence: str) -> list[_Mention]:
         if mention.label == 1 and _ALWAYS_UNCERTAIN.fullmatch(text, mention.start, mention.end):
             mention.label = -1
         mention.side, mention.severity = _side_and_severity(text, mention, mentions, clauses)
+    _inherit_sides(mentions, clauses)
     extra = [_Mention("Cardiomegaly", m.start, m.end, -1) for m in mentions
              if m.observation == "Edema" and m.label in (1, -1) and _CHF.fullmatch(text, m.start, m.end)]
     return mentions + extra
@@ -403,6 +406,18 @@ def _side_and_severity(text: str, mention: _Mention, mentions: list[_Mention],
     side = "bilateral" if "bilateral" in sides or {"left", "right"} <= sides else next(iter(sides), None)
     severities = [name for name, pattern in _SEVERITIES if pattern.search(window)]
     return side, (severities[-1] if severities else None)
+
+
+def _inherit_sides(mentions: list[_Mention], clauses: list[tuple[int, int]]) -> None:
+    """A lung or pleural mention without a side takes the side of the nearest earlier mention
+    in its clause: "Left lower lobe consolidation, consistent with pneumonia" -> left pneumonia."""
+    for index, mention in enumerate(mentions):
+        if mention.side or mention.observation not in _LATERAL:
+            continue
+        clause = _clause_of(mention.start, clauses)
+        earlier = [m for m in mentions[:index] if m.side and m.start >= clause[0]]
+        if earlier:
+            mention.side = earlier[-1].side
 
 
 def _spans(pattern: re.Pattern, text: str) -> list[tuple[int, int]]:
