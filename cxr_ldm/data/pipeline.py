@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import grain
 import numpy as np
@@ -26,14 +25,11 @@ from absl import flags
 from PIL import Image
 
 from cxr_ldm.data import builders
+from cxr_ldm.data.builders import common
 from cxr_ldm.data.tokenizer import tokenize
 
 # Prompts whose token ids are kept per loader (or per worker process), after the first tokenization.
 _MAX_CACHED_PROMPTS = 500_000
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class _PromptIds:
@@ -89,7 +85,7 @@ class _TrainExample(grain.transforms.RandomMap):
             image = random_crop_resize(image, rng, self.min_crop_scale)
         return {
             "image": to_model_range(image),
-            "input_ids": self.prompt_ids("" if drop else _text(element["prompt"])),
+            "input_ids": self.prompt_ids("" if drop else common.as_text(element["prompt"])),
             "labels": np.asarray(element["labels"], np.int8),
         }
 
@@ -103,7 +99,7 @@ class _EvalExample(grain.transforms.Map):
     def map(self, element: dict) -> dict:
         return {
             "image": to_model_range(element["image"]),
-            "input_ids": self.prompt_ids(_text(element["prompt"])),
+            "input_ids": self.prompt_ids(common.as_text(element["prompt"])),
             "labels": np.asarray(element["labels"], np.int8),
             "mask": np.bool_(True),
         }
