@@ -30,6 +30,7 @@ CASES = [
     ("No pleural effusion, moderate cardiomegaly.", {EFF: 0, CM: 1}),
     ("There is no pneumothorax. Right lower lobe consolidation.", {PTX: 0, CO: 1, LO: 1}),
     # pseudo-negations: the finding is still there
+    ("Left pleural effusion has not yet resolved.", {EFF: 1}),
     ("No significant change in moderate cardiomegaly.", {CM: 1}),
     ("Near complete resolution of the right pleural effusion.", {EFF: 1}),
     ("Left pleural effusion is unchanged in size, without change since the prior study.", {EFF: 1}),
@@ -46,6 +47,8 @@ CASES = [
     ("Differential includes edema and infection.", {ED: -1, PNA: -1}),
     ("Findings could be due to aspiration; pneumonia is possible.", {PNA: -1}),
     ("No large pleural effusion, though a small effusion cannot be excluded.", {EFF: -1}),
+    ("No pneumothorax on this supine study; a small anterior one would be difficult to exclude.", {NF: 1, PTX: 0}),
+    ("The previously noted left effusion is no longer seen.", {NF: 1, EFF: 0}),
     # heart and mediastinum
     ("Heart size is normal. Lungs are clear.", {NF: 1, CM: 0}),
     ("The heart is not enlarged.", {NF: 1, CM: 0}),
@@ -56,7 +59,8 @@ CASES = [
     ("The heart is moderately enlarged. Mild pulmonary edema.", {CM: 1, ED: 1, LO: 1}),
     ("Tip of the right PICC line projects over the cardiac silhouette.", {NF: 1, SD: 1}),
     # CHF implies an uncertain big heart (CheXpert); venous hypertension is an uncertain edema
-    ("Mild CHF.", {CM: -1, ED: 1, LO: 1}),
+    ("Mild CHF.", {CM: -1, ED: 1}),
+    ("Mild pulmonary vascular congestion without frank edema.", {ED: 1}),
     ("Findings suggestive of pulmonary venous hypertension.", {ED: -1}),
     # several findings in one sentence
     ("Moderate right pleural effusion with adjacent compressive atelectasis and a 2 cm right upper lobe nodule.",

@@ -11,7 +11,8 @@ Follows the CheXpert labeler (Irvin et al. 2019, itself built on NegBio) in spir
    As in CheXpert, a positive or uncertain "CHF"/"heart failure" adds an uncertain
    cardiomegaly mention. With `opacity_hierarchy` (default), CheXpert's label hierarchy
    also applies: a positive Consolidation, Pneumonia, Edema, Atelectasis or Lung Lesion is
-   a positive "Lung Opacity" (the phantom data set labels this way).
+   a positive "Lung Opacity" (the phantom data set labels this way), except for mentions that
+   name no opacity ("vascular congestion", "CHF").
 
 Cue scope (dependency parses replaced by clause rules): a clause ends at ";", ":", "but",
 "however", "although", "except", ", and the/there ...", "there is/are"; a forward cue
@@ -155,7 +156,7 @@ _PSEUDO_NEGATIONS = _rx(
     r"worsening|difference)\b",
     r"\bnot (?:only|necessarily|clear|certain|sure|well (?:seen|visualized|evaluated|assessed))\b",
     r"\b(?:partial(?:ly)?|incomplete(?:ly)?|near(?:ly)?|almost|nearly complete|near complete|"
-    r"slowly|not (?:yet |completely |fully )?)\s+(?:resol\w+|clear\w*)",
+    r"slowly|not|not yet|not completely|not fully) (?:resol\w+|clear\w*)",
     r"\bgram negative\b",
 )
 _NEGATED_UNCERTAINTY_CUES = _rx(
@@ -173,10 +174,11 @@ _UNCERTAINTY_CUES: tuple[tuple[str, re.Pattern], ...] = (
     ("adjacent", _rx(r"\bversus\b", r"\bvs\b\.?")),
 )
 _ALWAYS_UNCERTAIN = _rx(r"\bpulmonary venous hypertension\b")
+_WITHOUT_OPACITY = _rx(r".*\b(?:congestion|chf|heart failure|engorgement|redistribution|prominence|hypertension|overload)\b")
 _CHF = _rx(r"\bchf\b", r"\bheart failure\b")
 
 _CLAUSE_END = _rx(
-    r";", r":", r"\b(?:but|however|although|though|except|whereas|yet|otherwise)\b",
+    r";", r":", r"\b(?:but|however|although|though|except|whereas|otherwise)\b",
     r"\b(?:aside|apart) from\b", r"\bother than\b", r",? and (?:there|the|this|these|a|an)\b",
     r"\bthere (?:is|are|was|were|has been|have been)\b",
 )
@@ -209,6 +211,7 @@ class _Mention:
     label: int = 1
     side: str | None = None
     severity: str | None = None
+    without_opacity: bool = False  # names a cause of opacity, not one ("vascular congestion", "CHF")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +243,7 @@ def label_report_details(text: str, *, opacity_hierarchy: bool = True) -> dict[s
     mentions = [m for sentence in split_sentences(_labelled_text(text)) for m in _sentence_mentions(sentence)]
     if opacity_hierarchy:
         mentions += [_Mention("Lung Opacity", m.start, m.end, 1, m.side) for m in mentions
-                     if m.observation in _OPACITY_CHILDREN and m.label == 1]
+                     if m.observation in _OPACITY_CHILDREN and m.label == 1 and not m.without_opacity]
     details = {}
     for name in CHEXPERT_LABELS[1:]:
         own = [m for m in mentions if m.observation == name]
@@ -297,7 +300,8 @@ def _find_mentions(text: str) -> list[_Mention]:
     found = []
     for name, pattern in _MENTIONS.items():
         voided = _spans(_UNMENTIONS[name], text) if name in _UNMENTIONS else []
-        found += [_Mention(name, s, e) for s, e in _spans(pattern, text) if not _overlaps((s, e), voided)]
+        found += [_Mention(name, s, e, without_opacity=bool(_WITHOUT_OPACITY.fullmatch(text, s, e)))
+                  for s, e in _spans(pattern, text) if not _overlaps((s, e), voided)]
     voided = _spans(_ATTRIBUTE_UNMENTIONS, text)
     clauses = _spans_between(text, _CLAUSE_END)
     for name, pattern in _ATTRIBUTES.items():
