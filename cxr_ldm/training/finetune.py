@@ -67,7 +67,7 @@ def split_params(config: FinetuneConfig, params: dict, *, rng: jax.Array | None 
     if config.mode == "textual_inversion":
         if not init_token_ids:
             raise ValueError("finetune mode 'textual_inversion' needs init_token_ids (one per new token)")
-        table = _get(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+        table = tree_get(params["text_encoder"], TOKEN_EMBEDDING_PATH)
         return {"new_token_embeddings": jnp.asarray(table)[np.asarray(init_token_ids)]}, params
     if rng is None:
         raise ValueError("finetune mode 'lora' needs rng to initialise the LoRA A matrices")
@@ -86,9 +86,9 @@ def merge_params(config: FinetuneConfig, trainable: dict, frozen: dict) -> dict:
         return {**frozen, **trainable}
     params = dict(frozen)
     if config.mode == "textual_inversion":
-        table = _get(frozen["text_encoder"], TOKEN_EMBEDDING_PATH)
+        table = tree_get(frozen["text_encoder"], TOKEN_EMBEDDING_PATH)
         rows = trainable["new_token_embeddings"].astype(table.dtype)
-        params["text_encoder"] = _set(frozen["text_encoder"], TOKEN_EMBEDDING_PATH,
+        params["text_encoder"] = tree_set(frozen["text_encoder"], TOKEN_EMBEDDING_PATH,
                                       jnp.concatenate([table, rows], axis=0))
         return params
     params["unet"] = merge_lora(frozen["unet"], trainable["unet_lora"], config.lora_scale)
@@ -108,7 +108,7 @@ def init_lora(params: dict, targets: Sequence[str], rank: int, rng: jax.Array) -
     lora: dict = {}
     for index, (path, kernel) in enumerate(kernels):
         a = jax.random.normal(jax.random.fold_in(rng, index), (kernel.shape[0], rank), jnp.float32) / rank
-        lora = _set(lora, path[:-1], {"lora_A": a, "lora_B": jnp.zeros((rank, kernel.shape[1]), jnp.float32)})
+        lora = tree_set(lora, path[:-1], {"lora_A": a, "lora_B": jnp.zeros((rank, kernel.shape[1]), jnp.float32)})
     return lora
 
 
@@ -116,9 +116,9 @@ def merge_lora(params: dict, lora: dict, scale: float) -> dict:
     """params with kernel W of each LoRA'd module replaced by W + scale * A @ B (float32)."""
     merged = params
     for path, factors in _lora_factor_paths(lora):
-        kernel = _get(params, path + ("kernel",))
+        kernel = tree_get(params, path + ("kernel",))
         delta = scale * (factors["lora_A"] @ factors["lora_B"])
-        merged = _set(merged, path + ("kernel",), kernel.astype(jnp.float32) + delta)
+        merged = tree_set(merged, path + ("kernel",), kernel.astype(jnp.float32) + delta)
     return merged
 
 
@@ -175,7 +175,8 @@ def _lora_factor_paths(lora: dict, prefix: tuple[str, ...] = ()) -> list[tuple[t
     return [item for key, sub in lora.items() for item in _lora_factor_paths(sub, prefix + (key,))]
 
 
-def _get(tree: dict, path: Sequence[str]) -> Any:
+def tree_get(tree: Mapping, path: Sequence[str]) -> Any:
+    """The entry of nested dict `tree` at `path` (KeyError naming the missing path)."""
     for depth, key in enumerate(path):
         if not isinstance(tree, Mapping) or key not in tree:
             raise KeyError(f"params: no entry {'/'.join(path[: depth + 1])!r}")
@@ -183,11 +184,11 @@ def _get(tree: dict, path: Sequence[str]) -> Any:
     return tree
 
 
-def _set(tree: dict, path: Sequence[str], value: Any) -> dict:
+def tree_set(tree: dict, path: Sequence[str], value: Any) -> dict:
     """A copy of nested dict `tree` with `value` at `path` (intermediate dicts created/copied)."""
     tree = dict(tree)
     if len(path) == 1:
         tree[path[0]] = value
     else:
-        tree[path[0]] = _set(tree.get(path[0], {}), path[1:], value)
+        tree[path[0]] = tree_set(tree.get(path[0], {}), path[1:], value)
     return tree

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,27 @@ def per_key_optimizer(optimizers: Mapping[str, optax.GradientTransformation]) ->
     return optax.multi_transform(dict(optimizers), lambda params: {key: key for key in params})
 
 
+class DelayedStartState(NamedTuple):
+    count: jax.Array
+    inner_state: Any
+
+
+def delayed_start(inner: optax.GradientTransformation, start_step: int) -> optax.GradientTransformation:
+    """`inner` from its `start_step`-th call on; before that, zero updates and `inner`'s state untouched
+    (so weight decay and Adam's bias correction start with the first real update). For a GAN
+    discriminator that joins training after a warm-up."""
+    def init(params):
+        return DelayedStartState(jnp.zeros((), jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        active = state.count >= start_step
+        select = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
+        return select(new_updates, zeros), DelayedStartState(state.count + 1, select(new_inner, state.inner_state))
+    return optax.GradientTransformation(init, update)
+
+
 def ema_decay(num_updates: jnp.ndarray, max_decay: float, warmup: bool = True) -> jnp.ndarray:
     """The EMA decay after `num_updates` optimizer updates (this one included), as diffusers' EMAModel
     (update_after_step=0, use_ema_warmup=False): 0 for the first update (the EMA starts as a copy),
@@ -96,30 +117,27 @@ def accumulated_value_and_grad(loss_fn: Callable[..., tuple[jnp.ndarray, Any]], 
                                microbatch_sharding: Any = None) -> Callable:
     """value_and_grad(loss_fn, has_aux=True) averaged over microbatches of the batch.
 
-    loss_fn(params, batch, rng) -> (scalar loss, aux pytree of scalars). The returned function has the
-    same signature and returns ((mean loss, mean aux), mean grads); with num_microbatches > 1 it runs a
-    lax.scan over `split_microbatches(batch)` with rng folded with the microbatch index.
-    microbatch_sharding: optional sharding constraint for each microbatch's leaves.
+    loss_fn(params, batch, rng, *args) -> (scalar loss, aux pytree of scalars). The returned function has
+    the same signature and returns ((mean loss, mean aux), mean grads). With num_microbatches > 1 it runs
+    a lax.scan over `split_microbatches(batch)`, microbatch i with rng fold_in(rng, i); `args` are passed
+    to every microbatch unchanged. microbatch_sharding: optional sharding constraint for microbatch leaves.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_microbatches == 1:
         return grad_fn
 
-    def accumulated(params, batch, rng):
+    def accumulated(params, batch, rng, *args):
         def body(carry, index_and_micro):
             index, micro = index_and_micro
             if microbatch_sharding is not None:
                 micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
-            out = grad_fn(params, micro, jax.random.fold_in(rng, index))
+            out = grad_fn(params, micro, jax.random.fold_in(rng, index), *args)
             return jax.tree_util.tree_map(jnp.add, carry, out), None
 
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                       jax.eval_shape(grad_fn, params, _first(batch, num_microbatches), rng))
         micro = split_microbatches(batch, num_microbatches)
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                       jax.eval_shape(grad_fn, params, first, rng, *args))
         total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
         return jax.tree_util.tree_map(lambda x: x / num_microbatches, total)
     return accumulated
-
-
-def _first(batch: Any, num_microbatches: int) -> Any:
-    return jax.tree_util.tree_map(lambda x: x[: x.shape[0] // num_microbatches], batch)
