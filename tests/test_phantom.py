@@ -169,7 +169,8 @@ def test_labels_side_and_severity_agree_with_forced_findings(name):
         assert labels[name] == 1
         assert study["side"][name] == forced["side"] and study["severity"][name] == forced.get("severity")
         assert labels["No Finding"] is (1 if name == "Support Devices" else None)
-        assert labels["Lung Opacity"] == (1 if name in ("Consolidation", "Atelectasis", "Edema", "Lung Lesion") else None)
+        parenchymal = name in ("Consolidation", "Atelectasis", "Edema", "Lung Lesion")
+        assert labels["Lung Opacity"] == (1 if parenchymal else None)
         others = [n for n in FINDING_NAMES if n != name]
         assert all(labels[n] in (0, None) for n in others)
 
@@ -202,7 +203,8 @@ def test_report_sections_prompt_and_phrasing():
         assert sections["findings"] and sections["impression"]
         assert study["prompt"] == prompt_from_report(report)
         for name, side in study["side"].items():
-            if side in ("left", "right") and study["labels"][name] == 1 and name not in ("Support Devices", "Lung Opacity"):
+            stated = study["labels"][name] == 1 and name not in ("Support Devices", "Lung Opacity")
+            if side in ("left", "right") and stated:
                 assert side in study["prompt"].lower() or "lingula" in study["prompt"].lower(), study["prompt"]
         impressions.add(study["prompt"])
     assert len(impressions) > 30   # varied phrasing

@@ -99,11 +99,13 @@ GRID_ROWS: tuple[tuple[str, tuple[tuple[str, dict | None], ...]], ...] = (
     ("Consolidation", tuple((f"{side[0].upper()} {lobe}", {"side": side, "kind": lobe}) for side in (_R, _L)
                             for lobe in ("upper", "middle", "lower"))),
     ("Atelectasis", tuple((f"{side[0].upper()} {sev}", {"side": side, "severity": sev}) for side, sev in (
-        (_L, "mild"), (_R, "mild"), (_L, "moderate"), (_R, "moderate"), ("bilateral", "mild"), ("bilateral", "moderate")))),
+        (_L, "mild"), (_R, "mild"), (_L, "moderate"), (_R, "moderate"), ("bilateral", "mild"),
+        ("bilateral", "moderate")))),
     ("Edema", tuple((s, {"severity": s}) for s in ("mild", "mild", "moderate", "moderate", "severe", "severe"))),
     ("Lung Lesion", tuple((f"{side[0].upper()} {sev} {zone}", {"side": side, "severity": sev, "kind": zone})
-                          for side, sev, zone in ((_R, "small", "upper"), (_L, "small", "mid"), (_R, "small", "lower"),
-                                                  (_L, "large", "upper"), (_R, "large", "mid"), (_L, "large", "lower")))),
+                          for side, sev, zone in ((_R, "small", "upper"), (_L, "small", "mid"),
+                                                  (_R, "small", "lower"), (_L, "large", "upper"),
+                                                  (_R, "large", "mid"), (_L, "large", "lower")))),
     ("Support Devices", (("ET+NG", {"devices": ["et_tube", "ng_tube"]}),
                          ("R IJ line", {"devices": ["central_line"], "side": _R, "kind": "jugular"}),
                          ("L subclavian", {"devices": ["central_line"], "side": _L, "kind": "subclavian"}),

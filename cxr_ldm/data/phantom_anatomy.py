@@ -11,6 +11,7 @@ a pneumothorax adds air and removes lung markings, lesions and callus add densit
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -127,8 +128,7 @@ class Canvas:
 
     def crop(self, rows: slice, cols: slice) -> "Canvas":
         """The sub-canvas of pixels [rows, cols] (same patient, same pixel size)."""
-        sub = object.__new__(Canvas)
-        sub.__dict__.update(self.__dict__)
+        sub = copy.copy(self)
         sub.x, sub.y, sub.rows, sub.cols = self.x[rows, cols], self.y[rows, cols], rows, cols
         return sub
 
@@ -195,7 +195,8 @@ class Thorax:
         self.hilum = {-1.0: (-(p.mediastinum_half_width + 0.09), p.dome_y - 0.36),
                       1.0: (p.mediastinum_half_width + 0.09, p.dome_y - 0.40)}
         self.carina_y = p.dome_y - 0.5
-        # Heart: rotated ellipse (long axis a = 1.25 b) whose width is ctr * thoracic width.
+        # Heart: rotated ellipse (long axis a = 1.45 b) whose width is ctr * thoracic width (2 * lateral_u);
+        # an enlarged heart grows mostly to the patient's left and sits on the diaphragm.
         ctr = p.heart_ctr if heart_ctr is None else heart_ctr
         half_width = ctr * self.lateral_u
         cos, sin = math.cos(p.heart_tilt), math.sin(p.heart_tilt)
@@ -263,7 +264,7 @@ def radial_lines(canvas: Canvas, centre, sign: float, rng: np.random.Generator, 
     cell = np.floor(phi + 0.5)
     index = cell.astype(np.int64) % (2 * count)
     jitter = rng.uniform(-0.25, 0.25, 2 * count).astype(np.float32)
-    first = rng.uniform(start, start + 0.25, 2 * count).astype(np.float32) if start else np.zeros(2 * count, np.float32)
+    first = (rng.uniform(start, start + 0.25, 2 * count) if start else np.zeros(2 * count)).astype(np.float32)
     length = (reach * rng.uniform(0.45, 1.0, 2 * count)).astype(np.float32)
     strength = rng.uniform(0.4, 1.0, 2 * count).astype(np.float32)
     offset = (phi - cell - jitter[index]) / per_radian * r
@@ -317,7 +318,7 @@ def _rib_fracture(s, index, local, edge, fracture: Finding, rng: np.random.Gener
 
 
 def _clavicles(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np.random.Generator) -> np.ndarray:
-    """Clavicles from the sternal notch rising to the shoulders; a clavicle fracture breaks and displaces one."""
+    """Clavicles rising from the sternal notch to the shoulders; a fracture breaks one and drops its lateral part."""
     x, y, edge = canvas.x, canvas.y, canvas.pixel
     top = thorax.patient.apex_y + 0.13
     bones = np.zeros_like(x)
@@ -328,7 +329,8 @@ def _clavicles(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np
         for fracture in fractures:
             if fracture.kind == "clavicle" and SIDE_SIGN[fracture.side] == sign:
                 break_u = rng.uniform(0.3, 0.4)
-                centre = centre + rng.uniform(0.07, 0.09) * (u > break_u) + 0.25 * np.clip(u - break_u, 0, None)
+                drop = rng.uniform(0.07, 0.09) * (u > break_u) + 0.25 * np.clip(u - break_u, 0, None)
+                centre = centre + drop
                 gap = 1.0 - ramp(np.abs(u - break_u) - 0.025, edge)
         half = 0.034 + 0.012 * np.clip(0.25 - u, 0, 1)
         bones += ramp(np.abs(y - centre) - half, edge) * ramp(0.06 - u, 0.02) * ramp(u - 0.66, 0.03) * gap
@@ -349,7 +351,8 @@ def _body(canvas: Canvas, patient: Patient) -> np.ndarray:
     x, y = canvas.x, canvas.y
     t = np.clip((y + 1.05) / 0.4, 0, 1)
     shoulder = t * t * (3 - 2 * t)
-    half_width = 0.24 + (patient.body_half_width + 0.05 - 0.24) * shoulder - 0.1 * np.clip((y + 0.5) / 1.5, 0, 1)
+    waist = 0.1 * np.clip((y + 0.5) / 1.5, 0, 1)
+    half_width = 0.24 + (patient.body_half_width + 0.05 - 0.24) * shoulder - waist
     thickness = np.sqrt(np.clip(1 - (x / half_width) ** 2, 0, 1))
     return patient.soft_tissue * (0.35 + 0.65 * thickness) * ramp(np.abs(x) - half_width, 2 * canvas.pixel)
 
@@ -380,16 +383,16 @@ def normal_layers(canvas: Canvas, thorax: Thorax, rng: np.random.Generator, frac
     airways = np.zeros_like(x)
     canvas.stroke(airways, [(thorax.mediastinum_x, -1.2), (thorax.mediastinum_x, thorax.carina_y)], 0.028, 0.3)
     for sign in (-1.0, 1.0):
-        bronchus = [(thorax.mediastinum_x, thorax.carina_y), (thorax.hilum[sign][0] * 0.8, thorax.hilum[sign][1] + 0.02)]
-        canvas.stroke(airways, bronchus, 0.02, 0.2)
+        hilum_x, hilum_y = thorax.hilum[sign]
+        canvas.stroke(airways, [(thorax.mediastinum_x, thorax.carina_y), (0.8 * hilum_x, hilum_y + 0.02)], 0.02, 0.2)
     air += airways
     if p.gastric_bubble:
         centre_y = thorax.dome[1.0] + 0.05 + p.gastric_bubble
         sub = canvas.crop(*canvas.window([(0.38, centre_y)], 1.5 * p.gastric_bubble))
         flat_top = np.maximum(sub.y - centre_y, (centre_y - sub.y) * 2.2)
         air[sub.rows, sub.cols] += 0.45 * ramp(np.hypot((sub.x - 0.38) / 1.4, flat_top) - p.gastric_bubble, edge)
-    bone = p.bone * (_ribs(canvas, thorax, fractures, fracture_rng) + 3.5 * _clavicles(canvas, thorax, fractures, fracture_rng)
-                     + _spine(canvas, thorax))
+    bone = p.bone * (_ribs(canvas, thorax, fractures, fracture_rng) + _spine(canvas, thorax)
+                     + 3.5 * _clavicles(canvas, thorax, fractures, fracture_rng))
     return Layers(tissue, air, markings, bone, np.zeros_like(x), lungs)
 
 

@@ -103,12 +103,12 @@ def consolidation(canvas, thorax, layers, finding, rng) -> None:
 
 def atelectasis(canvas, thorax, layers, finding, rng) -> None:
     """Plate-like band(s) in the lower zone; moderate: thicker, two bands, raised hemidiaphragm."""
-    thickness = (0.05, 0.065) if finding.severity == "mild" else (0.07, 0.09)
+    thickness = (0.055, 0.07) if finding.severity == "mild" else (0.075, 0.095)
     for sign in sides(finding):
         sub, lung = _hemithorax(canvas, thorax, layers, sign)
         for _ in range(1 if finding.severity == "mild" else 2):
             for _ in range(30):
-                u, half_length = rng.uniform(0.38, 0.6), rng.uniform(0.14, 0.2)
+                u, half_length = rng.uniform(0.38, 0.6), rng.uniform(0.16, 0.23)
                 low_y = float(thorax.dome_y(sign, u)) - 0.08
                 y = rng.uniform(min(thorax.hilum[sign][1] + 0.16, low_y - 0.04), low_y)
                 angle = rng.uniform(-0.25, 0.35)
@@ -136,7 +136,8 @@ def edema(canvas, thorax, layers, finding, rng) -> None:
         _opacify(layers, sub, np.clip(level * (0.3 + 0.9 * haze) * patchy, 0, 1) * lung, 0.9)
         u = sign * sub.x
         base = thorax.dome_y(sign, thorax.lateral_u)
-        septal = ((sub.y / 0.05 + 0.3 * smooth_noise(rng, sub.x.shape, 9)) % 1.0 < 0.35) * ramp(thorax.lateral_u - 0.09 - u, 0.02)
+        lines = (sub.y / 0.05 + 0.3 * smooth_noise(rng, sub.x.shape, 9)) % 1.0 < 0.35
+        septal = lines * ramp(thorax.lateral_u - 0.09 - u, 0.02)
         septal = septal * ramp(base - 0.35 - sub.y, 0.05)
         layers.tissue[window] += 0.3 * level * septal * lung
 
@@ -191,8 +192,10 @@ def support_devices(canvas, thorax, layers, finding, rng) -> None:
         sub = canvas.crop(*canvas.window([(gx, gy)], 0.12))
         box = np.maximum(np.abs(sub.x - gx) / 0.085, np.abs(sub.y - gy) / 0.06)
         rounded = (np.abs(sub.x - gx) / 0.085) ** 4 + (np.abs(sub.y - gy) / 0.06) ** 4
-        metal[sub.rows, sub.cols] = np.maximum(metal[sub.rows, sub.cols], 2.2 * ramp(rounded ** 0.25 - 1.0, 0.1) * (box < 1.2))
-        lead = [(gx - sign * 0.06, gy), (sign * 0.3, gy + 0.04), (sign * 0.12, gy + 0.1), (mx - 0.04, carina - 0.1)] + svc
+        generator = 2.2 * ramp(rounded ** 0.25 - 1.0, 0.1) * (box < 1.2)
+        metal[sub.rows, sub.cols] = np.maximum(metal[sub.rows, sub.cols], generator)
+        lead = [(gx - sign * 0.06, gy), (sign * 0.3, gy + 0.04), (sign * 0.12, gy + 0.1), (mx - 0.04, carina - 0.1)]
+        lead += svc
         atrium = (heart_x - 0.55 * thorax.heart_a, heart_y - 0.12)
         apex_point = (heart_x + 0.55 * thorax.heart_a * math.cos(thorax.patient.heart_tilt),
                       heart_y + 0.55 * thorax.heart_a * math.sin(thorax.patient.heart_tilt))

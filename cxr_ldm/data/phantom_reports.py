@@ -88,7 +88,8 @@ def _complete(name: str, rng: np.random.Generator, forced: Mapping, uncertain_ra
     allowed_keys = {"side", "severity", "certainty", "kind", "devices", "pneumonia"}
     unknown = set(forced) - allowed_keys
     if unknown:
-        raise ValueError(f"findings[{name!r}]: unknown keys {sorted(unknown)}; expected some of {sorted(allowed_keys)}.")
+        raise ValueError(f"findings[{name!r}]: unknown keys {sorted(unknown)}; "
+                         f"expected some of {sorted(allowed_keys)}.")
     mildest_or_free = forced.get("severity", spec.severities[0]) == spec.severities[0]
     uncertain_draw = spec.can_be_uncertain and mildest_or_free and rng.random() < uncertain_rate
     certainty = forced.get("certainty", -1 if uncertain_draw else 1)
@@ -100,7 +101,8 @@ def _complete(name: str, rng: np.random.Generator, forced: Mapping, uncertain_ra
             raise ValueError(f"findings[{name!r}][{key!r}] = {forced[key]!r}; expected one of {options}.")
     severity = forced.get("severity", spec.severities[0] if certainty == -1 else _pick(rng, spec.severities))
     if certainty == -1 and severity != spec.severities[0]:
-        raise ValueError(f"findings[{name!r}]: an uncertain finding is {spec.severities[0]!r}, got severity {severity!r}.")
+        raise ValueError(f"findings[{name!r}]: an uncertain finding is {spec.severities[0]!r}, "
+                         f"got severity {severity!r}.")
     side = forced.get("side", _pick(rng, spec.sides))
     if certainty == -1 and side == "bilateral":
         side = _pick(rng, ("left", "right")) if "side" not in forced else side
@@ -216,7 +218,8 @@ _DEVICE_SENTENCES = {
     "central_line": ("{Side} {route} central venous catheter terminates in the superior vena cava.",
                      "{Side} {route} line tip is in the mid SVC."),
     "pacemaker": ("{Side}-sided dual-chamber pacemaker with leads in the right atrium and right ventricle.",
-                  "{Side} chest wall pacemaker is in place with leads terminating in the right atrium and right ventricle."),
+                  "{Side} chest wall pacemaker is in place with leads terminating in the right atrium and "
+                  "right ventricle."),
     "sternotomy": ("Median sternotomy wires are intact.", "The patient is status post median sternotomy."),
 }
 _DEVICE_IMPRESSIONS = {"et_tube": "endotracheal tube", "ng_tube": "nasogastric tube",
@@ -253,7 +256,8 @@ def _pneumothorax(f: Finding, rng) -> _Statement:
     where = "apical " if f.severity == "small" else ""
     what = f"{f.severity} {f.side} {where}pneumothorax"
     if f.certainty == -1:
-        text = _pick(rng, (f"Possible tiny {f.side} apical pneumothorax.", f"A small {f.side} apical pneumothorax cannot be excluded."))
+        text = _pick(rng, (f"Possible tiny {f.side} apical pneumothorax.",
+                           f"A small {f.side} apical pneumothorax cannot be excluded."))
         return _Statement(text, f"Possible small {f.side} apical pneumothorax.", {"Pneumothorax": -1})
     text = _pick(rng, (f"There is a {what}.", f"{_capital(what)} is seen, with the visceral pleural line visible.",
                        f"A {what} is present."))
@@ -266,7 +270,8 @@ def _consolidation(f: Finding, rng) -> _Statement:
     if f.pneumonia is not None:
         labels["Pneumonia"] = f.pneumonia
     if f.certainty == -1:
-        text = _pick(rng, (f"Possible early consolidation in the {lobe}.", f"Consolidation in the {lobe} cannot be excluded."))
+        text = _pick(rng, (f"Possible early consolidation in the {lobe}.",
+                           f"Consolidation in the {lobe} cannot be excluded."))
         impression = f"Possible {lobe} consolidation."
     else:
         text = _pick(rng, (f"There is consolidation in the {lobe}.", f"Focal consolidation is present in the {lobe}.",
@@ -275,7 +280,8 @@ def _consolidation(f: Finding, rng) -> _Statement:
     if f.pneumonia == 1:
         impression = impression[:-1] + _pick(rng, (", compatible with pneumonia.", ", consistent with pneumonia."))
     elif f.pneumonia == -1:
-        impression = impression[:-1] + _pick(rng, ("; pneumonia cannot be excluded.", ", which may represent pneumonia."))
+        impression = impression[:-1] + _pick(rng, ("; pneumonia cannot be excluded.",
+                                                   ", which may represent pneumonia."))
     return _Statement(text, impression, labels)
 
 
@@ -295,7 +301,8 @@ def _atelectasis(f: Finding, rng) -> _Statement:
 
 def _edema(f: Finding, rng) -> _Statement:
     if f.certainty == -1:
-        text = _pick(rng, ("Possible mild interstitial pulmonary edema.", "Mild interstitial edema cannot be excluded."))
+        text = _pick(rng, ("Possible mild interstitial pulmonary edema.",
+                           "Mild interstitial edema cannot be excluded."))
         return _Statement(text, "Possible mild pulmonary edema.", {"Edema": -1})
     text = {"mild": ("Mild interstitial pulmonary edema with Kerley B lines at the lung bases.",
                      "There is mild pulmonary edema."),
@@ -312,7 +319,8 @@ def _lung_lesion(f: Finding, rng) -> _Statement:
         text = f"Possible nodule in the {zone}; dedicated chest CT is recommended."
         return _Statement(text, f"Possible {zone} nodule.", {"Lung Lesion": -1})
     if f.severity == "small":
-        text = _pick(rng, (f"There is a rounded nodule in the {zone}.", f"A well-circumscribed nodule projects over the {zone}."))
+        text = _pick(rng, (f"There is a rounded nodule in the {zone}.",
+                           f"A well-circumscribed nodule projects over the {zone}."))
         impression = _pick(rng, (f"{_capital(zone)} nodule.", f"{_capital(zone)} nodule; recommend chest CT."))
     else:
         text = _pick(rng, (f"There is a large lobulated mass in the {zone}.", f"A large mass is seen in the {zone}."))
@@ -338,7 +346,8 @@ def _fracture(f: Finding, rng) -> _Statement:
                            f"There are healing fractures of the {f.side} lateral ribs."))
         return _Statement(text, f"{_capital(f.side)} lateral rib fractures.", {"Fracture": 1})
     text = _pick(rng, (f"There is a displaced fracture of the {f.side} mid clavicle.",
-                       f"Acute fracture of the {f.side} clavicular shaft with inferior displacement of the distal fragment."))
+                       f"Acute fracture of the {f.side} clavicular shaft with inferior displacement of the "
+                       "distal fragment."))
     return _Statement(text, f"{_capital(f.side)} clavicle fracture.", {"Fracture": 1})
 
 
@@ -367,7 +376,7 @@ def _negatives(present: set[str], rng) -> list[tuple[str, dict[str, int]]]:
             sentences.append(("No focal consolidation.", {"Consolidation": 0}))
         absent = [name for name in ("Pleural Effusion", "Pneumothorax") if name not in present]
         if absent:
-            listed = " or ".join({"Pleural Effusion": "pleural effusion", "Pneumothorax": "pneumothorax"}[n] for n in absent)
+            listed = " or ".join(name.lower() for name in absent)
             form = _pick(rng, ("No {}.", "There is no {}.", "No {} is seen."))
             sentences.append((form.format(listed), {name: 0 for name in absent}))
     if "Edema" not in present and rng.random() < 0.3:
@@ -381,8 +390,9 @@ def _negatives(present: set[str], rng) -> list[tuple[str, dict[str, int]]]:
     elif rng.random() < 0.5:
         sentences.append(("The mediastinal contours are normal.", {"Enlarged Cardiomediastinum": 0}))
     if "Fracture" not in present:
-        sentences.append(_pick(rng, (("No acute osseous abnormality.", {}), ("No acute fracture is seen.", {"Fracture": 0}),
-                                     ("No displaced rib fracture.", {"Fracture": 0}), ("", {}))))
+        sentences.append(_pick(rng, (("No acute osseous abnormality.", {}), ("", {}),
+                                     ("No acute fracture is seen.", {"Fracture": 0}),
+                                     ("No displaced rib fracture.", {"Fracture": 0}))))
     return [(text, labels) for text, labels in sentences if text]
 
 
@@ -419,7 +429,8 @@ def write_report(seed: int, findings: tuple[Finding, ...]) -> tuple[str, str, di
     body += [text for text, _ in negatives]
     items = [statements[name].impression for name in _IMPRESSION_ORDER if name in statements]
     if not set(by_name) - {"Support Devices"}:
-        normal = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.", "Normal chest radiograph.")
+        normal = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
+                  "Normal chest radiograph.")
         items.append(_pick(rng, normal[:2] if by_name else normal))
     impression = " ".join(items)
     if len(items) > 1 and rng.random() < 0.4:
