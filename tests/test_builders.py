@@ -174,6 +174,8 @@ def test_mimic_cxr_jpg_from_manual_dir(tmp_path, reports_as_zip):
 
 
 def test_mimic_cxr_jpg_incomplete_manual_dir_lists_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv.gz"):
+        prepare("mimic_cxr_jpg", tmp_path / "data", "64")
     manual_dir = tmp_path / "manual"
     _write_mimic_tree(manual_dir, reports_as_zip=True)
     (manual_dir / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()

@@ -29,7 +29,9 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
     """The builder of data set `name` (config `config`, None = default) with its files in `data_dir`.
 
     Builds the array_record files first if they are absent (a no-op otherwise). `name` may also be
-    "name/config". `manual_dir` is where the manual-download data sets (MIMIC-CXR-JPG, Open-i) lie.
+    "name/config". `manual_dir` is where the manual-download data sets (MIMIC-CXR-JPG, Open-i) lie
+    (default: TFDS's `<data_dir>/downloads/manual`). With several processes, build in one of them
+    first: concurrent builds of one data set in one data_dir are not coordinated.
     """
     if "/" in name:
         if config is not None:
@@ -42,6 +44,15 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
     if config is not None and config not in config_names:
         raise ValueError(f"Unknown config {config!r} of {name}; expected one of {config_names}.")
     builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+    if builder.is_prepared():
+        return builder
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        # TFDS's own default place for manual downloads.
+        manual_dir = manual_dir or os.path.join(builder.data_dir_root, "downloads", "manual")
+        if not os.path.isdir(manual_dir):
+            raise FileNotFoundError(f"{name}: manual_dir {manual_dir} does not exist; "
+                                    f"{name} is built from files downloaded by hand.\n"
+                                    f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     download_config = tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else os.fspath(manual_dir))
     builder.download_and_prepare(download_config=download_config)
