@@ -38,10 +38,14 @@ class Checkpointer:
     def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
                  async_save: bool = True, config: Mapping[str, Any] | None = None):
         self.directory = os.path.abspath(directory)
+        self.save_interval_steps = save_interval_steps
         self.config = None if config is None else json.loads(json.dumps(dict(config)))
-        options = ocp.CheckpointManagerOptions(save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-                                               enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(os.path.join(self.directory, "steps"), options=options)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler()}
+        self._manager = ocp.CheckpointManager(os.path.join(self.directory, "steps"), options=options,
+                                              item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -52,13 +56,13 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, data_iterator: Any = None, *, force: bool = False) -> bool:
         """Saves `state` as checkpoint `step` if the interval says so (or `force`); returns whether it did.
         data_iterator: a Grain DataLoader / dataset iterator whose position is saved with the state."""
-        if not force and not self._manager.should_save(step):
+        if not force and step % self.save_interval_steps:
             return False
         items = {"state": ocp.args.StandardSave(_saved_fields(state)),
                  "meta": ocp.args.JsonSave({"config": self.config, "frozen": _signature(state.frozen)})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, target: TrainState, data_iterator: Any = None, step: int | None = None) -> TrainState:
         """The checkpointed state (latest step by default) in the shardings of `target`.

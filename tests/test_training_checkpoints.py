@@ -1,0 +1,130 @@
+"""Orbax checkpoints: exact round trip, resume = uninterrupted run (state, rng, EMA, optimizer and Grain
+iterator position), clear errors on mismatched runs, frozen params saved once, SIGTERM flag."""
+import os
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cxr_ldm.io.checkpoints import Checkpointer, StopSignal
+from cxr_ldm.training import optimizer, sharding, state, steps
+
+
+def _noisy_regression(width=3):
+    """A small step that uses everything a real one does: rng draws, AdamW + warmup/cosine, EMA, frozen."""
+    def loss_fn(trainable, frozen, batch, rng, update_index):
+        del update_index
+        x = batch["x"] + 0.1 * jax.random.normal(rng, batch["x"].shape)
+        return jnp.mean((jnp.tanh(x @ trainable["w"]) @ frozen["v"] - batch["y"]) ** 2), {}
+    config = optimizer.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10)
+    tx = optimizer.make_optimizer(config)
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(0)
+    trainable = {"w": rng.standard_normal((4, width)).astype(np.float32)}
+    frozen = {"v": rng.standard_normal((width, 2)).astype(np.float32)}
+    st, shardings = state.init_train_state(trainable, frozen, tx, jax.random.PRNGKey(1), mesh, use_ema=True)
+    step = steps.make_train_step(loss_fn, tx, mesh, shardings, ema_decay=0.9,
+                                 learning_rate_fn=optimizer.learning_rate_schedule(config))
+    return st, step
+
+
+def _batches():
+    """A Grain iterator of numbered batches {"x": (4, 4), "y": (4, 2)}; its position is checkpointable."""
+    def make(i):
+        rng = np.random.default_rng(int(i))
+        return {"x": rng.standard_normal((4, 4)).astype(np.float32),
+                "y": rng.standard_normal((4, 2)).astype(np.float32)}
+    return iter(grain.MapDataset.range(100).map(make).to_iter_dataset())
+
+
+def _copy(tree):
+    return jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def _run(st, step, data, num_steps, checkpointer=None):
+    losses = []
+    for _ in range(num_steps):
+        st, metrics = step(st, next(data))
+        losses.append(float(metrics["loss"]))
+        if checkpointer is not None:
+            checkpointer.save(int(st.step), st, data)
+    return st, losses
+
+
+def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path):
+    st0, step = _noisy_regression()
+    fresh = _copy(st0)
+    reference_state, reference = _run(_copy(st0), step, _batches(), 6)
+
+    with Checkpointer(str(tmp_path), save_interval_steps=2, max_to_keep=2, config={"width": 3}) as ckpt:
+        _run(st0, step, _batches(), 3, ckpt)  # "preempted" after step 3; last saved step is 2
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [2]
+    with Checkpointer(str(tmp_path), save_interval_steps=2, max_to_keep=2, config={"width": 3}) as ckpt:
+        data = _batches()
+        resumed = ckpt.restore(fresh, data)
+        assert int(resumed.step) == 2
+        resumed_state, losses = _run(resumed, step, data, 4, ckpt)
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [4, 6]
+    assert losses == reference[2:]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, resumed_state),
+                           jax.tree_util.tree_map(np.asarray, reference_state))
+
+
+def test_restore_is_an_exact_round_trip_in_the_target_shardings(tmp_path):
+    st, step = _noisy_regression()
+    st, _ = _run(st, step, _batches(), 3)
+    with Checkpointer(str(tmp_path), async_save=True) as ckpt:
+        assert ckpt.save(3, st, force=True)
+        ckpt.wait_until_finished()
+        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st)
+        restored = ckpt.restore(target.replace(frozen=st.frozen))
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(st)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding == b.sharding and a.dtype == b.dtype
+
+
+def test_mismatched_checkpoints_raise_naming_what_differs(tmp_path):
+    st, _ = _noisy_regression(width=3)
+    with Checkpointer(str(tmp_path), config={"width": 3}) as ckpt:
+        ckpt.save(0, st, force=True)
+        ckpt.wait_until_finished()
+    with Checkpointer(str(tmp_path), config={"width": 5}) as ckpt:
+        with pytest.raises(ValueError, match=r"width: checkpoint 3, now 5"):
+            ckpt.restore(st)
+    other, _ = _noisy_regression(width=5)
+    with Checkpointer(str(tmp_path)) as ckpt:
+        with pytest.raises(ValueError, match=r"item 'frozen': v is float32\(3, 2\) in the checkpoint.*\(5, 2\)"):
+            ckpt.restore(other)
+        with pytest.raises(ValueError, match=r"item 'state': (ema|trainable)/w is float32\(4, 3\).*\(4, 5\)"):
+            ckpt.restore(other.replace(frozen=st.frozen))
+        with pytest.raises(ValueError, match="no 'data' item"):
+            ckpt.restore(st, _batches())
+
+
+def test_frozen_params_are_written_once_and_restored(tmp_path):
+    st, _ = _noisy_regression()
+    with Checkpointer(str(tmp_path)) as ckpt:
+        assert not ckpt.has_frozen()
+        ckpt.save_frozen(st.frozen)
+        ckpt.save_frozen({"v": jnp.zeros((3, 2))})  # already there: not rewritten
+        restored = ckpt.restore_frozen(st.frozen)
+    np.testing.assert_array_equal(np.asarray(restored["v"]), np.asarray(st.frozen["v"]))
+    assert restored["v"].sharding == st.frozen["v"].sharding
+
+
+def test_sigterm_sets_the_stop_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopSignal()
+    try:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == before
