@@ -179,8 +179,10 @@ def test_uncertain_findings_are_hedged_mildest_and_labelled_minus_one():
     study = phantom.generate(7, 32, {"Pleural Effusion": {"side": "left", "certainty": -1}})
     assert study["labels"]["Pleural Effusion"] == -1 and study["severity"]["Pleural Effusion"] == "small"
     assert "possible" in study["prompt"].lower() or "cannot be excluded" in study["report"]
-    with pytest.raises(ValueError, match="uncertain"):
+    with pytest.raises(ValueError, match="certainty"):
         phantom.generate(7, 32, {"Pleural Effusion": {"severity": "large", "certainty": -1}})
+    with pytest.raises(ValueError, match="certainty"):
+        phantom.generate(7, 32, {"Support Devices": {"certainty": -1}})
 
 
 def test_pneumonia_alias_and_normal_study():
@@ -252,6 +254,8 @@ def test_reports_state_their_labels():
     ({"Cardiomegalie": None}, "unknown names"),
     ({"Support Devices": {"devices": ["toaster"]}}, "devices"),
     ({"No Finding": None, "Edema": None}, "No Finding"),
+    ({"Edema": {"pneumonia": 1}}, "unknown keys"),
+    ({"Support Devices": {"devices": ["et_tube"], "kind": "jugular"}}, "central_line"),
 ])
 def test_invalid_findings_raise_clear_errors(findings, message):
     with pytest.raises(ValueError, match=message):

@@ -85,37 +85,35 @@ def _pick(rng: np.random.Generator, options: tuple):
 def _complete(name: str, rng: np.random.Generator, forced: Mapping, uncertain_rate: float) -> Finding:
     """A Finding with the `forced` fields and the others drawn from `rng`. Raises on invalid values."""
     spec = FINDING_SPECS[name]
-    allowed_keys = {"side", "severity", "certainty", "kind", "devices", "pneumonia"}
+    allowed_keys = {"side", "severity", "certainty", "kind"} | {
+        "Support Devices": {"devices"}, "Consolidation": {"pneumonia"}}.get(name, set())
     unknown = set(forced) - allowed_keys
     if unknown:
         raise ValueError(f"findings[{name!r}]: unknown keys {sorted(unknown)}; "
                          f"expected some of {sorted(allowed_keys)}.")
-    mildest_or_free = forced.get("severity", spec.severities[0]) == spec.severities[0]
-    uncertain_draw = spec.can_be_uncertain and mildest_or_free and rng.random() < uncertain_rate
-    certainty = forced.get("certainty", -1 if uncertain_draw else 1)
-    if certainty not in (1, -1) or (certainty == -1 and not spec.can_be_uncertain):
-        raise ValueError(f"findings[{name!r}]['certainty'] = {certainty!r}; expected 1"
-                         + (" or -1." if spec.can_be_uncertain else " (this finding is never uncertain)."))
     for key, options in (("side", spec.sides), ("severity", spec.severities), ("kind", spec.kinds)):
         if key in forced and forced[key] not in options:
             raise ValueError(f"findings[{name!r}][{key!r}] = {forced[key]!r}; expected one of {options}.")
-    severity = forced.get("severity", spec.severities[0] if certainty == -1 else _pick(rng, spec.severities))
-    if certainty == -1 and severity != spec.severities[0]:
-        raise ValueError(f"findings[{name!r}]: an uncertain finding is {spec.severities[0]!r}, "
-                         f"got severity {severity!r}.")
+    mildest = spec.severities[0]
+    may_hedge = (spec.can_be_uncertain and forced.get("severity", mildest) == mildest
+                 and forced.get("kind") != "clavicle")
+    certainty = forced.get("certainty", -1 if may_hedge and rng.random() < uncertain_rate else 1)
+    if certainty not in (1, -1) or (certainty == -1 and not may_hedge):
+        raise ValueError(f"findings[{name!r}]['certainty'] = {certainty!r}; expected 1, or -1 for a finding that "
+                         f"can be uncertain at its mildest grade {mildest!r} (not a clavicle fracture).")
+    severity = forced.get("severity", mildest if certainty == -1 else _pick(rng, spec.severities))
     side = forced.get("side", _pick(rng, spec.sides))
-    if certainty == -1 and side == "bilateral":
-        side = _pick(rng, ("left", "right")) if "side" not in forced else side
-    kind = forced.get("kind", _pick(rng, spec.kinds))
-    if name == "Fracture" and certainty == -1:
-        kind = "rib"
+    kind = forced.get("kind", "rib" if name == "Fracture" and certainty == -1 else _pick(rng, spec.kinds))
     devices: tuple[str, ...] = ()
     pneumonia = None
     if name == "Support Devices":
         devices, side = _complete_devices(rng, forced)
-        kind = kind if "central_line" in devices else None
+        if "central_line" not in devices:
+            if "kind" in forced:
+                raise ValueError(f"findings['Support Devices']['kind'] = {forced['kind']!r} needs a central_line.")
+            kind = None
     if name == "Consolidation":
-        pneumonia = forced.get("pneumonia", _pick(rng, (1, 1, -1, None)) if certainty == 1 else _pick(rng, (-1, None)))
+        pneumonia = forced.get("pneumonia", _pick(rng, (1, 1, -1, None) if certainty == 1 else (-1, None)))
         if pneumonia not in (1, -1, None):
             raise ValueError(f"findings['Consolidation']['pneumonia'] = {pneumonia!r}; expected 1, -1 or None.")
     return Finding(name, side, severity, certainty, kind, devices, pneumonia)
