@@ -1,0 +1,215 @@
+"""Text-to-image `Pipeline`: tokenizer + CLIP text encoder + UNet + VAE + sampler -> images.
+
+    pipe = Pipeline.from_pretrained("dir")      # diffusers StableDiffusionPipeline folder or train.py workdir
+    images = pipe(["Large right pleural effusion."], num_inference_steps=50, guidance_scale=4.0)
+    # float32 (B, H, W, C) in [0, 1]
+
+Text encoding, the whole sampling loop and the VAE decode run in one `jax.jit`, compiled once per
+(batch, resolution, steps, sampler, guidance on/off) and reused. Batches are sharded over all local
+devices when the batch divides evenly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cxr_ldm.data.tokenizer import load_tokenizer, tokenize
+from cxr_ldm.diffusion import samplers
+from cxr_ldm.diffusion.schedules import SchedulerConfig
+from cxr_ldm.io.components import load_component, save_component
+from cxr_ldm.io.weights import write_json
+
+SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
+EXPORT_DIRNAME = "pipeline"  # where train.py writes the diffusers-format export inside a workdir
+
+
+def _resolve_folder(path: Path) -> Path:
+    """A diffusers pipeline folder, or a train.py workdir holding one under `pipeline/`."""
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / EXPORT_DIRNAME / "model_index.json").is_file():
+        return path / EXPORT_DIRNAME
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    raise FileNotFoundError(
+        f"{path} is neither a diffusers pipeline folder (no model_index.json) nor a finished train.py "
+        f"workdir (no {EXPORT_DIRNAME}/model_index.json; run train.py to the end of the ldm stage)")
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A loaded text-to-image model. Params are pytrees of arrays; modules are Flax linen modules."""
+
+    unet: Any
+    unet_params: Any
+    vae: Any
+    vae_params: Any
+    text_encoder: Any
+    text_encoder_params: Any
+    tokenizer: Any
+    scheduler: SchedulerConfig
+    scheduler_class: str = "DDIMScheduler"
+    scheduler_file: dict | None = None  # the scheduler_config.json read, written back unchanged on save
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None) -> "Pipeline":
+        """Loads a diffusers `StableDiffusionPipeline` folder (or a train.py workdir's export).
+
+        Args:
+          path: folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+          dtype: compute dtype of the modules (None: float32; bfloat16 on accelerators is typical).
+        """
+        folder = _resolve_folder(Path(path))
+        for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if not (folder / sub).is_dir():
+                raise FileNotFoundError(f"pipeline folder {folder} lacks the {sub}/ component")
+        unet, unet_params = load_component(folder / "unet", dtype=dtype)
+        vae, vae_params = load_component(folder / "vae", dtype=dtype)
+        text_encoder, text_params = load_component(folder / "text_encoder", dtype=dtype)
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        raw = json.loads(scheduler_file.read_text())
+        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params,
+                   load_tokenizer(folder / "tokenizer"),
+                   SchedulerConfig.from_dict(raw, source=str(scheduler_file)),
+                   raw.get("_class_name", "DDIMScheduler"), raw)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Writes a diffusers `StableDiffusionPipeline` folder (loadable by diffusers unchanged)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_component(self.unet, self.unet_params, path / "unet")
+        save_component(self.vae, self.vae_params, path / "vae")
+        save_component(self.text_encoder, self.text_encoder_params, path / "text_encoder")
+        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        (path / "scheduler").mkdir(exist_ok=True)
+        write_json(path / "scheduler" / "scheduler_config.json", self.scheduler_file or
+                   {"_class_name": self.scheduler_class, **self.scheduler.to_dict()})
+        none = [None, None]
+        write_json(path / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.36.0",
+            "feature_extractor": none, "image_encoder": none, "safety_checker": none,
+            "requires_safety_checker": False,
+            "scheduler": ["diffusers", self.scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale
+
+    def encode_text(self, prompts: Sequence[str]) -> jax.Array:
+        """Prompts -> text encoder states (B, 77, D)."""
+        ids = tokenize(self.tokenizer, list(prompts))
+        return self.text_encoder.apply({"params": self.text_encoder_params}, jnp.asarray(ids))
+
+    def __call__(self, prompts: str | Sequence[str], num_inference_steps: int = 50,
+                 guidance_scale: float = 4.0, negative_prompt: str | Sequence[str] | None = None,
+                 sampler: str = "ddim", eta: float = 0.0, seed: int | Sequence[int] = 0, latents: Any = None,
+                 height: int | None = None, width: int | None = None) -> np.ndarray:
+        """Generates one image per prompt.
+
+        Args:
+          prompts: a prompt or a list of B prompts.
+          guidance_scale: classifier-free guidance scale; <= 1 disables guidance (one UNet pass).
+          negative_prompt: the unconditional prompt(s); None means "".
+          sampler: "ddim", "dpmpp_2m" or "ddpm".
+          eta: DDIM noise (0 = deterministic).
+          seed: image i starts from the noise of seed + i (or of seed[i] for a list), so an image is
+            reproducible alone; DDPM / eta > 0 sampler noise is drawn per batch from the first seed.
+          latents: optional initial noise (B, h, w, C) (NHWC), e.g. to reproduce another run.
+        Returns:
+          float32 numpy (B, H, W, C) in [0, 1].
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negative = [negative_prompt or ""] * len(prompts)
+        elif len(negative_prompt) != len(prompts):
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+        else:
+            negative = list(negative_prompt)
+        height, width = height or self.default_size(), width or self.default_size()
+        if height % self.vae_scale or width % self.vae_scale:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale}, got {height}x{width}")
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if latents is None:
+            latents = self.initial_latents(seeds, height, width)
+        shape = (len(prompts), height // self.vae_scale, width // self.vae_scale, self.latent_channels)
+        if tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must have shape {shape} (NHWC), got {np.shape(latents)}")
+        sample_key = jax.random.fold_in(jax.random.key(seeds[0]), 1)
+        ids = tokenize(self.tokenizer, prompts)
+        neg_ids = tokenize(self.tokenizer, negative)
+        args = _shard_batch((jnp.asarray(ids), jnp.asarray(neg_ids), jnp.asarray(latents, jnp.float32)))
+        images = _generate(self, self._params(), *args, sample_key, jnp.float32(guidance_scale),
+                           num_inference_steps=num_inference_steps, use_cfg=guidance_scale > 1.0,
+                           sampler=sampler, eta=float(eta))
+        return np.asarray(images, dtype=np.float32)
+
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
+        """Standard normal latents (B, height/f, width/f, C), one independent draw per seed."""
+        shape = (height // self.vae_scale, width // self.vae_scale, self.latent_channels)
+        return np.stack([np.asarray(jax.random.normal(jax.random.key(s), shape, jnp.float32)) for s in seeds])
+
+    def _params(self) -> dict:
+        return {"unet": self.unet_params, "vae": self.vae_params, "text": self.text_encoder_params}
+
+    def __hash__(self) -> int:  # static argument of the jitted generator: modules + scheduler only
+        return hash((self.unet, self.vae, self.text_encoder, self.scheduler))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Pipeline) and (self.unet, self.vae, self.text_encoder, self.scheduler) == (
+            other.unet, other.vae, other.text_encoder, other.scheduler)
+
+
+def _shard_batch(arrays: tuple) -> tuple:
+    """Shards the batch axis over local devices when it divides evenly; else leaves arrays as they are."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or arrays[0].shape[0] % len(devices):
+        return arrays
+    sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), PartitionSpec("batch"))
+    return tuple(jax.device_put(a, sharding) for a in arrays)
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("num_inference_steps", "use_cfg", "sampler", "eta"))
+def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, latents: jax.Array,
+              rng: jax.Array, guidance_scale: jax.Array, *, num_inference_steps: int, use_cfg: bool,
+              sampler: str, eta: float) -> jax.Array:
+    """ids, neg_ids: int32 (B, 77); latents: (B, h, w, C) -> images (B, H, W, C_img) in [0, 1].
+
+    Guidance runs (diffusers' rule) when `use_cfg` (guidance_scale > 1); the scale itself is traced,
+    so changing it does not recompile."""
+    encode = lambda x: pipe.text_encoder.apply({"params": params["text"]}, x)
+    unet = lambda x, t, states: pipe.unet.apply({"params": params["unet"]}, x, t, states)
+    cond = encode(ids)
+    uncond = encode(neg_ids) if use_cfg else None
+    denoise = samplers.guided_denoise_fn(unet, cond, uncond, guidance_scale)
+    latents = samplers.sample(denoise, latents, pipe.scheduler, num_inference_steps=num_inference_steps,
+                              sampler=sampler, eta=eta, rng=rng)
+    decoded = pipe.vae.apply({"params": params["vae"]}, latents / pipe.vae.config.scaling_factor,
+                             method=pipe.vae.decode)
+    return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
