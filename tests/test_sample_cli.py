@@ -1,0 +1,161 @@
+"""sample.py: files, PNG metadata, bit depth, per-image seeds and errors, on a tiny random pipeline folder."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from cxr_ldm.data.tokenizer import load_tokenizer  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ("moderate left pleural effusion.", "no acute cardiopulmonary process.")
+NUM_IMAGES, SEED = 2, 10
+
+
+def _load_sample_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", REPO_ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_cli = _load_sample_cli()
+
+
+def save_tiny_pipeline(folder: Path) -> Path:
+    """Writes a random diffusers StableDiffusionPipeline with a 1-channel VAE (16x16 px, latents 8x8x4)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = diffusers.AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+        norm_num_groups=8, sample_size=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=16))
+    with torch.no_grad():  # diffusers zero-initialises output layers; make the prompt and the noise matter
+        for model in (unet, vae, text_encoder):
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+
+
+def _run(checkpoint: Path, out: Path, *extra: str) -> Path:
+    assert sample_cli.main(["--checkpoint", str(checkpoint), "--steps", "3", "--bits", "16",
+                            "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(checkpoint, tmp_path_factory) -> Path:
+    """Prompt 0 from --prompt, prompt 1 from --prompts-file; batches of 3 then 1 (a remainder batch)."""
+    prompts_file = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    prompts_file.write_text(f"\n{PROMPTS[1]}\n\n")  # blank lines are skipped
+    return _run(checkpoint, tmp_path_factory.mktemp("run") / "samples", "--prompt", PROMPTS[0],
+                "--prompts-file", str(prompts_file), "--num-images", str(NUM_IMAGES), "--seed", str(SEED),
+                "--batch-size", "3", "--grid")
+
+
+def _expected_stems() -> dict[str, tuple[str, int]]:
+    """File stem -> (prompt, seed): image j of prompt i has seed SEED + i * NUM_IMAGES + j."""
+    stems = {}
+    for i, prompt in enumerate(PROMPTS):
+        for j in range(NUM_IMAGES):
+            seed = SEED + i * NUM_IMAGES + j
+            stems[f"{i:04d}_{seed}"] = (prompt, seed)
+    return stems
+
+
+def _png_bit_depth(path: Path) -> int:
+    """Bit depth from the IHDR chunk (signature 8 bytes, length 4, type 4, width 4, height 4, depth 1)."""
+    header = path.read_bytes()[:25]
+    assert header[12:16] == b"IHDR"
+    return struct.unpack(">B", header[24:25])[0]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image).astype(np.int64)
+
+
+def test_writes_pngs_sidecars_and_grid(full_run, checkpoint):
+    expected = _expected_stems()
+    assert sorted(p.name for p in full_run.iterdir()) == sorted(
+        [f"{s}.png" for s in expected] + [f"{s}.json" for s in expected] + ["grid.png"])
+    for stem, (prompt, seed) in expected.items():
+        sidecar = json.loads((full_run / f"{stem}.json").read_text())
+        assert sidecar == {"prompt": prompt, "negative_prompt": "", "seed": seed, "sampler": "ddim",
+                           "steps": 3, "guidance": 4.0, "eta": 0.0, "checkpoint": str(checkpoint.resolve())}
+        with Image.open(full_run / f"{stem}.png") as image:
+            assert image.text == {key: str(value) for key, value in sidecar.items()}
+            assert image.size == (16, 16)
+        assert _png_bit_depth(full_run / f"{stem}.png") == 16
+    pixels = [_pixels(full_run / f"{stem}.png") for stem in expected]
+    assert all(np.ptp(p) > 1000 for p in pixels)  # images, not flat fields
+    assert min(np.abs(a - b).max() for k, a in enumerate(pixels) for b in pixels[k + 1:]) > 1000
+    with Image.open(full_run / "grid.png") as grid:
+        assert grid.mode == "RGB"
+        assert grid.width >= NUM_IMAGES * 16 and grid.height >= len(PROMPTS) * 16
+
+
+def test_same_seed_gives_identical_pixels(full_run, checkpoint, tmp_path):
+    again = _run(checkpoint, tmp_path / "again", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                 "--num-images", str(NUM_IMAGES), "--seed", str(SEED), "--batch-size", "3")
+    for stem in _expected_stems():
+        np.testing.assert_array_equal(_pixels(again / f"{stem}.png"), _pixels(full_run / f"{stem}.png"))
+
+
+@pytest.mark.parametrize("prompt_index,image_index", [(1, 1), (0, 1)])
+def test_one_image_is_reproduced_alone_by_its_seed(full_run, checkpoint, tmp_path, prompt_index, image_index):
+    seed = SEED + prompt_index * NUM_IMAGES + image_index
+    alone = _run(checkpoint, tmp_path / "alone", "--prompt", PROMPTS[prompt_index], "--seed", str(seed))
+    got = _pixels(alone / f"0000_{seed}.png")
+    want = _pixels(full_run / f"{prompt_index:04d}_{seed}.png")
+    if prompt_index == 1 and image_index == 1:  # it was the remainder batch of one: same computation
+        np.testing.assert_array_equal(got, want)
+    else:  # it was sampled in a batch of 3: batch size changes float rounding only (5e-4 of full scale)
+        assert np.abs(got - want).max() <= 0.0005 * 65535
+    neighbour = _pixels(full_run / f"{prompt_index:04d}_{seed - 1}.png")
+    assert np.abs(got - neighbour).max() > 1000  # the seed matters: the check is not vacuous
+
+
+def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit, match=r"cannot load checkpoint .*nowhere.*does not exist"):
+        sample_cli.main(["--checkpoint", str(missing), "--prompt", "x", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="model_index.json"):
+        sample_cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_prompts_is_a_clear_error(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="--prompt or --prompts-file"):
+        sample_cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(SystemExit, match="--prompt or --prompts-file"):
+        sample_cli.main(["--checkpoint", str(checkpoint), "--prompts-file", str(empty)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        sample_cli.main(["--checkpoint", str(checkpoint), "--prompts-file", str(tmp_path / "absent.txt")])
