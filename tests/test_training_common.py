@@ -73,9 +73,10 @@ def alphas_cumprod():
                                                   beta_end=0.012))
 
 
-def build(mode: str = "unet", data: int | None = None, fsdp: int = 1, ema: bool = True,
-          grad_accum_steps: int = 1, learning_rate: float = 1e-3, seed: int = 0):
-    """(models, finetune config, mesh, state, state_shardings, step) for a tiny LDM run."""
+def build(mode: str = "unet", data: int | None = None, fsdp: int = 1, num_devices: int | None = None,
+          ema: bool = True, grad_accum_steps: int = 1, learning_rate: float = 1e-3, seed: int = 0):
+    """(models, finetune config, mesh, state, state_shardings, step) for a tiny LDM run on the first
+    `num_devices` devices (all by default)."""
     models = tiny_models()
     ft = finetune.FinetuneConfig(mode=mode, lora_rank=2, lora_alpha=4.0, lora_text_encoder=True)
     params = tiny_params(models, seed)
@@ -85,7 +86,7 @@ def build(mode: str = "unet", data: int | None = None, fsdp: int = 1, ema: bool 
     trainable, frozen = finetune.split_params(ft, params, rng=jax.random.PRNGKey(7), init_token_ids=init_ids)
     opt_config = optimizer.OptimizerConfig(learning_rate=learning_rate, warmup_steps=2, total_steps=20)
     tx = optimizer.make_optimizer(opt_config)
-    mesh = sharding.make_mesh(data, fsdp)
+    mesh = sharding.make_mesh(data, fsdp, jax.devices()[:num_devices])
     train_state, shardings = state.init_train_state(trainable, frozen, tx, jax.random.PRNGKey(seed), mesh,
                                                     use_ema=ema, min_fsdp_size=256)
     step = steps.make_ldm_train_step(models, ft, steps.LDMLossConfig(), alphas_cumprod(), tx, mesh, shardings,
@@ -109,28 +110,35 @@ def run_steps(num_steps: int, **build_options) -> dict:
     return {"losses": losses, "trainable": jax.tree_util.tree_map(np.asarray, trainable)}
 
 
-def run_worker(options: dict, devices: int = 8, env: dict | None = None, timeout: float = 300) -> dict:
-    """Runs `run_steps(**options)` in a fresh Python with `devices` simulated CPU devices; returns its
-    result (losses, flattened trainable leaves as lists)."""
-    cmd = [sys.executable, os.path.abspath(__file__), json.dumps(options)]
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **(env or {})}
-    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if out.returncode:
-        raise RuntimeError(f"worker failed ({out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_worker(runs: list[dict], devices: int = 8, distributed: dict | None = None) -> subprocess.Popen:
+    """Starts `run_steps(**options)` for each options dict of `runs` in a fresh Python with `devices`
+    simulated CPU devices (optionally as one process of a jax.distributed job); returns the Popen whose
+    last stdout line is the JSON list of results (losses, flattened trainable leaves)."""
+    cmd = [sys.executable, os.path.abspath(__file__), json.dumps({"runs": runs, "distributed": distributed})]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _worker_main(options: dict) -> None:
-    distributed = options.pop("distributed", None)
+def worker_results(process: subprocess.Popen, timeout: float = 900) -> list[dict]:
+    out, err = process.communicate(timeout=timeout)
+    if process.returncode:
+        raise RuntimeError(f"worker failed ({process.returncode}):\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _worker_main(job: dict) -> None:
+    distributed = job["distributed"]
     if distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=distributed["address"],
                                    num_processes=distributed["num_processes"], process_id=distributed["process_id"])
-    result = run_steps(**options)
-    leaves = jax.tree_util.tree_leaves(result["trainable"])
-    print(json.dumps({"losses": result["losses"], "leaves": [leaf.ravel().tolist() for leaf in leaves],
-                      "devices": jax.device_count(), "processes": jax.process_count()}))
+    results = []
+    for options in job["runs"]:
+        result = run_steps(**options)
+        results.append({"losses": result["losses"], "devices": jax.device_count(),
+                        "leaves": [leaf.ravel().tolist() for leaf in jax.tree_util.tree_leaves(result["trainable"])]})
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
