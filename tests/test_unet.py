@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -207,3 +209,20 @@ def test_unknown_key_warns_and_bookkeeping_is_silent():
                                   resnet_skip_time_act=False))
     with pytest.warns(UserWarning, match="my/config.json: .*'frobnicate'"):
         UNetConfig.from_dict(dict(CONFIGS["sd1"], frobnicate=1), source="my/config.json")
+
+
+def _full_size_benchmark():
+    """benchmarks/full_size_unet.py, which holds the SD 1.5 / SD 2.1 UNet configs."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "full_size_unet.py"
+    spec = importlib.util.spec_from_file_location("full_size_unet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_parameter_counts(name):
+    bench = _full_size_benchmark()
+    ours = bench.flax_param_count(bench.MODELS[name])  # jax.eval_shape: nothing is allocated
+    assert ours == bench.diffusers_param_count(bench.MODELS[name]) == bench.EXPECTED_PARAMS[name]
