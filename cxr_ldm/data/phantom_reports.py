@@ -206,7 +206,7 @@ _LOBE = {("right", "upper"): "right upper lobe", ("right", "middle"): "right mid
          ("left", "middle"): "lingula", ("left", "lower"): "left lower lobe",
          ("bilateral", "upper"): "bilateral upper lobes", ("bilateral", "middle"): "right middle lobe and lingula",
          ("bilateral", "lower"): "bilateral lower lobes"}
-_ZONE = {"upper": ("upper lobe", "upper lung"), "mid": ("mid lung", "perihilar region"),
+_ZONE = {"upper": ("upper lobe", "upper lung"), "mid": ("mid lung", "mid lung zone"),
          "lower": ("lower lobe", "lung base")}
 _DEVICE_SENTENCES = {
     "et_tube": ("Endotracheal tube terminates approximately {cm} cm above the carina.",
