@@ -1,7 +1,8 @@
 """Text-to-image sampling time: cxr_ldm.Pipeline (JAX) against diffusers' StableDiffusionPipeline (PyTorch).
 
-    python -m benchmarks.sampling                          # small config, batches 4 and 8, 50 DDIM steps
-    python -m benchmarks.sampling --batch 4 --repeats 5 --threads 2 --json sampling.json
+    python benchmarks/sampling.py                          # small config, batches 4 and 8, 50 DDIM steps
+    python benchmarks/sampling.py --batch 4 --repeats 5 --threads 2 --json sampling.json
+    python benchmarks/sampling.py --config tiny --steps 3 --batch 2 --repeats 1   # smoke run
 
 Both sides load the same random diffusers pipeline folder (built here, saved to a temporary directory),
 sample the same prompts from the same initial latents with DDIM and classifier-free guidance, and
@@ -30,9 +31,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 # Model sizes. "small" is the benchmark's config; "tiny" is a quick smoke run.
 CONFIGS = {
