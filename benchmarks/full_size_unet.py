@@ -81,9 +81,11 @@ def _timed(fn, iters: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def run_forward(name: str, dtype_name: str, batch: int, latent: int, iters: int, attention_impl: str | None) -> dict:
-    """Random diffusers UNet -> Flax params; times one forward pass of each; returns a result row.
+def run_model(name: str, variants: list[tuple[str, str | None]], batch: int, latent: int, iters: int) -> list[dict]:
+    """Times a random diffusers UNet and its conversion on the same inputs; one result row per variant.
 
+    Args:
+      variants: (dtype name, jax attention implementation) pairs; diffusers runs once per dtype.
     PyTorch runs first and its model is freed before the Flax params are made, so at most two copies
     of the weights are alive at once.
     """
@@ -100,45 +102,64 @@ def run_forward(name: str, dtype_name: str, batch: int, latent: int, iters: int,
     timesteps = rng.integers(0, 1000, batch).astype(np.int32)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     with torch.device(device):
         model = TorchUNet.from_config(config).eval()
     state = {k: v.float().cpu().numpy() for k, v in model.state_dict().items()}
-    if torch_dtype != torch.float32:
-        model = model.to(torch_dtype)
-    tx = torch.from_numpy(sample.transpose(0, 3, 1, 2)).to(device, torch_dtype)
-    tc, tt = torch.from_numpy(context).to(device, torch_dtype), torch.from_numpy(timesteps).to(device)
+    reference = {}  # dtype name -> (first-call seconds, median seconds, output NHWC float32)
+    for dtype_name in dict.fromkeys(d for d, _ in variants):  # float32 before bfloat16: .to() casts in place
+        model = model.to(getattr(torch, dtype_name))
+        tx = torch.from_numpy(sample.transpose(0, 3, 1, 2)).to(device, getattr(torch, dtype_name))
+        tc = torch.from_numpy(context).to(device, getattr(torch, dtype_name))
+        tt = torch.from_numpy(timesteps).to(device)
 
-    def torch_forward():
-        with torch.inference_mode():
-            out = model(tx, tt, tc).sample
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
+        def torch_forward():
+            with torch.inference_mode():
+                out = model(tx, tt, tc).sample
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
 
-    torch_first, torch_step = _timed(torch_forward, iters)
-    ref = torch_forward().float().cpu().numpy().transpose(0, 2, 3, 1)
+        first, step = _timed(torch_forward, iters)
+        reference[dtype_name] = (first, step, torch_forward().float().cpu().numpy().transpose(0, 2, 3, 1))
     del model, tx, tc, tt
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    jax_dtype = jnp.dtype(dtype_name)
-    module = UNet2DConditionModel(cfg, dtype=jax_dtype, param_dtype=jax_dtype, attention_impl=attention_impl)
+    module = UNet2DConditionModel(cfg)
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(cfg)))["params"]
-    params = convert.state_dict_to_params(state, abstract, dtype=jax_dtype, source=name)
+    params32 = jax.device_put(convert.state_dict_to_params(state, abstract, source=name))
     del state
-    params = jax.device_put(params)
-    x, c, t = (jax.device_put(a) for a in (sample.astype(jax_dtype), context.astype(jax_dtype), timesteps))
-    forward = jax.jit(module.apply)
-    with jax.default_matmul_precision("highest" if dtype_name == "float32" else "default"):
-        ours_first, ours_step = _timed(lambda: forward({"params": params}, x, t, c).block_until_ready(), iters)
-        ours = np.asarray(forward({"params": params}, x, t, c), np.float32)
-    return {"model": name, "dtype": dtype_name, "device": str(jax.devices()[0].device_kind), "batch": batch,
-            "latent": latent, "ours_compile_s": ours_first, "ours_ms": 1e3 * ours_step,
-            "diffusers_first_s": torch_first, "diffusers_ms": 1e3 * torch_step,
-            "max_abs_err": float(np.abs(ours - ref).max()), "max_abs_ref": float(np.abs(ref).max())}
+    rows = []
+    for dtype_name, impl in variants:
+        dtype = jnp.dtype(dtype_name)
+        module = UNet2DConditionModel(cfg, dtype=dtype, param_dtype=dtype, attention_impl=impl)
+        params = jax.tree.map(lambda p: p.astype(dtype), params32)
+        x, c, t = (jax.device_put(a) for a in (sample.astype(dtype), context.astype(dtype), timesteps))
+        forward = jax.jit(module.apply)
+        with jax.default_matmul_precision("highest" if dtype_name == "float32" else "default"):
+            first, step = _timed(lambda: forward({"params": params}, x, t, c).block_until_ready(), iters)
+            ours = np.asarray(forward({"params": params}, x, t, c), np.float32)
+        del params
+        torch_first, torch_step, ref = reference[dtype_name]
+        rows.append({"model": name, "dtype": dtype_name, "attention": impl or "xla",
+                     "device": str(jax.devices()[0].device_kind), "batch": batch, "latent": latent,
+                     "ours_compile_s": first, "ours_ms": 1e3 * step, "diffusers_first_s": torch_first,
+                     "diffusers_ms": 1e3 * torch_step, "max_abs_err": float(np.abs(ours - ref).max()),
+                     "max_abs_ref": float(np.abs(ref).max())})
+        _print_row(rows[-1])
+    return rows
+
+
+_HEADER = (f"{'model':6} {'dtype':9} {'attention':9} {'device':20} {'batch':>5} {'latent':>6} {'compile s':>9} "
+           f"{'ours ms':>9} {'diffusers ms':>12} {'speedup':>7} {'max|err|':>9} {'max|ref|':>9}")
+
+
+def _print_row(r: dict) -> None:
+    print(f"{r['model']:6} {r['dtype']:9} {r['attention']:9} {r['device'][:20]:20} {r['batch']:>5} {r['latent']:>6} "
+          f"{r['ours_compile_s']:>9.1f} {r['ours_ms']:>9.1f} {r['diffusers_ms']:>12.1f} "
+          f"{r['diffusers_ms'] / r['ours_ms']:>7.2f} {r['max_abs_err']:>9.2e} {r['max_abs_ref']:>9.2e}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -148,7 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="latents per forward pass (2 = one CFG pair)")
     parser.add_argument("--latent", type=int, default=64, help="latent height and width")
     parser.add_argument("--iters", type=int, default=10, help="timed forward passes after the first")
-    parser.add_argument("--attention-impl", default=None, help="jax.nn.dot_product_attention implementation")
+    parser.add_argument("--attention", nargs="+", choices=("xla", "cudnn"), default=["xla"],
+                        help="jax.nn.dot_product_attention implementations to time (cudnn: GPU, bfloat16 only)")
     parser.add_argument("--counts-only", action="store_true", help="check parameter counts and stop")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -164,17 +186,10 @@ def main(argv=None) -> int:
 
     rows = []
     if not args.counts_only:
-        header = (f"\n{'model':6} {'dtype':9} {'device':22} {'batch':>5} {'latent':>6} {'compile s':>9} "
-                  f"{'ours ms':>9} {'diffusers ms':>12} {'speedup':>7} {'max|err|':>9} {'max|ref|':>9}")
-        print(header, flush=True)
+        variants = [(d, a) for d in args.dtypes for a in args.attention if not (a == "cudnn" and d == "float32")]
+        print("\n" + _HEADER, flush=True)
         for name in args.models:
-            for dtype_name in args.dtypes:
-                r = run_forward(name, dtype_name, args.batch, args.latent, args.iters, args.attention_impl)
-                rows.append(r)
-                print(f"{r['model']:6} {r['dtype']:9} {r['device'][:22]:22} {r['batch']:>5} {r['latent']:>6} "
-                      f"{r['ours_compile_s']:>9.1f} {r['ours_ms']:>9.1f} {r['diffusers_ms']:>12.1f} "
-                      f"{r['diffusers_ms'] / r['ours_ms']:>7.2f} {r['max_abs_err']:>9.2e} "
-                      f"{r['max_abs_ref']:>9.2e}", flush=True)
+            rows.extend(run_model(name, variants, args.batch, args.latent, args.iters))
     if args.json:
         args.json.write_text(json.dumps({"counts": counts, "forward": rows}, indent=2) + "\n")
     if not ok:
