@@ -1,0 +1,97 @@
+"""Generate chest X-rays from report-style prompts with a trained or downloaded checkpoint.
+
+    python sample.py --checkpoint workdir --prompt "Moderate left pleural effusion." --num-images 4
+    python sample.py --checkpoint sd-folder --prompts-file prompts.txt --sampler dpmpp_2m --steps 25 --grid
+
+Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
+seed, sampler, steps, guidance and checkpoint in PNG text chunks and in a JSON sidecar next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cxr_ldm.io.images import make_grid, save_png
+from cxr_ldm.pipeline import SAMPLERS, Pipeline
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True,
+                   help="diffusers StableDiffusionPipeline folder or a train.py workdir")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * num_images + j")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--size", type=int, default=None, help="height = width in pixels (default: the model's)")
+    p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="PNG bit depth for grayscale")
+    p.add_argument("--grid", action="store_true", help="also write grid.png, a labelled contact sheet")
+    p.add_argument("--out", default="samples")
+    return p.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"error: --prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt or --prompts-file")
+    return prompts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    prompts = read_prompts(args)
+    if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
+        raise SystemExit("error: --num-images, --batch-size and --steps must be >= 1")
+    try:
+        pipe = Pipeline.from_pretrained(args.checkpoint)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load checkpoint {args.checkpoint}: {e}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, prompt, args.seed + i * args.num_images + j)
+            for i, prompt in enumerate(prompts) for j in range(args.num_images)]
+    bits = args.bits if pipe.vae.config.out_channels == 1 else 8
+    images, labels = [], []
+    start = time.perf_counter()
+    for b in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", unit="batch"):
+        batch = jobs[b:b + args.batch_size]
+        generated = pipe([p for _, p, _ in batch], num_inference_steps=args.steps,
+                         guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                         sampler=args.sampler, eta=args.eta, seed=[s for _, _, s in batch],
+                         height=args.size, width=args.size)
+        for (index, prompt, seed), image in zip(batch, generated):
+            meta = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
+                    "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
+                    "eta": args.eta, "checkpoint": str(Path(args.checkpoint).resolve())}
+            stem = out / f"{index:04d}_{seed}"
+            save_png(stem.with_suffix(".png"), image, bits=bits, metadata=meta)
+            stem.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+            if args.grid:
+                images.append(image)
+                labels.append(f"{prompt} [seed {seed}]")
+    elapsed = time.perf_counter() - start
+    if args.grid:
+        save_png(out / "grid.png", make_grid(np.stack(images), labels, ncols=args.num_images))
+    print(f"wrote {len(jobs)} images to {out} in {elapsed:.1f} s ({len(jobs) / elapsed:.2f} images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
