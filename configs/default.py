@@ -1,0 +1,126 @@
+"""The embedded main job: a grayscale VAE, then a text-conditioned latent diffusion model, both trained
+from scratch on the procedural `phantom_cxr` data set at 64 px.
+
+    python train.py                                  # this config, workdir ./workdir/default
+    python train.py --config.ldm.num_steps=20000     # any field can be overridden
+
+On a 2-core CPU both stages take about 30 minutes in all. With accelerators the batch and the models
+grow (see `scale_for_accelerators`): the same recipe then trains longer and wider for a better model.
+"""
+import ml_collections
+
+import jax
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "workdir/default"
+    c.seed = 0
+    c.stages = ("autoencoder", "ldm")
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # -1: all remaining devices
+    c.export = True  # write a diffusers StableDiffusionPipeline folder to <workdir>/pipeline at the end
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "phantom_cxr"
+    c.data.config = "64"  # the TFDS builder config: resolution in pixels
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.manual_dir = None
+    c.data.resolution = 64
+    c.data.augment = False
+    c.data.prompt_dropout = 0.1  # probability of an empty prompt, for classifier-free guidance
+    c.data.tokenizer = None  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
+
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.init_from = None  # a diffusers AutoencoderKL folder to start from
+    c.autoencoder.model = ml_collections.ConfigDict({
+        "in_channels": 1, "out_channels": 1, "latent_channels": 4,
+        "block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16,
+        "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "sample_size": 64,
+    })
+    c.autoencoder.batch_size = 32
+    c.autoencoder.num_steps = 1500
+    c.autoencoder.learning_rate = 1e-3
+    c.autoencoder.warmup_steps = 100
+    c.autoencoder.kl_weight = 1e-6
+    c.autoencoder.l2_weight = 1.0
+    c.autoencoder.l1_weight = 1.0
+    c.autoencoder.discriminator_start = -1  # step at which a patch discriminator starts; -1: none
+    c.autoencoder.discriminator_weight = 0.1
+    c.autoencoder.eval_every = 500
+    c.autoencoder.num_eval_batches = 4
+
+    c.ldm = ml_collections.ConfigDict()
+    c.ldm.init_from = None  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
+    c.ldm.finetune = "unet+text_encoder"  # unet | unet+text_encoder | text_encoder | textual_inversion | lora
+    c.ldm.lora_rank = 8
+    c.ldm.lora_alpha = 8.0
+    c.ldm.placeholder_tokens = ()  # textual inversion: new tokens
+    c.ldm.initializer_tokens = ()  # textual inversion: the words whose embeddings start them
+    c.ldm.scaling_factor = None  # None: measured on the data (1 / std of the latents) for a new VAE
+    c.ldm.unet = ml_collections.ConfigDict({
+        "sample_size": 16, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": (64, 128, 128), "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 128, "attention_head_dim": 4, "num_attention_heads": None,
+        "norm_num_groups": 32, "use_linear_projection": True,
+    })
+    c.ldm.text_encoder = ml_collections.ConfigDict({
+        "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 128,
+    })
+    c.ldm.scheduler = ml_collections.ConfigDict({
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False,
+        "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+    })
+    c.ldm.batch_size = 32
+    c.ldm.num_steps = 3000
+    c.ldm.learning_rate = 5e-4
+    c.ldm.text_encoder_learning_rate = 5e-4
+    c.ldm.warmup_steps = 200
+    c.ldm.weight_decay = 1e-2
+    c.ldm.snr_gamma = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
+    c.ldm.ema_decay = 0.999
+
+    c.optim = ml_collections.ConfigDict({"grad_clip": 1.0, "grad_accum_steps": 1, "b1": 0.9, "b2": 0.999})
+    c.compute_dtype = "float32"  # "bfloat16" on accelerators
+    c.remat = False
+    c.max_nonfinite_steps = 10  # consecutive NaN/Inf losses before the run stops
+
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.sample_every = 1000
+    c.sample = ml_collections.ConfigDict({
+        "prompts": ("No acute cardiopulmonary process.", "Large left pleural effusion.",
+                    "Moderate cardiomegaly.", "Right apical pneumothorax.",
+                    "Right lower lobe consolidation.", "Left upper lobe mass.",
+                    "Mild pulmonary edema.", "Endotracheal tube and right central line in place."),
+        "steps": 25, "guidance_scale": 3.0, "sampler": "ddim", "seed": 0,
+    })
+    scale_for_accelerators(c)
+    return c
+
+
+def scale_for_accelerators(c: ml_collections.ConfigDict) -> None:
+    """Wider models, bigger batches and longer training when GPUs/TPUs are present."""
+    if jax.default_backend() == "cpu":
+        return
+    devices = jax.device_count()
+    c.compute_dtype = "bfloat16"
+    c.data.config, c.data.resolution = "128", 128
+    c.autoencoder.model.sample_size = 128
+    c.autoencoder.model.block_out_channels = (64, 128, 128)
+    c.autoencoder.batch_size = 32 * devices
+    c.autoencoder.num_steps = 10_000
+    c.ldm.unet.sample_size = 32
+    c.ldm.unet.block_out_channels = (128, 256, 256)
+    c.ldm.unet.layers_per_block = 2
+    c.ldm.unet.cross_attention_dim = 256
+    c.ldm.text_encoder.update({"hidden_size": 256, "intermediate_size": 1024, "projection_dim": 256,
+                               "num_hidden_layers": 4})
+    c.ldm.batch_size = 64 * devices
+    c.ldm.num_steps = 30_000
+    c.sample_every = 5000

@@ -1,0 +1,140 @@
+"""Stage 1: the KL autoencoder (VAE) for grayscale CXR, trained or taken from a diffusers folder.
+
+Writes <workdir>/autoencoder/: checkpoints/, vae/ (a diffusers AutoencoderKL folder, written at the
+end, with `scaling_factor` measured on the training data) and done.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cxr_ldm.data.pipeline import make_eval_batches, make_train_iterator
+from cxr_ldm.io.checkpoints import Checkpointer
+from cxr_ldm.io.components import load_component, save_component
+from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, dummy_inputs
+from cxr_ldm.training import optimizer as optimizer_lib
+from cxr_ldm.training import sharding as sharding_lib
+from cxr_ldm.training import steps as steps_lib
+from cxr_ldm.training.discriminator import PatchDiscriminator
+from cxr_ldm.training.logger import MetricsLogger
+from cxr_ldm.training.loop import run_steps
+from cxr_ldm.training.run_files import dataset_name, read_done, to_host, write_done, write_folder_atomically
+from cxr_ldm.training.state import init_train_state
+
+STAGE = "autoencoder"
+
+
+def vae_dir(workdir: str) -> str:
+    return os.path.join(workdir, STAGE, "vae")
+
+
+def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
+    """Trains (or resumes) the autoencoder stage; returns False if SIGTERM stopped it before the end."""
+    if read_done(workdir, STAGE) is not None:
+        return True
+    c = config.autoencoder
+    dtype = jnp.dtype(config.compute_dtype)
+    rng = jax.random.PRNGKey(config.seed)
+    if c.init_from:
+        vae, params = load_component(os.path.expanduser(c.init_from), dtype=dtype)
+        vae = vae.clone(remat=config.remat)
+    else:
+        vae = AutoencoderKL(AutoencoderConfig.from_dict(c.model.to_dict(), source="config.autoencoder.model"),
+                            dtype=dtype, remat=config.remat)
+        params = jax.jit(vae.init)(jax.random.fold_in(rng, 1), *dummy_inputs(vae.config))["params"]
+    trainable = {"vae": params}
+    optimizer_config = optimizer_lib.OptimizerConfig(
+        learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, total_steps=c.num_steps,
+        weight_decay=0.0, clip_norm=config.optim.grad_clip, b1=config.optim.b1, b2=config.optim.b2)
+    optimizer = optimizer_lib.make_optimizer(optimizer_config)
+    discriminator = None
+    if c.discriminator_start >= 0:
+        discriminator = PatchDiscriminator(base_channels=32, num_layers=2, dtype=dtype)
+        trainable["discriminator"] = jax.jit(discriminator.init)(
+            jax.random.fold_in(rng, 2), jnp.zeros((1, c.model.sample_size, c.model.sample_size,
+                                                   vae.config.out_channels)))["params"]
+        optimizer = optimizer_lib.per_key_optimizer({
+            "vae": optimizer, "discriminator": optimizer_lib.delayed_start(
+                optimizer_lib.make_optimizer(dataclasses.replace(optimizer_config, warmup_steps=0)),
+                c.discriminator_start)})
+    loss_config = steps_lib.AutoencoderLossConfig(
+        l1_weight=c.l1_weight, l2_weight=c.l2_weight, kl_weight=c.kl_weight,
+        disc_start=c.discriminator_start if discriminator is not None else None,
+        disc_weight=c.discriminator_weight)
+    state, shardings = init_train_state(trainable, {}, optimizer, jax.random.fold_in(rng, 3), mesh)
+    step_fn = steps_lib.make_autoencoder_train_step(
+        vae, loss_config, optimizer, mesh, shardings, discriminator,
+        grad_accum_steps=config.optim.grad_accum_steps,
+        learning_rate_fn=optimizer_lib.learning_rate_schedule(optimizer_config))
+    iterator = make_train_iterator(
+        dataset_name(config), split="train", data_dir=config.data.data_dir, global_batch_size=c.batch_size,
+        tokenizer=tokenizer, seed=config.seed, augment=config.data.augment)
+    checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
+                                save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
+                                config={"autoencoder": c.to_dict(), "seed": config.seed})
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state, iterator)
+    logger = MetricsLogger(workdir, STAGE, resume_step=int(state.step), total_steps=c.num_steps,
+                           batch_size=c.batch_size)
+    metrics_fn = steps_lib.make_reconstruction_metrics(vae, mesh, shardings.trainable["vae"])
+
+    def validate(step: int, state) -> dict:
+        return reconstruction_quality(metrics_fn, state.trainable["vae"], config, tokenizer, mesh)
+
+    try:
+        state, finished = run_steps(
+            stage=STAGE, state=state, step_fn=step_fn, iterator=iterator, mesh=mesh, checkpointer=checkpointer,
+            logger=logger, num_steps=c.num_steps, log_every=config.log_every,
+            max_nonfinite_streak=config.max_nonfinite_steps, batch_keys=("image",),
+            hooks=[(c.eval_every, validate)])
+    finally:
+        checkpointer.close()
+        logger.close()
+    if not finished:
+        return False
+    params = to_host(state.trainable["vae"])
+    if not c.init_from or config.ldm.scaling_factor is not None:
+        scale = config.ldm.scaling_factor or measure_scaling_factor(vae, params, config, tokenizer, mesh)
+        vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(scale)))
+    if jax.process_index() == 0:
+        write_folder_atomically(vae_dir(workdir), lambda path: save_component(vae, params, path))
+        write_done(workdir, STAGE, {"step": c.num_steps, "scaling_factor": vae.config.scaling_factor,
+                                    **validate(c.num_steps, state)})
+    return True
+
+
+def reconstruction_quality(metrics_fn, vae_params: Any, config, tokenizer, mesh) -> dict:
+    """Mean PSNR / SSIM of posterior-mean reconstructions on the first validation batches."""
+    c = config.autoencoder
+    batches = make_eval_batches(dataset_name(config), split="validation", data_dir=config.data.data_dir,
+                                global_batch_size=c.batch_size, tokenizer=tokenizer,
+                                num_examples=c.num_eval_batches * c.batch_size)
+    totals, count = {"val_psnr": 0.0, "val_ssim": 0.0}, 0
+    for batch in batches:
+        images = sharding_lib.global_batch_from_process(batch["image"], mesh)
+        mask = to_host(sharding_lib.global_batch_from_process(batch["mask"], mesh))
+        values = to_host(metrics_fn(vae_params, images))
+        totals["val_psnr"] += float(np.sum(values["psnr"] * mask))
+        totals["val_ssim"] += float(np.sum(values["ssim"] * mask))
+        count += int(mask.sum())
+    return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+def measure_scaling_factor(vae, params, config, tokenizer, mesh, num_batches: int = 8) -> float:
+    """1 / std of the posterior-mean latents of training images (the LDM paper's rescaling)."""
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
+    iterator = make_train_iterator(dataset_name(config), split="train", data_dir=config.data.data_dir,
+                                   global_batch_size=config.autoencoder.batch_size, tokenizer=tokenizer,
+                                   seed=config.seed + 1, num_epochs=1)
+    latents = []
+    for _, batch in zip(range(num_batches), iterator):
+        images = steps_lib.match_channels(
+            sharding_lib.global_batch_from_process(batch["image"], mesh), vae.config.in_channels)
+        latents.append(np.asarray(to_host(encode(params, images)), np.float64))
+    return 1.0 / float(np.concatenate(latents).std())

@@ -1,0 +1,186 @@
+"""Stage 2: the text-conditioned latent diffusion model (UNet + CLIP text encoder over a frozen VAE).
+
+Starts from scratch (the VAE of stage 1) or from a diffusers StableDiffusionPipeline folder
+(`config.ldm.init_from`: SD 1.x/2.x, RoentGen), and trains what `config.ldm.finetune` selects.
+Writes <workdir>/ldm/checkpoints/, sample grids in <workdir>/samples/, ldm/done.json and, with
+`config.export`, the diffusers pipeline folder <workdir>/pipeline/ that `Pipeline.from_pretrained`
+(and diffusers) load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cxr_ldm.data.pipeline import make_train_iterator
+from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
+from cxr_ldm.io.checkpoints import Checkpointer
+from cxr_ldm.io.components import load_component
+from cxr_ldm.io.images import make_grid, save_png
+from cxr_ldm.models.text_encoder import CLIPTextConfig, CLIPTextModel
+from cxr_ldm.models.text_encoder import dummy_inputs as text_dummy_inputs
+from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
+from cxr_ldm.models.unet import dummy_inputs as unet_dummy_inputs
+from cxr_ldm.pipeline import EXPORT_DIRNAME, Pipeline
+from cxr_ldm.training import finetune as finetune_lib
+from cxr_ldm.training import optimizer as optimizer_lib
+from cxr_ldm.training import steps as steps_lib
+from cxr_ldm.training.autoencoder_stage import vae_dir
+from cxr_ldm.training.logger import MetricsLogger
+from cxr_ldm.training.loop import run_steps
+from cxr_ldm.training.run_files import dataset_name, read_done, to_host, write_done, write_folder_atomically
+from cxr_ldm.training.state import init_train_state
+
+STAGE = "ldm"
+
+
+@dataclasses.dataclass
+class LDMSetup:
+    """The models, full params and scheduler the LDM stage starts from."""
+
+    models: steps_lib.LDMModels
+    params: dict  # {"unet", "text_encoder", "vae"}
+    scheduler_file: dict  # a diffusers scheduler_config.json dict
+
+
+def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: int) -> LDMSetup:
+    """Loads or initialises UNet, text encoder and VAE as the config says (see module doc)."""
+    c = config.ldm
+    dtype = jnp.dtype(config.compute_dtype)
+    rng = jax.random.PRNGKey(config.seed)
+    if c.init_from:
+        folder = os.path.expanduser(c.init_from)
+        unet, unet_params = load_component(os.path.join(folder, "unet"), dtype=dtype)
+        text_encoder, text_params = load_component(os.path.join(folder, "text_encoder"), dtype=dtype)
+        vae, vae_params = load_component(os.path.join(folder, "vae"), dtype=dtype)
+        with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+            scheduler_file = json.load(f)
+    else:
+        source = vae_dir(workdir)
+        if not os.path.isdir(source):
+            raise FileNotFoundError(
+                f"config.ldm.init_from is None and {source} does not exist: train the autoencoder first "
+                "(config.stages = ('autoencoder', 'ldm')) or give a diffusers pipeline folder in ldm.init_from")
+        vae, vae_params = load_component(source, dtype=dtype)
+        unet = UNet2DConditionModel(UNetConfig.from_dict(c.unet.to_dict(), source="config.ldm.unet"), dtype=dtype)
+        unet_params = jax.jit(unet.init)(jax.random.fold_in(rng, 11), *unet_dummy_inputs(unet.config))["params"]
+        text_config = CLIPTextConfig.from_dict({"vocab_size": vocab_size, **c.text_encoder.to_dict()},
+                                               source="config.ldm.text_encoder")
+        text_encoder = CLIPTextModel(text_config, dtype=dtype)
+        text_params = jax.jit(text_encoder.init)(jax.random.fold_in(rng, 12),
+                                                 *text_dummy_inputs(text_config))["params"]
+        scheduler_file = c.scheduler.to_dict()
+    if c.scaling_factor is not None:
+        vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(c.scaling_factor)))
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"the UNet takes {unet.config.in_channels} latent channels but the VAE makes "
+                         f"{vae.config.latent_channels}")
+    unet = unet.clone(remat=config.remat)
+    return LDMSetup(steps_lib.LDMModels(unet, text_encoder, vae),
+                    {"unet": unet_params, "text_encoder": text_params, "vae": vae_params}, scheduler_file)
+
+
+def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
+    """Trains (or resumes) the LDM stage; returns False if SIGTERM stopped it before the end."""
+    if read_done(workdir, STAGE) is not None:
+        return True
+    c = config.ldm
+    finetune = finetune_lib.FinetuneConfig(mode=c.finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+    init_token_ids = None
+    if c.finetune == "textual_inversion":
+        _, init_token_ids = finetune_lib.add_placeholder_tokens(tokenizer, c.placeholder_tokens,
+                                                                c.initializer_tokens)
+    setup = build_models(config, workdir, vocab_size=len(tokenizer))
+    models = setup.models
+    if c.finetune == "textual_inversion":
+        models = dataclasses.replace(models, text_encoder=finetune_lib.with_vocab_size(
+            models.text_encoder, len(tokenizer)))
+    scheduler = SchedulerConfig.from_dict(setup.scheduler_file, source="ldm scheduler config")
+    rng = jax.random.PRNGKey(config.seed)
+    trainable, frozen = finetune_lib.split_params(finetune, setup.params, rng=jax.random.fold_in(rng, 21),
+                                                  init_token_ids=init_token_ids)
+    optimizer, lr_fn = _optimizer(config, trainable)
+    state, shardings = init_train_state(trainable, frozen, optimizer, jax.random.fold_in(rng, 22), mesh,
+                                        use_ema=c.ema_decay is not None)
+    loss_config = steps_lib.LDMLossConfig(prediction_type=scheduler.prediction_type, snr_gamma=c.snr_gamma,
+                                          latent_scale=models.vae.config.scaling_factor,
+                                          latent_shift=models.vae.config.shift_factor or 0.0)
+    step_fn = steps_lib.make_ldm_train_step(
+        models, finetune, loss_config, compute_alphas_cumprod(scheduler), optimizer, mesh, shardings,
+        grad_accum_steps=config.optim.grad_accum_steps, ema_decay=c.ema_decay, learning_rate_fn=lr_fn)
+    iterator = make_train_iterator(
+        dataset_name(config), split="train", data_dir=config.data.data_dir, global_batch_size=c.batch_size,
+        tokenizer=tokenizer, seed=config.seed + 1, prompt_dropout=config.data.prompt_dropout,
+        augment=config.data.augment)
+    checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
+                                save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
+                                config={"ldm": c.to_dict(), "seed": config.seed})
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state, iterator)
+    logger = MetricsLogger(workdir, STAGE, resume_step=int(state.step), total_steps=c.num_steps,
+                           batch_size=c.batch_size)
+    frozen_host = to_host(state.frozen)
+
+    def pipeline_of(state) -> Pipeline:
+        trained = state.trainable if state.ema is None else state.ema
+        params = finetune_lib.merge_params(finetune, to_host(trained), frozen_host)
+        return Pipeline(models.unet.clone(remat=False), params["unet"], models.vae, params["vae"],
+                        models.text_encoder, params["text_encoder"], tokenizer, scheduler,
+                        setup.scheduler_file.get("_class_name", "DDIMScheduler"), setup.scheduler_file)
+
+    def sample_grid(step: int, state) -> dict:
+        path = write_sample_grid(pipeline_of(state), config, workdir, f"ldm_step_{step:06d}.png")
+        return {"sample_grid": 1} if path else {}
+
+    try:
+        state, finished = run_steps(
+            stage=STAGE, state=state, step_fn=step_fn, iterator=iterator, mesh=mesh, checkpointer=checkpointer,
+            logger=logger, num_steps=c.num_steps, log_every=config.log_every,
+            max_nonfinite_streak=config.max_nonfinite_steps, batch_keys=("image", "input_ids"),
+            hooks=[(config.sample_every, sample_grid)])
+    finally:
+        checkpointer.close()
+        logger.close()
+    if not finished:
+        return False
+    if config.export and jax.process_index() == 0:
+        pipe = pipeline_of(state)
+        write_folder_atomically(os.path.join(workdir, EXPORT_DIRNAME), pipe.save_pretrained)
+    if jax.process_index() == 0:
+        write_done(workdir, STAGE, {"step": c.num_steps, "nonfinite_count": int(to_host(state.nonfinite_count))})
+    return True
+
+
+def _optimizer(config, trainable: dict) -> tuple[Any, Any]:
+    """AdamW (+ warmup/cosine, clipping); with UNet and text encoder trained, each at its own rate."""
+    c = config.ldm
+    base = optimizer_lib.OptimizerConfig(
+        learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, total_steps=c.num_steps,
+        weight_decay=c.weight_decay, clip_norm=config.optim.grad_clip, b1=config.optim.b1, b2=config.optim.b2)
+    if set(trainable) == {"unet", "text_encoder"} and c.text_encoder_learning_rate != c.learning_rate:
+        text = dataclasses.replace(base, learning_rate=c.text_encoder_learning_rate)
+        optimizer = optimizer_lib.per_key_optimizer({"unet": optimizer_lib.make_optimizer(base),
+                                                     "text_encoder": optimizer_lib.make_optimizer(text)})
+        return optimizer, optimizer_lib.learning_rate_schedule(base)
+    return optimizer_lib.make_optimizer(base), optimizer_lib.learning_rate_schedule(base)
+
+
+def write_sample_grid(pipe: Pipeline, config, workdir: str, name: str) -> str | None:
+    """Samples one image per configured prompt and writes a labelled grid to <workdir>/samples/<name>."""
+    s = config.sample
+    if not s.prompts:
+        return None
+    images = pipe(list(s.prompts), num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
+                  sampler=s.sampler, seed=s.seed)
+    if jax.process_index() != 0:
+        return None
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    path = os.path.join(workdir, "samples", name)
+    save_png(path, make_grid(np.asarray(images), list(s.prompts), ncols=min(4, len(s.prompts))))
+    return path
