@@ -48,6 +48,12 @@ def _json(value: Any) -> Any:
     return [_json(v) for v in value] if isinstance(value, tuple) else value
 
 
+def _same(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """torch Conv2d(padding=(kernel - 1) // 2) as a Flax padding spec."""
+    pad = (kernel - 1) // 2
+    return ((pad, pad), (pad, pad))
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """The diffusers `UNet2DConditionModel` options this module implements (names and defaults as diffusers').
@@ -381,12 +387,6 @@ class UNet2DConditionModel(nn.Module):
             size = tuple(skips[-1].shape[1:3]) if forward_size and block.add_upsample else None
             x = block(x, tuple(block_skips), temb, context, size)
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
-
-
-def _same(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """torch Conv2d(padding=(kernel - 1) // 2) as a Flax padding spec."""
-    pad = (kernel - 1) // 2
-    return ((pad, pad), (pad, pad))
 
 
 def dummy_inputs(config: UNetConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
