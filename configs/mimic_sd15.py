@@ -1,0 +1,42 @@
+"""Fine-tune a downloaded Stable Diffusion 1.x folder on MIMIC-CXR-JPG at 512 px (RoentGen-style).
+
+    python train.py --config configs/mimic_sd15.py --config.ldm.init_from=/models/sd15 \
+        --config.data.manual_dir=/data/mimic-cxr-jpg --workdir runs/mimic_sd15
+
+The recipe of the CXR Stable Diffusion adaptation work (Chambon et al. 2022, arXiv:2210.04133, and
+RoentGen, arXiv:2211.12737): keep SD's VAE (grayscale images are repeated to 3 channels), condition
+on the report impression (<= 75 CLIP tokens), fine-tune the UNet (or UNet + text encoder; compare with
+`--config.ldm.finetune=...`), AdamW at 5e-5 with a short warmup, global batch 64 here, 512 px,
+10 % empty prompts for classifier-free guidance, sample with guidance ~4. Check the papers' tables
+before claiming a replication; what they vary (steps, batch) is exposed here as config fields.
+"""
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = default.get_config()
+    c.workdir = "workdir/mimic_sd15"
+    c.stages = ("ldm",)  # SD's pretrained VAE is kept
+    c.data.name, c.data.config, c.data.resolution = "mimic_cxr_jpg", "512", 512
+    c.data.manual_dir = None  # the PhysioNet download; set on the command line
+    c.data.prompt_dropout = 0.1
+    c.ldm.init_from = None  # required: a diffusers StableDiffusionPipeline folder of SD 1.x
+    c.ldm.finetune = "unet"
+    c.ldm.batch_size = 64
+    c.ldm.num_steps = 60_000
+    c.ldm.learning_rate = 5e-5
+    c.ldm.text_encoder_learning_rate = 5e-5
+    c.ldm.warmup_steps = 500
+    c.ldm.weight_decay = 1e-2
+    c.ldm.snr_gamma = None
+    c.ldm.ema_decay = 0.9999
+    c.compute_dtype = "bfloat16"
+    c.remat = True
+    c.mesh.fsdp = 1  # raise to shard params and optimizer state over devices (FSDP)
+    c.log_every = 50
+    c.checkpoint_every = 2000
+    c.sample_every = 5000
+    c.sample.update({"steps": 50, "guidance_scale": 4.0})
+    return c
