@@ -110,21 +110,28 @@ def run_steps(num_steps: int, **build_options) -> dict:
     return {"losses": losses, "trainable": jax.tree_util.tree_map(np.asarray, trainable)}
 
 
-def run_worker(runs: list[dict], devices: int = 8, distributed: dict | None = None) -> subprocess.Popen:
+def run_worker(runs: list[dict], workdir: str, devices: int = 8, distributed: dict | None = None) -> tuple:
     """Starts `run_steps(**options)` for each options dict of `runs` in a fresh Python with `devices`
-    simulated CPU devices (optionally as one process of a jax.distributed job); returns the Popen whose
-    last stdout line is the JSON list of results (losses, flattened trainable leaves)."""
-    cmd = [sys.executable, os.path.abspath(__file__), json.dumps({"runs": runs, "distributed": distributed})]
+    simulated CPU devices (optionally as one process of a jax.distributed job). Its results (losses,
+    flattened trainable leaves) and log go to files in `workdir` (pipes could fill up and block it)."""
+    name = f"worker{distributed['process_id'] if distributed else ''}_{len(os.listdir(workdir))}"
+    result_path, log_path = os.path.join(workdir, name + ".json"), os.path.join(workdir, name + ".log")
+    cmd = [sys.executable, os.path.abspath(__file__),
+           json.dumps({"runs": runs, "distributed": distributed, "out": result_path})]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return process, result_path, log_path
 
 
-def worker_results(process: subprocess.Popen, timeout: float = 900) -> list[dict]:
-    out, err = process.communicate(timeout=timeout)
-    if process.returncode:
-        raise RuntimeError(f"worker failed ({process.returncode}):\n{err[-4000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+def worker_results(worker: tuple, timeout: float = 900) -> list[dict]:
+    process, result_path, log_path = worker
+    if process.wait(timeout=timeout):
+        with open(log_path) as log:
+            raise RuntimeError(f"worker failed ({process.returncode}):\n{log.read()[-4000:]}")
+    with open(result_path) as f:
+        return json.load(f)
 
 
 def _worker_main(job: dict) -> None:
@@ -138,7 +145,9 @@ def _worker_main(job: dict) -> None:
         result = run_steps(**options)
         results.append({"losses": result["losses"], "devices": jax.device_count(),
                         "leaves": [leaf.ravel().tolist() for leaf in jax.tree_util.tree_leaves(result["trainable"])]})
-    print(json.dumps(results))
+    if jax.process_index() == 0 or distributed:
+        with open(job["out"], "w") as f:
+            json.dump(results, f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""UNet train-step throughput: cxr_ldm (JAX, `make_train_step`) vs diffusers' UNet2DConditionModel (PyTorch).
+
+Both sides run the same step on the same shapes: epsilon-MSE of the UNet on random noisy latents,
+global-norm clipping at 1.0 and AdamW (lr 1e-4, weight decay 1e-2). Prints one table with images/s for
+each framework and their ratio; on a GPU also the model FLOPs per step from XLA's cost analysis of the
+step (the step lowered for CPU, see `step_flops`) and the MFU (achieved FLOP/s over the chip's dense
+bf16 peak; with --remat the recomputed forward is counted too, so it is then a hardware-FLOPs
+utilisation).
+
+    python benchmarks/train_step.py                                   # small UNet, float32, CPU
+    python benchmarks/train_step.py --preset sd15 --dtype bfloat16 --batch 8   # on a GPU
+    python benchmarks/train_step.py --preset sd15 --dtype bfloat16 --remat --framework jax
+
+bfloat16 means float32 params and bfloat16 compute on both sides (JAX: module dtype; PyTorch: autocast).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig, dummy_inputs  # noqa: E402
+from cxr_ldm.training import optimizer, sharding, state, steps  # noqa: E402
+
+# (UNet config, latent size, text length) per preset; sd15 is runwayml/stable-diffusion-v1-5's UNet.
+PRESETS = {
+    "tiny": (UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                        cross_attention_dim=32, sample_size=16), 16, 16),
+    "small": (UNetConfig(block_out_channels=(64, 128, 256), layers_per_block=2,
+                         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                         attention_head_dim=8, cross_attention_dim=256, sample_size=32), 32, 77),
+    "sd15": (UNetConfig(cross_attention_dim=768, sample_size=64), 64, 77),
+}
+# Dense bf16 peak TFLOP/s of accelerators, by jax device_kind prefix (for MFU).
+PEAK_TFLOPS = {"NVIDIA H100": 989.4, "NVIDIA H200": 989.4, "NVIDIA A100": 312.0, "TPU v5 lite": 197.0,
+               "TPU v5p": 459.0, "TPU v4": 275.0}
+
+
+def make_inputs(config: UNetConfig, latent: int, text: int, batch: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((batch, latent, latent, config.in_channels), np.float32),
+            "noise": rng.standard_normal((batch, latent, latent, config.out_channels), np.float32),
+            "t": rng.integers(0, 1000, (batch,)).astype(np.int32),
+            "context": rng.standard_normal((batch, text, config.cross_attention_dim), np.float32)}
+
+
+def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
+    module = UNet2DConditionModel(config, dtype=jnp.dtype(dtype), remat=remat)
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy_inputs(config))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: 0.02 * rng.standard_normal(s.shape, np.float32), shapes)
+    tx = optimizer.make_optimizer(optimizer.OptimizerConfig(learning_rate=1e-4, schedule="constant"))
+    mesh = sharding.make_mesh()
+    train_state, shardings = state.init_train_state({"unet": params}, {}, tx, jax.random.PRNGKey(0), mesh)
+    step = steps.make_train_step(unet_loss_fn(module), tx, mesh, shardings)
+    batch = sharding.global_batch_from_process(inputs, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(train_state, batch).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        train_state, metrics = compiled(train_state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps_to_time):
+        train_state, metrics = compiled(train_state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps_to_time
+    return {"step_s": seconds, "compile_s": compile_s, "flops": step_flops(module, tx, shapes, inputs),
+            "loss": float(metrics["loss"])}
+
+
+def unet_loss_fn(module):
+    """The benchmark's loss in make_train_step's form: epsilon MSE of the UNet on the batch."""
+    def loss_fn(trainable, frozen, batch, rng, update_index):
+        del frozen, rng, update_index
+        prediction = module.apply({"params": trainable["unet"]}, batch["x"], batch["t"], batch["context"])
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - batch["noise"])), {}
+    return loss_fn
+
+
+def step_flops(module, tx, param_shapes, inputs) -> float:
+    """FLOPs of one train step by XLA's cost analysis of the step lowered for one CPU device (abstract
+    shapes, nothing allocated). On CPU convolutions and matmuls are still HLO ops that the analysis
+    counts; after GPU compilation they are library calls that it does not."""
+    mesh = sharding.make_mesh(devices=jax.devices("cpu")[:1])
+    abstract = jax.eval_shape(lambda p: state.create_train_state({"unet": p}, {}, tx, jax.random.PRNGKey(0)),
+                              param_shapes)
+    step = steps.make_train_step(unet_loss_fn(module), tx, mesh, state.train_state_shardings(abstract, mesh))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in inputs.items()}
+    return float(step.lower(abstract, batch).cost_analysis()["flops"])
+
+
+def bench_torch(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = TorchUNet.from_config(config.to_dict()).to(device).train()
+    if remat:
+        model.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
+    as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    x = as_torch(inputs["x"].transpose(0, 3, 1, 2))
+    noise = as_torch(inputs["noise"].transpose(0, 3, 1, 2))
+    t, context = as_torch(inputs["t"]).long(), as_torch(inputs["context"])
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            prediction = model(x, t, context).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps_to_time):
+        loss = step()
+    sync()
+    return {"step_s": (time.perf_counter() - start) / steps_to_time, "loss": loss.item()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--remat", action="store_true", help="rematerialise blocks (gradient checkpointing)")
+    parser.add_argument("--framework", choices=("both", "jax", "torch"), default="both")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    config, latent, text = PRESETS[args.preset]
+    inputs = make_inputs(config, latent, text, args.batch)
+    device = jax.devices()[0]
+    results = {"preset": args.preset, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
+               "device": f"{device.platform}:{device.device_kind}"}
+    timings = {}
+    if args.framework in ("both", "jax"):
+        timings["jax"] = bench_jax(config, inputs, args.dtype, args.remat, args.steps, args.warmup)
+    if args.framework in ("both", "torch"):
+        timings["torch"] = bench_torch(config, inputs, args.dtype, args.remat, args.steps, args.warmup)
+    for name, t in timings.items():
+        t["images_per_s"] = args.batch / t["step_s"]
+    if "jax" in timings:
+        peak = next((v for k, v in PEAK_TFLOPS.items() if device.device_kind.startswith(k)), None)
+        achieved = timings["jax"]["flops"] / timings["jax"]["step_s"] / 1e12
+        timings["jax"].update(achieved_tflops=achieved, mfu=achieved / peak if peak else None)
+    if len(timings) == 2:
+        results["jax_over_torch"] = timings["jax"]["images_per_s"] / timings["torch"]["images_per_s"]
+    results.update(timings)
+
+    print(f"UNet train step, preset {args.preset}, batch {args.batch}, {args.dtype}, remat {args.remat}, "
+          f"{results['device']}")
+    for name, t in timings.items():
+        extra = ""
+        if name == "jax":
+            extra = (f"  compile {t['compile_s']:.1f} s  {t['flops'] / 1e12:.3g} TFLOP/step  "
+                     f"{t['achieved_tflops']:.3g} TFLOP/s")
+        if t.get("mfu") is not None:
+            extra += f"  MFU {100 * t['mfu']:.1f}%"
+        print(f"  {name:5s} {t['step_s'] * 1e3:9.1f} ms/step  {t['images_per_s']:8.2f} images/s  "
+              f"loss {t['loss']:.4f}{extra}")
+    if "jax_over_torch" in results:
+        print(f"  throughput ratio jax / torch: {results['jax_over_torch']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
