@@ -217,24 +217,27 @@ def resize(images: jnp.ndarray, size: int) -> jnp.ndarray:
     return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear")
 
 
-def select_observations(labels: np.ndarray, sides: np.ndarray, min_positives: int
-                        ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Observations with >= min_positives positive training labels ("No Finding" excluded: it is the
-    absence of the others), and among them those whose positives state >= 2 different sides, each
-    side-stated positive counted (>= min_positives in all)."""
-    observations, sided = [], []
-    for i, name in enumerate(CHEXPERT_LABELS):
-        positive = labels[:, i] == 1
-        if name == "No Finding" or positive.sum() < min_positives:
-            continue
-        observations.append(name)
-        stated = sides[positive, i]
+def select_observations(labels: np.ndarray, min_positives: int) -> tuple[str, ...]:
+    """Observations with >= min_positives positive labels in (N, 14) `labels`; "No Finding" is left out
+    (it is the absence of the others)."""
+    observations = tuple(name for i, name in enumerate(CHEXPERT_LABELS)
+                         if name != "No Finding" and (labels[:, i] == 1).sum() >= min_positives)
+    if not observations:
+        raise ValueError(f"no observation has >= {min_positives} positive training labels")
+    return observations
+
+
+def select_side_observations(labels: np.ndarray, sides: np.ndarray, observations, min_positives: int
+                             ) -> tuple[str, ...]:
+    """Those of `observations` with >= min_positives positives that state a side, of >= 2 different sides."""
+    sided = []
+    for name in observations:
+        i = CHEXPERT_LABELS.index(name)
+        stated = sides[labels[:, i] == 1, i]
         stated = stated[stated > 0]
         if len(stated) >= min_positives and len(np.unique(stated)) >= 2:
             sided.append(name)
-    if not observations:
-        raise ValueError(f"no observation has >= {min_positives} positive training labels")
-    return tuple(observations), tuple(sided)
+    return tuple(sided)
 
 
 def targets(data: LabelledImages, observations, side_observations) -> dict[str, np.ndarray]:
@@ -284,11 +287,8 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
 
     observations: the findings to learn (default: `select_observations` with config.min_positives).
     """
-    if observations is None:
-        observations, side_observations = select_observations(train.labels, train.sides, config.min_positives)
-    else:
-        _, side_observations = select_observations(train.labels, train.sides, config.min_positives)
-        side_observations = tuple(n for n in side_observations if n in observations)
+    observations = observations or select_observations(train.labels, config.min_positives)
+    side_observations = select_side_observations(train.labels, train.sides, observations, config.min_positives)
     if len(train) < config.batch_size:
         raise ValueError(f"train: {len(train)} images, fewer than one batch of {config.batch_size}")
     net = make_net(config, len(observations), len(side_observations))

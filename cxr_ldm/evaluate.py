@@ -1,0 +1,248 @@
+"""Evaluates a text-to-CXR checkpoint: does the generated image show what the prompt says?
+
+    python -m cxr_ldm.evaluate --checkpoint workdir/default --out r.json [--dataset phantom_cxr]
+        [--num-samples 16] [--steps 25] [--guidance 3.0] [--inception-weights pt_inception.safetensors]
+
+Writes the JSON (top level: conditioning_accuracy, classifier_accuracy_real and the sections below)
+and a Markdown report beside it (r.md, with PNG grids in r_assets/):
+
+  classifier      a finding classifier trained on the real training split (cached under
+                  <checkpoint>/eval/), its accuracy on the real test split
+  conditioning    generated images per evaluation prompt, classified (evaluation/conditioning.py)
+  fid             domain FID (classifier features) generated vs real test images generated from the
+                  test prompts, and real vs real (validation vs test) as the floor; Inception-V3 FID
+                  too when --inception-weights is given
+  diversity       mean pairwise MS-SSIM within a prompt, and among real images with the same findings
+  reconstruction  VAE round trip PSNR / SSIM / RMSE on the real test split
+  memorization    nearest training image of each generated image (evaluation/memorization.py)
+  augmentation    (--augmentation-experiment) classifier on a small real set vs plus synthetic images
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxr_ldm.data.builders import prepare
+from cxr_ldm.evaluation import classifier as clf
+from cxr_ldm.evaluation import conditioning, memorization, report
+from cxr_ldm.evaluation.augmentation import augmentation_experiment
+from cxr_ldm.evaluation.data import load_split
+from cxr_ldm.evaluation.metrics import fid_from_features
+from cxr_ldm.evaluation.reconstruction import reconstruction_metrics
+from cxr_ldm.io.weights import write_json
+
+CLASSIFIER_ACCURACY_DEFINITION = (
+    "exact match on the real test split: fraction of images whose every major finding (the classifier's "
+    "observations among Cardiomegaly, Lung Lesion, Edema, Consolidation, Atelectasis, Pneumothorax, Pleural "
+    "Effusion, Pleural Other, Fracture, Support Devices) is predicted right; uncertain labels skipped, "
+    "unmentioned = absent")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate and how much. Sample counts trade time for precision."""
+    checkpoint: str
+    dataset: str = "phantom_cxr"
+    dataset_config: str | None = None  # None: the checkpoint's image size ("64", "128", ...)
+    data_dir: str = "~/tensorflow_datasets"
+    manual_dir: str | None = None
+    num_samples: int = 16  # images per evaluation prompt
+    num_fid: int = 500  # generated and real images per FID set
+    steps: int = 25
+    guidance: float = 3.0
+    sampler: str = "ddim"
+    seed: int = 0
+    batch_size: int = 32
+    inception_weights: str | None = None
+    classifier_dir: str | None = None  # None: <checkpoint>/eval/classifier-<dataset>-<config>
+    copy_threshold: float = 0.95
+    augmentation_experiment: bool = False
+    augmentation_real: int = 500
+    augmentation_synthetic: int = 1000
+
+
+def _generator(pipe, settings: EvalSettings, size: int):
+    """(texts, seeds) -> images (B, size, size, C) in [0, 1] from the pipeline at its own resolution."""
+    def generate(texts, seeds):
+        images = pipe(list(texts), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                      sampler=settings.sampler, seed=list(seeds))
+        if images.shape[1] != size:
+            images = np.asarray(clf.resize(images, size))
+        return images
+    return generate
+
+
+def _real_diversity(test, major_columns, num_pairs: int, seed: int) -> dict:
+    """Mean pairwise MS-SSIM of random real test images, and of pairs with identical major findings."""
+    rng = np.random.default_rng(seed)
+    images = test.data.images
+    overall = memorization.mean_pairwise_ms_ssim(images[rng.choice(len(images), min(len(images), 64), replace=False)],
+                                                 max_pairs=num_pairs, seed=seed)
+    groups = collections.defaultdict(list)
+    for i, row in enumerate(test.data.labels[:, major_columns] == 1):
+        groups[row.tobytes()].append(i)
+    per_group = [memorization.mean_pairwise_ms_ssim(images[idx[:16]], max_pairs=num_pairs, seed=seed)
+                 for idx in groups.values() if len(idx) >= 4]
+    return {"real_all": overall, "real_same_findings": float(np.mean(per_group)) if per_group else None}
+
+
+def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None, prompts=conditioning.PROMPTS,
+             classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+    """Runs the whole evaluation (module doc) and writes `out` (JSON) and the Markdown report beside it.
+
+    options: the fields of EvalSettings. `pipe`: an already loaded Pipeline (default: from checkpoint).
+    `classifier_config`: the classifier recipe (default: TrainConfig at the data resolution, <= 128 px).
+    Returns the JSON object.
+    """
+    from cxr_ldm.pipeline import Pipeline  # the pipeline pulls in every model; import when evaluating
+
+    settings = EvalSettings(checkpoint=str(checkpoint), **options)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    timings, start = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal start
+        timings[name] = round(time.perf_counter() - start, 1)
+        logging.info("evaluate: %s done in %.1f s", name, timings[name])
+        start = time.perf_counter()
+
+    pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
+    config_name = settings.dataset_config or str(pipe.default_size())
+    builder = prepare(settings.dataset, os.path.expanduser(settings.data_dir), config_name,
+                      settings.manual_dir and os.path.expanduser(settings.manual_dir))
+    train, validation, test = (load_split(builder, split) for split in ("train", "validation", "test"))
+    size = train.data.images.shape[1]
+    lap("data")
+
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
+    classifier_dir = Path(settings.classifier_dir or Path(settings.checkpoint) / "eval" /
+                          f"classifier-{settings.dataset}-{config_name}")
+    classifier, cached = clf.load_or_train(classifier_dir, train.data, validation.data, classifier_config)
+    classifier_test = clf.evaluate_classifier(classifier, test.data)
+    lap("classifier")
+
+    generate = _generator(pipe, settings, size)
+    usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
+                                                 settings.seed, settings.batch_size)
+    conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
+    lap("conditioning")
+
+    n = min(settings.num_fid, len(validation), len(test))
+    fid_images = np.concatenate(conditioning.generate_images(generate, test.prompts[:n], 1,
+                                                             settings.seed + 1_000_000, settings.batch_size))
+    real_a, real_b = validation.data.images[:n], test.data.images[:n]
+    features = {name: classifier.predict(x).features for name, x in
+                (("generated", fid_images), ("validation", real_a), ("test", real_b))}
+    fid = {"domain": {"n": n, "generated_vs_real": fid_from_features(features["generated"], features["test"]),
+                      "real_vs_real": fid_from_features(features["validation"], features["test"])},
+           "inception": None}
+    if settings.inception_weights:
+        from cxr_ldm.evaluation.inception import InceptionFeatures
+
+        inception = InceptionFeatures.from_file(settings.inception_weights)
+        pool3 = {name: inception(clf.as_float_images(x)) for name, x in
+                 (("generated", fid_images), ("validation", real_a), ("test", real_b))}
+        fid["inception"] = {"n": n, "weights": settings.inception_weights,
+                            "generated_vs_real": fid_from_features(pool3["generated"], pool3["test"]),
+                            "real_vs_real": fid_from_features(pool3["validation"], pool3["test"])}
+    lap("fid")
+
+    major_columns = [clf.CHEXPERT_LABELS.index(name) for name in classifier.major_findings]
+    per_prompt_diversity = ([memorization.mean_pairwise_ms_ssim(images) for images in prompt_images]
+                            if settings.num_samples >= 2 else [])
+    diversity = {"generated_mean": float(np.mean(per_prompt_diversity)) if per_prompt_diversity else None,
+                 "generated_per_prompt": dict(zip([p.text for p in usable], per_prompt_diversity)),
+                 **_real_diversity(test, major_columns, 120, settings.seed)}
+    lap("diversity")
+
+    recon = reconstruction_metrics(pipe.vae, pipe.vae_params, test.data.images, settings.batch_size)
+    lap("reconstruction")
+
+    generated_all = np.concatenate(prompt_images + [fid_images])
+    train_features = classifier.predict(train.data.images).features
+    generated_nn = memorization.nearest_training_images(classifier.predict(generated_all).features,
+                                                        clf.as_float_images(generated_all), train_features,
+                                                        train.data.images)
+    heldout_nn = memorization.nearest_training_images(features["test"], real_b, train_features, train.data.images)
+    memo = memorization.memorization_summary(generated_nn, heldout_nn, settings.copy_threshold)
+    lap("memorization")
+
+    augmentation = None
+    if settings.augmentation_experiment:
+        augmentation = augmentation_experiment(
+            train.data, train.prompts, validation.data, test.data, generate, classifier.observations,
+            classifier_config, num_real=settings.augmentation_real, num_synthetic=settings.augmentation_synthetic,
+            seed=settings.seed + 2_000_000, batch_size=settings.batch_size)
+        lap("augmentation")
+
+    results = {
+        "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
+        "classifier_accuracy_real": classifier_test["exact_match"],
+        "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
+        "conditioning": conditioning_summary,
+        "skipped_prompts": [p.text for p in skipped],
+        "classifier": {"dir": str(classifier_dir), "cached": cached, "observations": list(classifier.observations),
+                       "side_observations": list(classifier.side_observations),
+                       "thresholds": classifier.thresholds.tolist(), "config": classifier.config.to_dict(),
+                       "training": classifier.training_report, "test": classifier_test},
+        "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
+        "augmentation": augmentation,
+        "settings": {**dataclasses.asdict(settings), "dataset_config": config_name, "image_size": size},
+        "timings_s": timings,
+    }
+    write_json(out, results)
+    assets = out.with_name(out.stem + "_assets")
+    assets.mkdir(exist_ok=True)
+    grids = report.save_prompt_grids(assets, [p.text for p in usable], prompt_images,
+                                     [r.success for r in prompt_results])
+    pairs = memo["worst_pairs"]
+    pairs_file = None
+    if pairs:
+        pairs_file = "memorization_pairs.png"
+        report.save_pair_grid(assets / pairs_file, generated_all[[p["generated"] for p in pairs]],
+                              clf.as_float_images(train.data.images[[p["train"] for p in pairs]]),
+                              [p["ssim"] for p in pairs])
+    report.write_markdown(out.with_suffix(".md"), results, assets, grids, pairs_file)
+    return results
+
+
+def main(argv=None) -> None:
+    defaults = EvalSettings(checkpoint="")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="train.py workdir or diffusers pipeline folder")
+    parser.add_argument("--out", required=True, help="output JSON file; the report goes beside it")
+    parser.add_argument("--dataset", default=defaults.dataset, choices=("phantom_cxr", "mimic_cxr_jpg", "openi_cxr"))
+    parser.add_argument("--dataset-config", default=None, help="TFDS config (default: the checkpoint's image size)")
+    parser.add_argument("--data-dir", default=defaults.data_dir)
+    parser.add_argument("--manual-dir", default=None, help="where MIMIC-CXR-JPG / Open-i lie (manual download)")
+    parser.add_argument("--num-samples", type=int, default=defaults.num_samples, help="images per prompt")
+    parser.add_argument("--num-fid", type=int, default=defaults.num_fid, help="images per FID set")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--guidance", type=float, default=defaults.guidance)
+    parser.add_argument("--sampler", default=defaults.sampler, choices=("ddim", "dpmpp_2m", "ddpm"))
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--inception-weights", default=None,
+                        help="pytorch-fid Inception-V3 weights as safetensors (see cxr_ldm/evaluation/inception.py)")
+    parser.add_argument("--classifier-dir", default=None, help="classifier cache (default: <checkpoint>/eval/...)")
+    parser.add_argument("--copy-threshold", type=float, default=defaults.copy_threshold)
+    parser.add_argument("--augmentation-experiment", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    options = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")}
+    results = evaluate(args.checkpoint, args.out, **options)
+    print(json.dumps({k: results[k] for k in ("conditioning_accuracy", "classifier_accuracy_real")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Real evaluation data: a TFDS split read whole into memory (`tfds` data source, no TensorFlow graph).
+
+Sides come from the data set's `side` feature where it has one (phantom_cxr), else from the side
+words of the report (`labeler.label_report_details`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+from tqdm import tqdm
+
+from cxr_ldm.data.builders.common import as_text
+from cxr_ldm.data.labeler import CHEXPERT_LABELS, label_report_details
+from cxr_ldm.evaluation.classifier import LabelledImages
+from cxr_ldm.evaluation.findings import side_code
+
+
+@dataclasses.dataclass
+class RealSplit:
+    """One split in memory: images uint8 (N, H, W, 1), labels and sides (N, 14), prompts and reports."""
+    data: LabelledImages
+    prompts: list[str]
+    reports: list[str]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def sides_from_report(report: str) -> np.ndarray:
+    """int8 (14,) side codes (findings.side_code) of the report's positive mentions."""
+    details = label_report_details(report)
+    return np.array([side_code(details[name]["side"]) for name in CHEXPERT_LABELS], np.int8)
+
+
+def load_split(builder, split: str, limit: int | None = None, chunk: int = 256) -> RealSplit:
+    """The first `limit` (None: all) examples of `split` of a prepared TFDS builder."""
+    source = builder.as_data_source(split=split)
+    count = len(source) if limit is None else min(limit, len(source))
+    if count == 0:
+        raise ValueError(f"{builder.name}/{builder.builder_config.name}: split {split!r} is empty")
+    images, labels, sides, prompts, reports = [], [], [], [], []
+    for start in tqdm(range(0, count, chunk), desc=f"reading {split}", unit="chunk", leave=False):
+        for example in source.__getitems__(list(range(start, min(start + chunk, count)))):
+            image = np.asarray(example["image"], np.uint8)
+            if image.ndim == 2:
+                image = image[:, :, None]
+            images.append(image)
+            labels.append(np.asarray(example["labels"], np.int8))
+            report = as_text(example["report"])
+            sides.append(np.asarray(example["side"], np.int8) if "side" in example else sides_from_report(report))
+            prompts.append(as_text(example["prompt"]))
+            reports.append(report)
+    logging.info("read %d examples of %s/%s", count, builder.name, split)
+    return RealSplit(LabelledImages(np.stack(images), np.stack(labels), np.stack(sides)), prompts, reports)

@@ -1,0 +1,114 @@
+"""The human-readable evaluation report: a Markdown file beside the JSON, with PNG sample grids per
+prompt and the worst memorization pairs (generated | nearest training image) in an assets folder."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cxr_ldm.io.images import make_grid, save_png
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def save_prompt_grids(assets: Path, prompts: Sequence[str], images: Sequence[np.ndarray],
+                      verdicts: Sequence[np.ndarray] | None = None, max_images: int = 16) -> list[str]:
+    """One grid PNG per prompt (its first max_images images, labelled ok/miss); returns relative file names."""
+    names = []
+    for i, (prompt, batch) in enumerate(zip(prompts, images)):
+        batch = batch[:max_images]
+        labels = None if verdicts is None else ["ok" if v else "miss" for v in verdicts[i][:max_images]]
+        name = f"prompt_{i:02d}.png"
+        save_png(assets / name, make_grid(batch, labels, ncols=min(8, len(batch)), label_height=12),
+                 metadata={"prompt": prompt})
+        names.append(name)
+    return names
+
+
+def save_pair_grid(path: Path, generated: np.ndarray, nearest: np.ndarray, scores: Sequence[float]) -> None:
+    """Rows of (generated, nearest training image) pairs, labelled with their SSIM."""
+    tiles, labels = [], []
+    for g, n, s in zip(generated, nearest, scores):
+        tiles += [g, n]
+        labels += [f"generated ssim {s:.3f}", "nearest train"]
+    save_png(path, make_grid(np.stack(tiles), labels, ncols=2, label_height=12))
+
+
+def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence[str], pairs_file: str | None) -> None:
+    """Writes the Markdown report of `results` (the evaluation JSON object) atomically."""
+    rel = os.path.relpath(assets, path.parent)
+    cond, clf = results["conditioning"], results["classifier"]
+    settings = results["settings"]
+    lines = [f"# Evaluation of `{settings['checkpoint']}`", "",
+             f"Data set `{settings['dataset']}/{settings['dataset_config']}`; {settings['num_samples']} images per prompt, "
+             f"{settings['steps']} {settings['sampler']} steps, guidance {settings['guidance']}, seed {settings['seed']}.", "",
+             "## Headline", ""]
+    fid = results["fid"]
+    lines += _table(["metric", "value", "note"], [
+        ["conditioning_accuracy", results["conditioning_accuracy"],
+         "mean over prompts of the fraction of images with all prompted findings and no other major finding"],
+        ["  template wording", cond["conditioning_accuracy_by_style"]["template"], ""],
+        ["  alternate wording", cond["conditioning_accuracy_by_style"]["alternate"], ""],
+        ["classifier_accuracy_real", results["classifier_accuracy_real"], results["classifier_accuracy_real_definition"]],
+        ["classifier mean per-observation accuracy", clf["test"]["mean_accuracy"], "real test split"],
+        ["side accuracy (generated)", cond["side_accuracy_overall"], "detected findings on the prompted side"],
+        ["domain FID generated vs real", fid["domain"]["generated_vs_real"], f"classifier features, n = {fid['domain']['n']}"],
+        ["domain FID real vs real (floor)", fid["domain"]["real_vs_real"], "validation vs test split"],
+        ["Inception FID generated vs real", (fid["inception"] or {}).get("generated_vs_real"), "pool3, if weights given"],
+        ["Inception FID real vs real", (fid["inception"] or {}).get("real_vs_real"), ""],
+        ["MS-SSIM within prompt (generated)", results["diversity"]["generated_mean"], "lower = more diverse"],
+        ["MS-SSIM same findings (real)", results["diversity"]["real_same_findings"], ""],
+        ["VAE PSNR / SSIM / RMSE", None, " / ".join(_fmt(results["reconstruction"][k]) for k in ("psnr", "ssim", "rmse"))],
+        ["copies (SSIM >= threshold)", results["memorization"]["generated"]["copy_fraction"],
+         f"threshold {results['memorization']['copy_threshold']}; held-out real: "
+         f"{_fmt(results['memorization']['heldout_real']['copy_fraction'])}"],
+    ])
+    lines += ["## Per finding", ""]
+    normal_fp = cond["normal_false_positive_rate"] or {}
+    per_obs = clf["test"]["per_observation"]
+    lines += _table(["finding", "detection rate (generated)", "side accuracy (generated)", "false positives on normal prompts",
+                     "classifier accuracy (real)", "sensitivity (real)", "AUROC (real)"],
+                    [[name, cond["detection_rate"].get(name), cond["side_accuracy"].get(name), normal_fp.get(name),
+                      per_obs[name]["accuracy"], per_obs[name]["sensitivity"], per_obs[name]["auroc"]]
+                     for name in per_obs])
+    lines += ["## Prompts", ""]
+    for prompt, grid in zip(cond["per_prompt"], grid_files):
+        detail = ", ".join(f"{k} {_fmt(v)}" for k, v in prompt["detection_rate"].items()) or "normal study"
+        extra = ", ".join(f"{k} {_fmt(v)}" for k, v in prompt["unprompted_rate"].items())
+        lines += [f"### {prompt['prompt']}  ({prompt['style']})", "",
+                  f"success {_fmt(prompt['success_rate'])}; detected: {detail}" + (f"; unprompted: {extra}" if extra else ""),
+                  "", f"![{prompt['prompt']}]({rel}/{grid})", ""]
+    if results.get("skipped_prompts"):
+        lines += ["Skipped prompts (findings the classifier does not know): "
+                  + "; ".join(results["skipped_prompts"]), ""]
+    lines += ["## Memorization", "",
+              "Nearest training image of every generated image (classifier features, then pixel SSIM); the "
+              "held-out real test images give the SSIM two different patients reach.", ""]
+    mem = results["memorization"]
+    lines += _table(["set", "copy fraction", "median SSIM", "99th percentile", "max"],
+                    [[name, s["copy_fraction"], s["ssim_median"], s["ssim_p99"], s["ssim_max"]]
+                     for name, s in (("generated", mem["generated"]), ("held-out real", mem["heldout_real"]))])
+    if pairs_file:
+        lines += [f"![worst pairs]({rel}/{pairs_file})", ""]
+    if results.get("augmentation"):
+        aug = results["augmentation"]
+        lines += ["## Augmentation experiment", ""]
+        lines += _table(["training set", "images", "mean AUROC (real test)", "exact match"],
+                        [[name, v["num_train"], v["mean_auroc"], v["exact_match"]] for name, v in aug.items()])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
