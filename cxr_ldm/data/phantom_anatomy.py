@@ -309,11 +309,11 @@ def _rib_fracture(s, index, local, edge, fracture: Finding, rng: np.random.Gener
     first = int(rng.integers(4, 7))
     count = 1 if fracture.certainty == -1 else int(rng.integers(2, 4))
     break_s = rng.uniform(0.7, 0.82)
-    step = 0.012 if fracture.certainty == -1 else rng.uniform(0.03, 0.04)
+    step = 0.015 if fracture.certainty == -1 else rng.uniform(0.035, 0.045)
     broken = (index >= first) & (index < first + count)
     offset = step * (broken & (s > break_s))
-    gap = 1.0 - broken * ramp(np.abs(s - break_s) - 0.012, edge)
-    callus = 4.0 * np.exp(-((s - break_s) / 0.07) ** 2 - ((local - step / 2) / 0.05) ** 2) * broken
+    gap = 1.0 - broken * ramp(np.abs(s - break_s) - 0.015, edge)
+    callus = 5.0 * np.exp(-((s - break_s) / 0.09) ** 2 - ((local - step / 2) / 0.055) ** 2) * broken
     return offset, gap, callus
 
 
@@ -329,9 +329,9 @@ def _clavicles(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np
         for fracture in fractures:
             if fracture.kind == "clavicle" and SIDE_SIGN[fracture.side] == sign:
                 break_u = rng.uniform(0.3, 0.4)
-                drop = rng.uniform(0.07, 0.09) * (u > break_u) + 0.25 * np.clip(u - break_u, 0, None)
+                drop = rng.uniform(0.08, 0.1) * (u > break_u) + 0.3 * np.clip(u - break_u, 0, None)
                 centre = centre + drop
-                gap = 1.0 - ramp(np.abs(u - break_u) - 0.025, edge)
+                gap = 1.0 - ramp(np.abs(u - break_u) - 0.03, edge)
         half = 0.034 + 0.012 * np.clip(0.25 - u, 0, 1)
         bones += ramp(np.abs(y - centre) - half, edge) * ramp(0.06 - u, 0.02) * ramp(u - 0.66, 0.03) * gap
     return bones

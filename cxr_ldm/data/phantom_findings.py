@@ -17,10 +17,10 @@ from cxr_ldm.data.phantom_reports import Finding
 
 CARDIOTHORACIC_RATIO = {"mild": (0.53, 0.56), "moderate": (0.58, 0.62), "severe": (0.64, 0.69)}
 UNCERTAIN_CARDIOTHORACIC_RATIO = (0.5, 0.52)
-EFFUSION_HEIGHT = {"small": (0.16, 0.21), "moderate": (0.32, 0.42), "large": (0.6, 0.72)}
+EFFUSION_HEIGHT = {"small": (0.18, 0.24), "moderate": (0.32, 0.42), "large": (0.6, 0.72)}
 COLLAPSED_LUNG_SCALE = {"small": (0.78, 0.82), "moderate": (0.64, 0.7), "large": (0.46, 0.52)}
 EDEMA_OPACITY = {"mild": 0.55, "moderate": 0.72, "severe": 0.9}
-LESION_RADIUS = {"small": (0.05, 0.07), "large": (0.11, 0.16)}
+LESION_RADIUS = {"small": (0.065, 0.085), "large": (0.12, 0.17)}
 
 
 def sides(finding: Finding) -> tuple[float, ...]:
@@ -83,7 +83,7 @@ def pneumothorax(canvas, thorax, layers, finding, rng) -> None:
 
 def consolidation(canvas, thorax, layers, finding, rng) -> None:
     """Patchy-to-dense lobar airspace opacity with air bronchograms, bounded by a fissure where one exists."""
-    density = 0.7 if finding.certainty == -1 else rng.uniform(0.92, 1.0)
+    density = 0.8 if finding.certainty == -1 else rng.uniform(0.92, 1.0)
     for sign in sides(finding):
         sub, lung = _hemithorax(canvas, thorax, layers, sign)
         u, y = sign * sub.x, sub.y
@@ -91,7 +91,7 @@ def consolidation(canvas, thorax, layers, finding, rng) -> None:
         if finding.kind == "upper":
             lobe = ramp(y - hilum_y - 0.02, sub.pixel if sign < 0 else 0.1)
         elif finding.kind == "middle":   # right middle lobe / lingula: against the heart border
-            lobe = ramp(hilum_y + 0.02 - y, sub.pixel if sign < 0 else 0.1) * ramp(u - 0.5, 0.12)
+            lobe = ramp(hilum_y + 0.02 - y, sub.pixel if sign < 0 else 0.1) * ramp(u - 0.55, 0.12)
         else:
             lobe = ramp(hilum_y + 0.04 - y, 0.15)
         patchy = np.clip(1.1 + 0.3 * smooth_noise(rng, sub.x.shape, 7), 0.5, 1.0)
@@ -103,12 +103,12 @@ def consolidation(canvas, thorax, layers, finding, rng) -> None:
 
 def atelectasis(canvas, thorax, layers, finding, rng) -> None:
     """Plate-like band(s) in the lower zone; moderate: thicker, two bands, raised hemidiaphragm."""
-    thickness = (0.055, 0.07) if finding.severity == "mild" else (0.075, 0.095)
+    thickness = (0.065, 0.08) if finding.severity == "mild" else (0.08, 0.1)
     for sign in sides(finding):
         sub, lung = _hemithorax(canvas, thorax, layers, sign)
         for _ in range(1 if finding.severity == "mild" else 2):
             for _ in range(30):
-                u, half_length = rng.uniform(0.38, 0.6), rng.uniform(0.16, 0.23)
+                u, half_length = rng.uniform(0.38, 0.6), rng.uniform(0.18, 0.25)
                 low_y = float(thorax.dome_y(sign, u)) - 0.08
                 y = rng.uniform(min(thorax.hilum[sign][1] + 0.16, low_y - 0.04), low_y)
                 angle = rng.uniform(-0.25, 0.35)
@@ -162,8 +162,8 @@ def lung_lesion(canvas, thorax, layers, finding, rng) -> None:
     lobulation = 1.0 + 0.1 * np.sin(3 * angle + rng.uniform(0, 6.3)) + 0.06 * np.sin(5 * angle + rng.uniform(0, 6.3))
     distance = np.hypot(dx, dy) / lobulation
     opacity = ramp(distance - radius, 0.015)
-    _opacify(layers, sub, opacity, 0.92)
-    layers.tissue[sub.rows, sub.cols] += 0.06 * opacity * np.sqrt(np.clip(1 - (distance / radius) ** 2, 0, 1))
+    _opacify(layers, sub, opacity, 0.95)
+    layers.tissue[sub.rows, sub.cols] += 0.1 * opacity * np.sqrt(np.clip(1 - (distance / radius) ** 2, 0, 1))
 
 
 def support_devices(canvas, thorax, layers, finding, rng) -> None:
