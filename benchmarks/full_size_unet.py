@@ -11,6 +11,17 @@ and prints a table of timings and output differences.
 
 On GPU both sides run on the GPU; float32 rows use full float32 matmuls on both sides (no TF32), so
 their error column measures conversion fidelity; bfloat16 rows measure speed.
+
+Measured on one NVIDIA H200 (jax 0.11.2, flax 0.12.10, torch 2.11.0+cu130, diffusers 0.42.1; batch 2,
+64x64 latents, 77 text tokens; median of 5 forward passes; diffusers eager with its default SDPA attention):
+
+    model  dtype     attention  ours ms  diffusers ms  max|err| (max|ref|)
+    sd15   float32   xla           74.4          72.3  4.9e-06 (1.6)
+    sd15   bfloat16  xla           14.7          34.4  2.5e-02 (1.6)
+    sd15   bfloat16  cudnn         10.5          34.4  3.1e-02 (1.6)
+    sd21   float32   xla           70.8          67.8  4.7e-06 (2.1)
+    sd21   bfloat16  xla           12.9          25.8  2.5e-02 (2.1)
+    sd21   bfloat16  cudnn         10.0          25.8  2.5e-02 (2.1)
 """
 from __future__ import annotations
 
