@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -147,6 +148,26 @@ def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
         sample_cli.main(["--checkpoint", str(missing), "--prompt", "x", "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="model_index.json"):
         sample_cli.main(["--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate_unet_weights", r"cannot load checkpoint .*unet.*safetensors"),
+    ("break_vae_config", r"cannot load checkpoint .*vae.config\.json is not valid JSON"),
+    ("drop_text_encoder", r"cannot load checkpoint .*lacks the text_encoder/ component"),
+])
+def test_unreadable_checkpoint_is_a_clear_error(checkpoint, tmp_path, damage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    if damage == "truncate_unet_weights":
+        weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "break_vae_config":
+        (broken / "vae" / "config.json").write_text("{not json")
+    else:
+        shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(SystemExit, match=message):
+        sample_cli.main(["--checkpoint", str(broken), "--prompt", "x", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
