@@ -49,6 +49,14 @@ def _by_hand(models, trainable, frozen, batch, rng, ac):
     return prediction, noise, x_t, latents, t
 
 
+def test_measured_latent_scale_gives_unit_variance_latents(ldm):
+    vae, vae_params = ldm["models"].vae, ldm["state"].frozen["vae"]
+    images, rng = common.tiny_batch(0)["image"], jax.random.PRNGKey(5)
+    scale = steps.measure_latent_scale(vae, vae_params, images, rng)
+    latents = jax.jit(lambda p: steps.encode_latents(vae, p, images, rng, scale))(vae_params)
+    np.testing.assert_allclose(float(jnp.std(latents)), 1.0, rtol=1e-5)
+
+
 def test_nonfinite_loss_skips_the_update_and_counts(ldm):
     train_state, step, mesh = ldm["state"], ldm["step"], ldm["mesh"]
     before = jax.tree_util.tree_map(np.asarray, (train_state.trainable, train_state.opt_state, train_state.ema))
