@@ -77,7 +77,10 @@ def test_placeholder_tokens_get_the_ids_of_the_appended_rows():
         finetune.add_placeholder_tokens(tokenizer, ["<z>"], ["pneumothorax effusion"])
 
 
-@pytest.mark.parametrize("mode", ["unet+text_encoder", "text_encoder", "textual_inversion", "lora"])
+# "unet" runs in test_training_steps.py; the other full modes differ from it only in the split.
+@pytest.mark.parametrize("mode", [pytest.param("unet+text_encoder", marks=pytest.mark.slow),
+                                  pytest.param("text_encoder", marks=pytest.mark.slow),
+                                  "textual_inversion", "lora"])
 def test_steps_change_only_the_trained_part(mode):
     models, config, mesh, state, _, step = common.build(mode, ema=False)
     frozen0, trainable0 = _flat(state.frozen), _flat(state.trainable)

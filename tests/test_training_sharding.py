@@ -46,6 +46,7 @@ def _assert_same_run(result, reference, rtol=1e-5):
         np.testing.assert_allclose(leaf, ref, rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.slow  # three compiles of the LDM step in a subprocess: about 2 minutes on 2 CPU cores
 def test_step_on_8_devices_with_data_and_fsdp_equals_the_1_device_step(tmp_path):
     runs = [dict(num_steps=3, num_devices=1), dict(num_steps=3, data=8, fsdp=1),
             dict(num_steps=3, data=4, fsdp=2)]
@@ -55,6 +56,7 @@ def test_step_on_8_devices_with_data_and_fsdp_equals_the_1_device_step(tmp_path)
     _assert_same_run(fsdp, one)
 
 
+@pytest.mark.slow  # three processes compiling the LDM step at once: about 3 minutes on 2 CPU cores
 def test_two_process_distributed_run_logs_the_losses_of_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
