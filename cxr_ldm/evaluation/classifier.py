@@ -81,6 +81,7 @@ class TrainConfig:
     input_size: int = 64
     widths: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 256
+    norm: str = "batch"  # "batch" (BatchNorm, running statistics at inference) or "group" (GroupNorm)
     min_positives: int = 20
     epochs: int = 12
     batch_size: int = 64
@@ -109,19 +110,27 @@ class ClassifierNet(nn.Module):
     """CNN: images (B, S, S, 1) in [-1, 1] -> (finding logits (B, F), side logits (B, F_side, 3),
     features (B, feature_dim)).
 
-    Each stage halves the side (stride-2 conv) then refines (3x3 conv), GroupNorm + ReLU after each.
+    Each stage halves the side (stride-2 conv) then refines (3x3 conv), norm + ReLU after each.
     The final S/2^len(widths) map is flattened rather than pooled, so features keep left and right apart.
+    `train` selects batch statistics (and updates the running ones) for norm="batch".
     """
     num_findings: int
     num_sided: int
     widths: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 256
+    norm: str = "batch"
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray):
+    def __call__(self, images: jnp.ndarray, train: bool = False):
         def conv_norm(x, width, stride):
-            x = nn.Conv(width, (3, 3), strides=(stride, stride), padding=1)(x)
-            return nn.relu(nn.GroupNorm(num_groups=min(8, width))(x))
+            x = nn.Conv(width, (3, 3), strides=(stride, stride), padding=1, use_bias=False)(x)
+            if self.norm == "batch":
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            elif self.norm == "group":
+                x = nn.GroupNorm(num_groups=min(8, width))(x)
+            else:
+                raise ValueError(f"ClassifierNet.norm = {self.norm!r}; expected 'batch' or 'group'")
+            return nn.relu(x)
 
         x = conv_norm(images, self.widths[0], 1)
         for width in self.widths:
@@ -146,17 +155,18 @@ class Predictions:
 class FindingClassifier:
     """A trained `ClassifierNet` with its observation lists, decision thresholds and provenance."""
 
-    def __init__(self, observations, side_observations, thresholds, params, config: TrainConfig,
+    def __init__(self, observations, side_observations, thresholds, variables, config: TrainConfig,
                  data_signature: str = "", training_report: dict | None = None):
+        """variables: the net's Flax variables ({"params": ..., "batch_stats": ...})."""
         self.observations = tuple(observations)
         self.side_observations = tuple(side_observations)
         self.thresholds = np.asarray(thresholds, np.float32)
-        self.params = params
+        self.variables = variables
         self.config = config
         self.data_signature = data_signature
         self.training_report = training_report or {}
         self.net = make_net(config, len(self.observations), len(self.side_observations))
-        self._apply = jax.jit(lambda p, x: self.net.apply({"params": p}, x))
+        self._apply = jax.jit(lambda v, x: self.net.apply(v, x))
 
     @property
     def major_findings(self) -> tuple[str, ...]:
@@ -171,7 +181,7 @@ class FindingClassifier:
             batch = images[start:start + batch_size]
             padded = np.pad(batch, ((0, batch_size - len(batch)), (0, 0), (0, 0), (0, 0)))
             x = resize(jnp.asarray(padded), self.config.input_size) * 2.0 - 1.0
-            logits, side_logits, features = self._apply(self.params, x)
+            logits, side_logits, features = self._apply(self.variables, x)
             outputs.append([np.asarray(a)[:len(batch)] for a in
                             (jax.nn.sigmoid(logits), jax.nn.softmax(side_logits, -1), features)])
         if not outputs:
@@ -181,11 +191,11 @@ class FindingClassifier:
                            side_probabilities.argmax(-1) + 1, features)
 
     def save(self, folder: str | Path) -> None:
-        """Writes classifier.json (observations, thresholds, config, data signature) + params.safetensors."""
+        """Writes classifier.json (observations, thresholds, config, data signature) + variables.safetensors."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        flat = traverse_util.flatten_dict(jax.device_get(self.params), sep="/")
-        write_safetensors(folder / "params.safetensors", {k: np.asarray(v) for k, v in flat.items()})
+        flat = traverse_util.flatten_dict(jax.device_get(self.variables), sep="/")
+        write_safetensors(folder / "variables.safetensors", {k: np.asarray(v) for k, v in flat.items()})
         write_json(folder / "classifier.json", {
             "format_version": FORMAT_VERSION, "observations": list(self.observations),
             "side_observations": list(self.side_observations), "thresholds": self.thresholds.tolist(),
@@ -201,13 +211,13 @@ class FindingClassifier:
         meta = json.loads(meta_file.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        params = traverse_util.unflatten_dict(read_safetensors(folder / "params.safetensors"), sep="/")
-        return cls(meta["observations"], meta["side_observations"], meta["thresholds"], params,
+        variables = traverse_util.unflatten_dict(read_safetensors(folder / "variables.safetensors"), sep="/")
+        return cls(meta["observations"], meta["side_observations"], meta["thresholds"], variables,
                    TrainConfig.from_dict(meta["config"]), meta["data_signature"], meta.get("training_report"))
 
 
 def make_net(config: TrainConfig, num_findings: int, num_sided: int) -> ClassifierNet:
-    return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim)
+    return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim, config.norm)
 
 
 def resize(images: jnp.ndarray, size: int) -> jnp.ndarray:
@@ -270,15 +280,18 @@ def augment(rng: jax.Array, images: jnp.ndarray, config: TrainConfig) -> jnp.nda
     return (images - mean) * contrast + mean + brightness + noise
 
 
-def loss_fn(params, net: ClassifierNet, images: jnp.ndarray, batch: dict) -> jnp.ndarray:
-    """Masked binary cross-entropy over findings + masked cross-entropy over sides (each a masked mean)."""
-    logits, side_logits, _ = net.apply({"params": params}, images * 2.0 - 1.0)
+def loss_fn(params, state: dict, net: ClassifierNet, images: jnp.ndarray, batch: dict):
+    """Masked binary cross-entropy over findings + masked cross-entropy over sides (each a masked mean).
+
+    state: the non-trainable variables (batch_stats); returns (loss, updated state)."""
+    (logits, side_logits, _), state = net.apply({"params": params, **state}, images * 2.0 - 1.0, train=True,
+                                                mutable=list(state))
     bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"])
     loss = (bce * batch["label_mask"]).sum() / jnp.maximum(batch["label_mask"].sum(), 1.0)
     if net.num_sided:
         ce = optax.softmax_cross_entropy_with_integer_labels(side_logits, batch["side"])
         loss += (ce * batch["side_mask"]).sum() / jnp.maximum(batch["side_mask"].sum(), 1.0)
-    return loss
+    return loss, state
 
 
 def train_classifier(train: LabelledImages, validation: LabelledImages, config: TrainConfig = TrainConfig(),
@@ -300,15 +313,16 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
                                                   total_steps)
     optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
     rng = jax.random.key(config.seed)
-    params = jax.jit(net.init)(rng, jnp.zeros((1, config.input_size, config.input_size, 1)))["params"]
+    variables = jax.jit(net.init)(rng, jnp.zeros((1, config.input_size, config.input_size, 1)))
+    params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     opt_state = optimizer.init(params)
 
     @jax.jit
-    def train_step(params, opt_state, batch_images, batch, step_rng):
+    def train_step(params, state, opt_state, batch_images, batch, step_rng):
         augmented = augment(step_rng, batch_images, config)
-        loss, grads = jax.value_and_grad(loss_fn)(params, net, augmented, batch)
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, net, augmented, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), state, opt_state, loss
 
     order_rng = np.random.default_rng(config.seed)
     start, losses = time.perf_counter(), []
@@ -319,7 +333,7 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
             index = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
             batch = {k: v[index] for k, v in train_targets.items()}
             step_rng = jax.random.fold_in(rng, epoch * steps_per_epoch + step)
-            params, opt_state, loss = train_step(params, opt_state, images[index], batch, step_rng)
+            params, state, opt_state, loss = train_step(params, state, opt_state, images[index], batch, step_rng)
             losses.append(loss)
             progress.update()
         progress.set_postfix(loss=f"{float(losses[-1]):.4f}")
@@ -327,7 +341,8 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
     seconds = time.perf_counter() - start
     logging.info("classifier: %d steps in %.1f s (%.0f images/s)", total_steps, seconds,
                  total_steps * config.batch_size / seconds)
-    classifier = FindingClassifier(observations, side_observations, np.full(len(observations), 0.5), params, config,
+    classifier = FindingClassifier(observations, side_observations, np.full(len(observations), 0.5),
+                                   {"params": params, **state}, config,
                                    train.signature(), {"train_seconds": seconds, "steps": total_steps,
                                                        "final_loss": float(np.mean(losses[-steps_per_epoch:]))})
     classifier.thresholds = select_thresholds(classifier.predict(validation.images).probabilities,

@@ -105,8 +105,8 @@ PROMPTS: tuple[EvalPrompt, ...] = (
     _p("Right lower lobe consolidation, consistent with pneumonia. Small right pleural effusion.",
        consolidation="right", effusion="right"),
     _p("Large right pneumothorax. Right lateral rib fractures.", pneumothorax="right", fracture="right"),
-    _p("Endotracheal tube and nasogastric tube in standard position. Mild bibasilar atelectasis.",
-       devices=None, atelectasis="bilateral"),
+    _p("Mild bibasilar atelectasis. Endotracheal tube and nasogastric tube in standard position.",
+       atelectasis="bilateral", devices=None),
     _p("Enlarged heart with pulmonary edema and effusions on both sides.", ALT,
        cardiomegaly=None, edema="bilateral", effusion="bilateral"),
 )

@@ -1,0 +1,75 @@
+"""evaluate(): the whole evaluation on a tiny random pipeline and the phantom "tiny" data set (32 px):
+every section is present and consistent, the report and grids are written, and the classifier cache
+is reused on a second run."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cxr_ldm import evaluate as evaluate_module
+from cxr_ldm.data.tokenizer import load_tokenizer
+from cxr_ldm.diffusion.schedules import SchedulerConfig
+from cxr_ldm.evaluation import classifier as clf
+from cxr_ldm.evaluation.conditioning import PROMPTS
+from cxr_ldm.models import autoencoder, text_encoder, unet
+from cxr_ldm.pipeline import Pipeline
+
+pytestmark = pytest.mark.slow  # about a minute on two CPU cores: data set build, classifier, sampling
+
+
+def tiny_pipeline(folder):
+    """A random 32 px pipeline (1-channel VAE, 16x16x4 latents) saved as a diffusers folder."""
+    models = []
+    for module, config in (
+            (unet, unet.UNetConfig.from_dict(dict(
+                sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                cross_attention_dim=16, attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))),
+            (autoencoder, autoencoder.AutoencoderConfig.from_dict(dict(
+                in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+                norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2))),
+            (text_encoder, text_encoder.CLIPTextConfig.from_dict(dict(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                projection_dim=16)))):
+        model_class = {unet: unet.UNet2DConditionModel, autoencoder: autoencoder.AutoencoderKL,
+                       text_encoder: text_encoder.CLIPTextModel}[module]
+        model = model_class(config)
+        models += [model, jax.jit(model.init)(jax.random.key(len(models)), *module.dummy_inputs(config))["params"]]
+    scheduler = SchedulerConfig.from_dict(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                               steps_offset=1, set_alpha_to_one=False, clip_sample=False))
+    Pipeline(*models[:2], *models[2:4], *models[4:6], load_tokenizer(), scheduler).save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_end_to_end(tmp_path):
+    checkpoint = tiny_pipeline(tmp_path / "pipe")
+    out = tmp_path / "eval" / "r.json"
+    options = dict(dataset_config="tiny", data_dir=str(tmp_path / "tfds"), num_samples=2, num_fid=12, steps=2,
+                   batch_size=8)
+    recipe = clf.TrainConfig(input_size=32, widths=(8, 16), feature_dim=32, min_positives=5, epochs=1,
+                             batch_size=32, warmup_steps=2)
+    prompts = PROMPTS[:2] + PROMPTS[3:5] + PROMPTS[30:32]  # normal, effusion, cardiomegaly
+
+    results = evaluate_module.evaluate(checkpoint, out, prompts=prompts, classifier_config=recipe, **options)
+    saved = json.loads(out.read_text())
+    assert saved["conditioning_accuracy"] == results["conditioning_accuracy"]
+    assert 0.0 <= saved["conditioning_accuracy"] <= 1.0 and 0.0 <= saved["classifier_accuracy_real"] <= 1.0
+    usable = saved["conditioning"]["per_prompt"]
+    assert len(usable) + len(saved["skipped_prompts"]) == len(prompts)
+    assert saved["conditioning_accuracy"] == pytest.approx(np.mean([p["success_rate"] for p in usable]))
+    assert all(p["num_images"] == 2 for p in usable)
+    assert saved["fid"]["domain"]["n"] == 12 and saved["fid"]["domain"]["real_vs_real"] >= 0
+    assert saved["fid"]["inception"] is None
+    assert saved["reconstruction"]["num_images"] >= 12 and saved["reconstruction"]["psnr"] > 0
+    assert saved["memorization"]["generated"]["copy_fraction"] == 0.0  # random weights copy nothing
+    assert 0 < saved["diversity"]["generated_mean"] <= 1
+    assert saved["classifier"]["cached"] is False
+    report = out.with_suffix(".md").read_text()
+    assert "conditioning_accuracy" in report and "r_assets/prompt_00.png" in report
+    assert (out.parent / "r_assets" / "memorization_pairs.png").is_file()
+    again = evaluate_module.evaluate(checkpoint, tmp_path / "r2.json", prompts=prompts[:1],
+                                     classifier_config=recipe, **options)
+    assert again["classifier"]["cached"] is True
+    assert again["classifier_accuracy_real"] == saved["classifier_accuracy_real"]
