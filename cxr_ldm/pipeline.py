@@ -135,7 +135,7 @@ class Pipeline:
           sampler: "ddim", "dpmpp_2m" or "ddpm".
           eta: DDIM noise (0 = deterministic).
           seed: image i starts from the noise of seed + i (or of seed[i] for a list), so an image is
-            reproducible alone; DDPM / eta > 0 sampler noise is drawn per batch from the first seed.
+            reproducible alone (its DDPM / eta > 0 sampler noise comes from its own seed too).
           latents: optional initial noise (B, h, w, C) (NHWC), e.g. to reproduce another run.
         Returns:
           float32 numpy (B, H, W, C) in [0, 1].
@@ -160,11 +160,11 @@ class Pipeline:
         shape = (len(prompts), height // self.vae_scale, width // self.vae_scale, self.latent_channels)
         if tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (NHWC), got {np.shape(latents)}")
-        sample_key = jax.random.fold_in(jax.random.key(seeds[0]), 1)
+        noise_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 1) for s in seeds])
         ids = tokenize(self.tokenizer, prompts)
         neg_ids = tokenize(self.tokenizer, negative)
         args = _shard_batch((jnp.asarray(ids), jnp.asarray(neg_ids), jnp.asarray(latents, jnp.float32)))
-        images = _generate(self, self._params(), *args, sample_key, jnp.float32(guidance_scale),
+        images = _generate(self, self._params(), *args, noise_keys, jnp.float32(guidance_scale),
                            num_inference_steps=num_inference_steps, use_cfg=guidance_scale > 1.0,
                            sampler=sampler, eta=float(eta))
         return np.asarray(images, dtype=np.float32)
@@ -197,7 +197,7 @@ def _shard_batch(arrays: tuple) -> tuple:
 @functools.partial(jax.jit, static_argnums=0,
                    static_argnames=("num_inference_steps", "use_cfg", "sampler", "eta"))
 def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, latents: jax.Array,
-              rng: jax.Array, guidance_scale: jax.Array, *, num_inference_steps: int, use_cfg: bool,
+              noise_keys: jax.Array, guidance_scale: jax.Array, *, num_inference_steps: int, use_cfg: bool,
               sampler: str, eta: float) -> jax.Array:
     """ids, neg_ids: int32 (B, 77); latents: (B, h, w, C) -> images (B, H, W, C_img) in [0, 1].
 
@@ -209,7 +209,19 @@ def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, 
     uncond = encode(neg_ids) if use_cfg else None
     denoise = samplers.guided_denoise_fn(unet, cond, uncond, guidance_scale)
     latents = samplers.sample(denoise, latents, pipe.scheduler, num_inference_steps=num_inference_steps,
-                              sampler=sampler, eta=eta, rng=rng)
+                              sampler=sampler, eta=eta, noise=_sampler_noise(pipe.scheduler, noise_keys, latents,
+                                                                             num_inference_steps, sampler, eta))
     decoded = pipe.vae.apply({"params": params["vae"]}, latents / pipe.vae.config.scaling_factor,
                              method=pipe.vae.decode)
     return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _sampler_noise(scheduler: SchedulerConfig, keys: jax.Array, latents: jax.Array, num_inference_steps: int,
+                   sampler: str, eta: float) -> jax.Array | None:
+    """Per-image noise of the stochastic samplers (DDPM, DDIM with eta > 0), (S, B, h, w, C), image i's
+    from keys[i] alone, so that an image does not depend on the batch it was drawn in."""
+    if sampler != "ddpm" and not (sampler == "ddim" and eta > 0):
+        return None
+    steps = len(samplers.sampling_timesteps(scheduler, num_inference_steps, sampler))
+    noise = jax.vmap(lambda key: jax.random.normal(key, (steps, *latents.shape[1:]), jnp.float32))(keys)
+    return jnp.swapaxes(noise, 0, 1)

@@ -104,6 +104,10 @@ def test_seeds_are_per_image_and_guidance_scale_does_not_recompile(pipelines):
     both = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=4.0)
     alone = pipe(PROMPTS[1:], num_inference_steps=10, seed=9, guidance_scale=4.0)
     np.testing.assert_allclose(both[1], alone[0], atol=5e-4)  # batch size changes float rounding only
+    # DDPM's per-step noise is the image's own too: swapping batch positions swaps the images.
+    ddpm = pipe(PROMPTS[::-1], num_inference_steps=10, seed=[7, 9], sampler="ddpm")
+    swapped = pipe(PROMPTS, num_inference_steps=10, seed=[9, 7], sampler="ddpm")
+    np.testing.assert_allclose(ddpm[::-1], swapped, atol=5e-4)
     from cxr_ldm.pipeline import _generate
     compiled = _generate._cache_size()
     stronger = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=7.0)
