@@ -4,3 +4,7 @@ import os
 
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+# PyTorch's OpenMP threads spin while waiting by default, which starves JAX (and other processes)
+# on a small shared CPU; the reference models are small.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
