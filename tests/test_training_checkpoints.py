@@ -7,7 +7,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from cxr_ldm.io.checkpoints import Checkpointer, StopSignal

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod

@@ -1,7 +1,6 @@
 """Fine-tune modes: each trains exactly its part; frozen params stay bit-identical; LoRA / textual
 inversion merge as specified."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
