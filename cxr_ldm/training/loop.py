@@ -67,7 +67,8 @@ def run_steps(*, stage: str, state: TrainState, step_fn: Callable, iterator: Any
             if step == num_steps:
                 check_finite(*previous)
             checkpointer.save(step, state, iterator, force=step == num_steps)
-            if step < num_steps and stop.requested():
+            # The poll is an all-gather with several processes: at log steps only, the same on every process.
+            if step < num_steps and step % log_every == 0 and stop.requested():
                 checkpointer.save(step, state, iterator, force=True)
                 checkpointer.wait_until_finished()
                 return state, False
