@@ -54,7 +54,7 @@ def _hemithorax(canvas: Canvas, thorax: Thorax, layers: Layers, sign: float) -> 
     return sub, layers.lungs[sign][sub.rows, sub.cols]
 
 
-def effusion(canvas, thorax, layers, finding, rng) -> None:
+def effusion(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:
     """Basal fluid with a meniscus rising along the lateral wall; blunts the costophrenic angle."""
     for sign in sides(finding):
         sub, lung = _hemithorax(canvas, thorax, layers, sign)
@@ -65,7 +65,7 @@ def effusion(canvas, thorax, layers, finding, rng) -> None:
         _opacify(layers, sub, ramp(surface - sub.y, 0.05) * (0.85 + 0.15 * depth) * lung)
 
 
-def pneumothorax(canvas, thorax, layers, finding, rng) -> None:
+def pneumothorax(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:
     """Lung collapsed towards its hilum-base; pleural air without markings apically/laterally, pleural line."""
     sign = SIDE_SIGN[finding.side]
     sub, lung = _hemithorax(canvas, thorax, layers, sign)
@@ -81,7 +81,7 @@ def pneumothorax(canvas, thorax, layers, finding, rng) -> None:
     layers.tissue[window] += 0.3 * lung * 4.0 * collapsed * (1.0 - collapsed)
 
 
-def consolidation(canvas, thorax, layers, finding, rng) -> None:
+def consolidation(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:
     """Patchy-to-dense lobar airspace opacity with air bronchograms, bounded by a fissure where one exists."""
     density = 0.8 if finding.certainty == -1 else rng.uniform(0.92, 1.0)
     for sign in sides(finding):
@@ -101,7 +101,7 @@ def consolidation(canvas, thorax, layers, finding, rng) -> None:
         layers.air[sub.rows, sub.cols] += 0.15 * thorax.patient.lung_air * opacity * bronchi
 
 
-def atelectasis(canvas, thorax, layers, finding, rng) -> None:
+def atelectasis(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:
     """Plate-like band(s) in the lower zone; moderate: thicker, two bands, raised hemidiaphragm."""
     thickness = (0.065, 0.08) if finding.severity == "mild" else (0.08, 0.1)
     for sign in sides(finding):
@@ -123,7 +123,7 @@ def atelectasis(canvas, thorax, layers, finding, rng) -> None:
             _opacify(layers, sub, ramp(distance - half_width, 0.025) * lung, 0.9)
 
 
-def edema(canvas, thorax, layers, finding, rng) -> None:
+def edema(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:
     """Bilateral perihilar haze (bat wing), engorged indistinct vessels, Kerley B lines at the bases."""
     level = EDEMA_OPACITY[finding.severity]
     for sign in (-1.0, 1.0):
@@ -142,7 +142,7 @@ def edema(canvas, thorax, layers, finding, rng) -> None:
         layers.tissue[window] += 0.3 * level * septal * lung
 
 
-def lung_lesion(canvas, thorax, layers, finding, rng) -> None:
+def lung_lesion(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:
     """Round, slightly lobulated nodule (small) or mass (large) inside the lung zone named by `kind`."""
     sign = SIDE_SIGN[finding.side]
     radius = rng.uniform(*LESION_RADIUS[finding.severity])
@@ -166,7 +166,8 @@ def lung_lesion(canvas, thorax, layers, finding, rng) -> None:
     layers.tissue[sub.rows, sub.cols] += 0.1 * opacity * np.sqrt(np.clip(1 - (distance / radius) ** 2, 0, 1))
 
 
-def support_devices(canvas, thorax, layers, finding, rng) -> None:
+def support_devices(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding,
+                    rng: np.random.Generator) -> None:
     """Metal/radiopaque devices: ET tube, NG tube, central line, pacemaker with leads, sternotomy wires."""
     metal, mx, carina = layers.metal, thorax.mediastinum_x, thorax.carina_y
     apex, sign = thorax.patient.apex_y, SIDE_SIGN.get(finding.side, 1.0)
@@ -211,12 +212,13 @@ def support_devices(canvas, thorax, layers, finding, rng) -> None:
 DRAW = {"Pleural Effusion": effusion, "Pneumothorax": pneumothorax, "Consolidation": consolidation,
         "Atelectasis": atelectasis, "Edema": edema, "Lung Lesion": lung_lesion, "Support Devices": support_devices}
 # Cardiomegaly and Fracture change the anatomy itself (thorax_with_findings, phantom_anatomy._ribs/_clavicles).
-DRAW_ORDER = ("Edema", "Consolidation", "Atelectasis", "Lung Lesion", "Pleural Effusion", "Pneumothorax",
+# Lesions after the pleural processes, so that pleural air does not erase them; devices on top.
+DRAW_ORDER = ("Edema", "Consolidation", "Atelectasis", "Pleural Effusion", "Pneumothorax", "Lung Lesion",
               "Support Devices")
 
 
 def draw_findings(canvas: Canvas, thorax: Thorax, layers: Layers, findings: tuple[Finding, ...], rngs: dict) -> None:
-    """Apply the findings to the layers in place (opacities first, then pleural processes, then devices)."""
+    """Apply the findings to the layers in place, in DRAW_ORDER."""
     by_name = {finding.name: finding for finding in findings}
     for name in DRAW_ORDER:
         if name in by_name:
