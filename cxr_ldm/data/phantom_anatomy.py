@@ -75,7 +75,7 @@ def ramp(signed_distance: np.ndarray, width: float) -> np.ndarray:
     return np.maximum(out, 0.0, out=out)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=512)
 def _noise_basis(size: int, cells: int) -> np.ndarray:
     """(size, cells) gaussian interpolation weights, rows sum to 1: smooth upsampling of a cell grid."""
     centres = (np.arange(cells) + 0.5) / cells
@@ -157,6 +157,11 @@ class Canvas:
             return
         distance = np.min([segment_distance(x, y, a, b) for a, b in zip(points[:-1], points[1:])], axis=0)
         np.maximum(layer[rows, cols], value * ramp(distance - radius, self.pixel), out=layer[rows, cols])
+
+
+def _box(x0: float, x1: float, y0: float, y1: float) -> list[tuple[float, float]]:
+    """The four corners of an axis-aligned box in patient coordinates."""
+    return [(x0, y0), (x0, y1), (x1, y0), (x1, y1)]
 
 
 def smooth_curve(points, samples_per_segment: int = 6) -> np.ndarray:
@@ -279,10 +284,12 @@ def _ribs(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np.rand
     Rib j of a side lies at r = spacing * (j + 0.04 j^2) in the rib coordinate r (height above the rib
     curve); rib fractures on that side shift, break and thicken some ribs.
     """
-    p, x, y, edge = thorax.patient, canvas.x, canvas.y, canvas.pixel
-    ribs = np.zeros_like(x)
+    p, edge = thorax.patient, canvas.pixel
+    ribs = np.zeros_like(canvas.x)
     spacing, growth, thickness = 0.105, 0.04, 0.055
     for sign in (-1.0, 1.0):
+        sub = canvas.crop(*canvas.window(_box(0.0, sign * (thorax.lateral_u + 0.08), p.apex_y - 0.05, 1.2), 0.0))
+        x, y, side_ribs = sub.x, sub.y, ribs[sub.rows, sub.cols]
         s = (sign * x - 0.07) / (thorax.lateral_u - 0.07)      # 0 at the spine, 1 at the lateral wall
         r = y - 0.55 * ((s - 0.25) ** 2 - 0.0625) - (p.apex_y - 0.02 + p.rib_phase)
         phase = (np.sqrt(np.maximum(1.0 + 4 * growth * r / spacing, 0.0)) - 1.0) / (2 * growth)
@@ -293,14 +300,14 @@ def _ribs(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np.rand
             if fracture.kind == "rib" and SIDE_SIGN[fracture.side] == sign:
                 step, gap, callus = _rib_fracture(s, index, local, edge, fracture, rng)
                 local = local - step
-                ribs += callus
+                side_ribs += callus
         band = ramp(np.abs(local) - thickness / 2, edge) * (0.75 + 0.25 * (2 * local / thickness) ** 2)
         extent = ramp(-s, 0.04) * ramp(s - 1.02, 0.05) * (index >= 0) * (index < 10)
-        ribs += band * extent * gap
+        side_ribs += band * extent * gap
         r_front = y + 0.3 * s - (p.apex_y + 0.12 + p.rib_phase)
         local_front = (r_front / 0.14 - np.floor(r_front / 0.14) - 0.5) * 0.14
         front = ramp(np.abs(local_front) - 0.022, edge) * ramp(0.4 - s, 0.15) * ramp(s - 1.0, 0.05)
-        ribs += 0.35 * front * (r_front > 0) * (r_front < 0.14 * 6)
+        side_ribs += 0.35 * front * (r_front > 0) * (r_front < 0.14 * 6)
     return ribs
 
 
@@ -319,9 +326,10 @@ def _rib_fracture(s, index, local, edge, fracture: Finding, rng: np.random.Gener
 
 def _clavicles(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np.random.Generator) -> np.ndarray:
     """Clavicles rising from the sternal notch to the shoulders; a fracture breaks one and drops its lateral part."""
-    x, y, edge = canvas.x, canvas.y, canvas.pixel
     top = thorax.patient.apex_y + 0.13
-    bones = np.zeros_like(x)
+    bones = np.zeros_like(canvas.x)
+    sub = canvas.crop(*canvas.window(_box(-0.75, 0.75, top - 0.25, top + 0.3), 0.0))
+    x, y, edge = sub.x, sub.y, sub.pixel
     for sign in (-1.0, 1.0):
         u = sign * x
         centre = top - 0.22 * (u - 0.06) + 0.25 * (u - 0.3) ** 2
@@ -333,17 +341,21 @@ def _clavicles(canvas: Canvas, thorax: Thorax, fractures: list[Finding], rng: np
                 centre = centre + drop
                 gap = 1.0 - ramp(np.abs(u - break_u) - 0.03, edge)
         half = 0.034 + 0.012 * np.clip(0.25 - u, 0, 1)
-        bones += ramp(np.abs(y - centre) - half, edge) * ramp(0.06 - u, 0.02) * ramp(u - 0.66, 0.03) * gap
+        clavicle = ramp(np.abs(y - centre) - half, edge) * ramp(0.06 - u, 0.02) * ramp(u - 0.66, 0.03)
+        bones[sub.rows, sub.cols] += clavicle * gap
     return bones
 
 
 def _spine(canvas: Canvas, thorax: Thorax) -> np.ndarray:
     """Vertebral column with endplates and pedicles (mostly seen through the mediastinum)."""
-    x, y, edge = canvas.x - thorax.mediastinum_x, canvas.y, canvas.pixel
+    spine = np.zeros_like(canvas.x)
+    sub = canvas.crop(*canvas.window([(thorax.mediastinum_x, -1.2), (thorax.mediastinum_x, 1.2)], 0.1))
+    x, y, edge = sub.x - thorax.mediastinum_x, sub.y, sub.pixel
     level = (y / 0.1) % 1.0
     body = ramp(np.abs(x) - 0.07, edge) * (0.55 + 0.45 * np.abs(2 * level - 1) ** 3)
     pedicles = ramp(np.hypot((np.abs(x) - 0.05) / 0.6, (level - 0.35) * 0.1) - 0.012, edge)
-    return 0.6 * body + 0.4 * pedicles
+    spine[sub.rows, sub.cols] = 0.6 * body + 0.4 * pedicles
+    return spine
 
 
 def _body(canvas: Canvas, patient: Patient) -> np.ndarray:
