@@ -1,7 +1,7 @@
 """Evaluates a text-to-CXR checkpoint: does the generated image show what the prompt says?
 
     python -m cxr_ldm.evaluate --checkpoint workdir/default --out r.json [--dataset phantom_cxr]
-        [--num-samples 16] [--steps 25] [--guidance 3.0] [--inception-weights pt_inception.safetensors]
+        [--num-samples 10] [--steps 25] [--guidance 3.0] [--inception-weights pt_inception.safetensors]
 
 Writes the JSON (top level: conditioning_accuracy, classifier_accuracy_real and the sections below)
 and a Markdown report beside it (r.md, with PNG grids in r_assets/):
@@ -54,8 +54,8 @@ class EvalSettings:
     dataset_config: str | None = None  # None: the checkpoint's image size ("64", "128", ...)
     data_dir: str = "~/tensorflow_datasets"
     manual_dir: str | None = None
-    num_samples: int = 16  # images per evaluation prompt
-    num_fid: int = 500  # generated and real images per FID set
+    num_samples: int = 10  # images per evaluation prompt
+    num_fid: int = 300  # generated and real images per FID set (<= validation and test sizes)
     steps: int = 25
     guidance: float = 3.0
     sampler: str = "ddim"

@@ -83,6 +83,7 @@ class TrainConfig:
     feature_dim: int = 256
     norm: str = "batch"  # "batch" (BatchNorm, running statistics at inference) or "group" (GroupNorm)
     min_positives: int = 20
+    max_positive_weight: float = 4.0  # positives of a finding weigh min(sqrt(negatives / positives), this)
     epochs: int = 12
     batch_size: int = 64
     learning_rate: float = 2e-3
@@ -262,6 +263,15 @@ def targets(data: LabelledImages, observations, side_observations) -> dict[str, 
             "side_mask": ((side_labels == 1) & (side_codes > 0)).astype(np.float32)}
 
 
+def positive_weights(target: dict[str, np.ndarray], max_weight: float) -> np.ndarray:
+    """(F,) loss weight of each finding's positives: sqrt(negatives / positives) clipped to [1, max_weight],
+    so rare findings are learned early rather than predicted absent."""
+    known = target["label_mask"]
+    positives = (target["label"] * known).sum(0)
+    negatives = ((1 - target["label"]) * known).sum(0)
+    return np.clip(np.sqrt(negatives / np.maximum(positives, 1)), 1.0, max_weight).astype(np.float32)
+
+
 def augment(rng: jax.Array, images: jnp.ndarray, config: TrainConfig) -> jnp.ndarray:
     """Random shift (edge padding), contrast, brightness and Gaussian noise; never a left-right flip.
 
@@ -286,7 +296,8 @@ def loss_fn(params, state: dict, net: ClassifierNet, images: jnp.ndarray, batch:
     state: the non-trainable variables (batch_stats); returns (loss, updated state)."""
     (logits, side_logits, _), state = net.apply({"params": params, **state}, images * 2.0 - 1.0, train=True,
                                                 mutable=list(state))
-    bce = optax.sigmoid_binary_cross_entropy(logits, batch["label"])
+    y = batch["label"]
+    bce = batch["positive_weight"] * y * jax.nn.softplus(-logits) + (1.0 - y) * jax.nn.softplus(logits)
     loss = (bce * batch["label_mask"]).sum() / jnp.maximum(batch["label_mask"].sum(), 1.0)
     if net.num_sided:
         ce = optax.softmax_cross_entropy_with_integer_labels(side_logits, batch["side"])
@@ -307,6 +318,7 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
     net = make_net(config, len(observations), len(side_observations))
     images = np.asarray(resize(jnp.asarray(as_float_images(train.images)), config.input_size))
     train_targets = targets(train, observations, side_observations)
+    positive_weight = positive_weights(train_targets, config.max_positive_weight)
     steps_per_epoch = len(train) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, min(config.warmup_steps, total_steps // 2),
@@ -319,6 +331,7 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
 
     @jax.jit
     def train_step(params, state, opt_state, batch_images, batch, step_rng):
+        batch = {**batch, "positive_weight": positive_weight}
         augmented = augment(step_rng, batch_images, config)
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, net, augmented, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
