@@ -34,12 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.init_from = None  # a diffusers AutoencoderKL folder to start from
     c.autoencoder.model = ml_collections.ConfigDict({
         "in_channels": 1, "out_channels": 1, "latent_channels": 4,
-        "block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16,
+        "block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 16,
         "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
         "sample_size": 64,
     })
-    c.autoencoder.batch_size = 32
-    c.autoencoder.num_steps = 1500
+    c.autoencoder.batch_size = 16
+    c.autoencoder.num_steps = 500
     c.autoencoder.learning_rate = 1e-3
     c.autoencoder.warmup_steps = 100
     c.autoencoder.kl_weight = 1e-6
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.l1_weight = 1.0
     c.autoencoder.discriminator_start = -1  # step at which a patch discriminator starts; -1: none
     c.autoencoder.discriminator_weight = 0.1
-    c.autoencoder.eval_every = 500
+    c.autoencoder.eval_every = 250
     c.autoencoder.num_eval_batches = 4
 
     c.ldm = ml_collections.ConfigDict()
@@ -60,10 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.scaling_factor = None  # None: measured on the data (1 / std of the latents) for a new VAE
     c.ldm.unet = ml_collections.ConfigDict({
         "sample_size": 16, "in_channels": 4, "out_channels": 4,
-        "block_out_channels": (64, 128, 128), "layers_per_block": 1,
+        "block_out_channels": (32, 64, 128), "layers_per_block": 1,
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "cross_attention_dim": 128, "attention_head_dim": 4, "num_attention_heads": None,
+        "cross_attention_dim": 128, "attention_head_dim": 8, "num_attention_heads": None,
         "norm_num_groups": 32, "use_linear_projection": True,
     })
     c.ldm.text_encoder = ml_collections.ConfigDict({
@@ -76,10 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
         "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
     })
     c.ldm.batch_size = 32
-    c.ldm.num_steps = 3000
-    c.ldm.learning_rate = 5e-4
-    c.ldm.text_encoder_learning_rate = 5e-4
-    c.ldm.warmup_steps = 200
+    c.ldm.num_steps = 1000
+    c.ldm.learning_rate = 1e-3
+    c.ldm.text_encoder_learning_rate = 1e-3
+    c.ldm.warmup_steps = 100
     c.ldm.weight_decay = 1e-2
     c.ldm.snr_gamma = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
     c.ldm.ema_decay = 0.999
@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
-    c.sample_every = 1000
+    c.sample_every = 500
     c.sample = ml_collections.ConfigDict({
         "prompts": ("No acute cardiopulmonary process.", "Large left pleural effusion.",
                     "Moderate cardiomegaly.", "Right apical pneumothorax.",
@@ -114,6 +114,7 @@ def scale_for_accelerators(c: ml_collections.ConfigDict) -> None:
     c.autoencoder.model.sample_size = 128
     c.autoencoder.model.block_out_channels = (64, 128, 128)
     c.autoencoder.batch_size = 32 * devices
+    c.autoencoder.eval_every = 2000
     c.autoencoder.num_steps = 10_000
     c.ldm.unet.sample_size = 32
     c.ldm.unet.block_out_channels = (128, 256, 256)
