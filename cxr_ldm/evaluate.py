@@ -8,7 +8,9 @@ and a Markdown report beside it (r.md, with PNG grids in r_assets/):
 
   classifier      a finding classifier trained on the real training split (cached under
                   <checkpoint>/eval/), its accuracy on the real test split
-  conditioning    generated images per evaluation prompt, classified (evaluation/conditioning.py)
+  conditioning    generated images per evaluation prompt, classified (evaluation/conditioning.py);
+                  for phantom_cxr also real phantom studies of each prompt scored the same way
+                  (conditioning_accuracy_real_studies: what a perfect generator would get)
   fid             domain FID (classifier features) generated vs real test images generated from the
                   test prompts, and real vs real (validation vs test) as the floor; Inception-V3 FID
                   too when --inception-weights is given
@@ -135,6 +137,10 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
                                                  settings.seed, settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
+    ceiling = None
+    if settings.dataset == "phantom_cxr":  # real studies of each prompt, scored the same way
+        studies = conditioning.phantom_studies(usable, settings.num_samples, size)
+        ceiling = conditioning.evaluate_conditioning(classifier, studies, usable)[0]
     lap("conditioning")
 
     n = min(settings.num_fid, len(validation), len(test))
@@ -189,7 +195,9 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
         "classifier_accuracy_real": classifier_test["exact_match"],
         "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
+        "conditioning_accuracy_real_studies": ceiling and ceiling["conditioning_accuracy"],
         "conditioning": conditioning_summary,
+        "conditioning_real_studies": ceiling,
         "skipped_prompts": [p.text for p in skipped],
         "classifier": {"dir": str(classifier_dir), "cached": cached, "observations": list(classifier.observations),
                        "side_observations": list(classifier.side_observations),

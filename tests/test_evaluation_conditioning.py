@@ -12,7 +12,7 @@ OBSERVATIONS = ("Cardiomegaly", "Lung Opacity", "Consolidation", "Pneumothorax",
 SIDED = ("Consolidation", "Pleural Effusion")
 PROMPTS = (
     EvalPrompt("No acute cardiopulmonary process.", {}),
-    EvalPrompt("Large left pleural effusion.", {"Pleural Effusion": "left"}),
+    EvalPrompt("Large left pleural effusion.", {"Pleural Effusion": "left"}, details={"Pleural Effusion": {"severity": "large"}}),
     EvalPrompt("Right lower lobe consolidation.", {"Consolidation": "right"}, "alternate"),
     EvalPrompt("Moderate left pleural effusion. Moderate cardiomegaly.", {"Pleural Effusion": "left", "Cardiomegaly": None}),
 )
@@ -91,6 +91,21 @@ def test_prompt_set_covers_every_phantom_finding_in_both_styles():
         assert styles == {"template", "alternate"}, name
     assert sum(not p.findings for p in conditioning.PROMPTS) >= 2
     assert any(len(p.findings) >= 2 for p in conditioning.PROMPTS)
+
+
+def test_phantom_studies_state_what_each_prompt_states():
+    """The phantom renders every prompt's findings, and its report labels them positive on the prompted side."""
+    from cxr_ldm.data import phantom
+
+    for i, prompt in enumerate(conditioning.PROMPTS):
+        study = phantom.generate(conditioning.PHANTOM_REFERENCE_SEED + i, 32, prompt.phantom_findings())
+        major_positive = {n for n, v in study["labels"].items() if v == 1 and n in MAJOR_FINDINGS}
+        assert major_positive == set(prompt.findings), prompt.text
+        for name, side in prompt.findings.items():
+            if side is not None:
+                assert study["side"][name] == side, (prompt.text, name)
+    images = conditioning.phantom_studies(conditioning.PROMPTS[:2], 3, 32)
+    assert [x.shape for x in images] == [(3, 32, 32, 1)] * 2 and 0 <= images[0].min() < images[0].max() <= 1
 
 
 def test_prompts_reject_unknown_findings_and_sides():

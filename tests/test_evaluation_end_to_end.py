@@ -60,6 +60,9 @@ def test_evaluate_end_to_end(tmp_path):
     assert len(usable) + len(saved["skipped_prompts"]) == len(prompts)
     assert saved["conditioning_accuracy"] == pytest.approx(np.mean([p["success_rate"] for p in usable]))
     assert all(p["num_images"] == 2 for p in usable)
+    real_studies = saved["conditioning_real_studies"]
+    assert saved["conditioning_accuracy_real_studies"] == real_studies["conditioning_accuracy"]
+    assert [p["prompt"] for p in real_studies["per_prompt"]] == [p["prompt"] for p in usable]
     assert saved["fid"]["domain"]["n"] == 12 and saved["fid"]["domain"]["real_vs_real"] >= 0
     assert saved["fid"]["inception"] is None
     assert saved["reconstruction"]["num_images"] >= 12 and saved["reconstruction"]["psnr"] > 0

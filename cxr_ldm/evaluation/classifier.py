@@ -82,6 +82,7 @@ class TrainConfig:
     widths: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 256
     norm: str = "batch"  # "batch" (BatchNorm, running statistics at inference) or "group" (GroupNorm)
+    stem_layers: int = 1  # 3x3 convs at full resolution before the first stride-2 stage
     min_positives: int = 20
     max_positive_weight: float = 4.0  # positives of a finding weigh min(sqrt(negatives / positives), this)
     epochs: int = 12
@@ -120,6 +121,7 @@ class ClassifierNet(nn.Module):
     widths: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 256
     norm: str = "batch"
+    stem_layers: int = 1
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False):
@@ -133,7 +135,9 @@ class ClassifierNet(nn.Module):
                 raise ValueError(f"ClassifierNet.norm = {self.norm!r}; expected 'batch' or 'group'")
             return nn.relu(x)
 
-        x = conv_norm(images, self.widths[0], 1)
+        x = images
+        for _ in range(self.stem_layers):
+            x = conv_norm(x, self.widths[0], 1)
         for width in self.widths:
             x = conv_norm(conv_norm(x, width, 2), width, 1)
         features = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
@@ -218,7 +222,8 @@ class FindingClassifier:
 
 
 def make_net(config: TrainConfig, num_findings: int, num_sided: int) -> ClassifierNet:
-    return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim, config.norm)
+    return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim, config.norm,
+                         config.stem_layers)
 
 
 def resize(images: jnp.ndarray, size: int) -> jnp.ndarray:

@@ -23,10 +23,15 @@ from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES, allowed_findings
 
 @dataclasses.dataclass(frozen=True)
 class EvalPrompt:
-    """A prompt and the findings it states: {CheXpert name: side or None}; empty = a normal study."""
+    """A prompt and the findings it states: {CheXpert name: side or None}; empty = a normal study.
+
+    details: per finding, the other attributes the prompt states in phantom terms (severity, kind,
+    devices, pneumonia), so `phantom_findings` can render real phantom studies that match the prompt.
+    """
     text: str
     findings: Mapping[str, str | None]
     style: str = "template"  # "template" (phantom impression wording) or "alternate"
+    details: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         unknown = set(self.findings) - set(MAJOR_FINDINGS)
@@ -37,78 +42,102 @@ class EvalPrompt:
             raise ValueError(f"prompt {self.text!r}: sides {bad}; expected one of {SIDES} or None")
         if self.style not in ("template", "alternate"):
             raise ValueError(f"prompt {self.text!r}: style {self.style!r}; expected 'template' or 'alternate'")
+        if set(self.details) - set(self.findings):
+            raise ValueError(f"prompt {self.text!r}: details for findings it does not state: "
+                             f"{sorted(set(self.details) - set(self.findings))}")
+
+    def phantom_findings(self) -> dict:
+        """The `findings` argument of `phantom.generate` for a study this prompt describes."""
+        if not self.findings:
+            return {"No Finding": None}
+        return {name: {**({"side": side} if side else {}), **self.details.get(name, {})}
+                for name, side in self.findings.items()}
 
 
-def _p(text: str, style: str = "template", **findings: str | None) -> EvalPrompt:
-    names = {"effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax", "consolidation": "Consolidation",
-             "atelectasis": "Atelectasis", "edema": "Edema", "lesion": "Lung Lesion", "cardiomegaly": "Cardiomegaly",
-             "fracture": "Fracture", "devices": "Support Devices"}
-    return EvalPrompt(text, {names[k]: v for k, v in findings.items()}, style)
+_NAMES = {"effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax", "consolidation": "Consolidation",
+          "atelectasis": "Atelectasis", "edema": "Edema", "lesion": "Lung Lesion", "cardiomegaly": "Cardiomegaly",
+          "fracture": "Fracture", "devices": "Support Devices"}
+
+
+def _p(text: str, style: str = "template", **findings: Mapping) -> EvalPrompt:
+    """findings: short name -> {"side": ..., other phantom attributes}."""
+    named = {_NAMES[k]: dict(v) for k, v in findings.items()}
+    return EvalPrompt(text, {name: v.pop("side", None) for name, v in named.items()}, style,
+                      {name: v for name, v in named.items() if v})
+
+
+def _f(side=None, severity=None, **other) -> dict:
+    return {k: v for k, v in dict(side=side, severity=severity, **other).items() if v is not None}
 
 
 ALT = "alternate"
+PHANTOM_REFERENCE_SEED = 30_000_000
 PROMPTS: tuple[EvalPrompt, ...] = (
     # Normal studies.
     _p("No acute cardiopulmonary process."),
     _p("Normal chest radiograph."),
     _p("The lungs are clear. Heart size is normal. No effusion or pneumothorax.", ALT),
     # Pleural effusion: every side, severities.
-    _p("Small left pleural effusion.", effusion="left"),
-    _p("Moderate right pleural effusion.", effusion="right"),
-    _p("Large left pleural effusion.", effusion="left"),
-    _p("Moderate bilateral pleural effusions.", effusion="bilateral"),
-    _p("Left pleural effusion, large.", ALT, effusion="left"),
-    _p("There is a moderate effusion on the right.", ALT, effusion="right"),
+    _p("Small left pleural effusion.", effusion=_f("left", "small")),
+    _p("Moderate right pleural effusion.", effusion=_f("right", "moderate")),
+    _p("Large left pleural effusion.", effusion=_f("left", "large")),
+    _p("Moderate bilateral pleural effusions.", effusion=_f("bilateral", "moderate")),
+    _p("Left pleural effusion, large.", ALT, effusion=_f("left", "large")),
+    _p("There is a moderate effusion on the right.", ALT, effusion=_f("right", "moderate")),
     # Pneumothorax.
-    _p("Small right apical pneumothorax.", pneumothorax="right"),
-    _p("Large left pneumothorax.", pneumothorax="left"),
-    _p("Moderate right pneumothorax.", pneumothorax="right"),
-    _p("Pneumothorax on the left, large in size.", ALT, pneumothorax="left"),
+    _p("Small right apical pneumothorax.", pneumothorax=_f("right", "small")),
+    _p("Large left pneumothorax.", pneumothorax=_f("left", "large")),
+    _p("Moderate right pneumothorax.", pneumothorax=_f("right", "moderate")),
+    _p("Pneumothorax on the left, large in size.", ALT, pneumothorax=_f("left", "large")),
     # Consolidation (lobes), with and without the pneumonia wording.
-    _p("Right lower lobe consolidation.", consolidation="right"),
-    _p("Left upper lobe consolidation.", consolidation="left"),
-    _p("Right middle lobe consolidation, compatible with pneumonia.", consolidation="right"),
-    _p("Bilateral lower lobes consolidation.", consolidation="bilateral"),
-    _p("Pneumonia in the left lower lobe.", ALT, consolidation="left"),
+    _p("Right lower lobe consolidation.", consolidation=_f("right", kind="lower")),
+    _p("Left upper lobe consolidation.", consolidation=_f("left", kind="upper")),
+    _p("Right middle lobe consolidation, compatible with pneumonia.",
+       consolidation=_f("right", kind="middle", pneumonia=1)),
+    _p("Bilateral lower lobes consolidation.", consolidation=_f("bilateral", kind="lower")),
+    _p("Pneumonia in the left lower lobe.", ALT, consolidation=_f("left", kind="lower", pneumonia=1)),
     # Atelectasis.
-    _p("Moderate left basilar atelectasis.", atelectasis="left"),
-    _p("Mild bibasilar atelectasis.", atelectasis="bilateral"),
-    _p("Moderate right basilar atelectasis.", atelectasis="right"),
-    _p("Atelectasis at the right lung base, moderate.", ALT, atelectasis="right"),
+    _p("Moderate left basilar atelectasis.", atelectasis=_f("left", "moderate")),
+    _p("Mild bibasilar atelectasis.", atelectasis=_f("bilateral", "mild")),
+    _p("Moderate right basilar atelectasis.", atelectasis=_f("right", "moderate")),
+    _p("Atelectasis at the right lung base, moderate.", ALT, atelectasis=_f("right", "moderate")),
     # Edema (always bilateral).
-    _p("Mild pulmonary edema.", edema="bilateral"),
-    _p("Moderate pulmonary edema.", edema="bilateral"),
-    _p("Severe pulmonary edema.", edema="bilateral"),
-    _p("Findings of severe interstitial and alveolar edema.", ALT, edema="bilateral"),
+    _p("Mild pulmonary edema.", edema=_f("bilateral", "mild")),
+    _p("Moderate pulmonary edema.", edema=_f("bilateral", "moderate")),
+    _p("Severe pulmonary edema.", edema=_f("bilateral", "severe")),
+    _p("Findings of severe interstitial and alveolar edema.", ALT, edema=_f("bilateral", "severe")),
     # Lung lesions.
-    _p("Large right upper lobe mass.", lesion="right"),
-    _p("Left lung base nodule.", lesion="left"),
-    _p("Large left perihilar region mass.", lesion="left"),
-    _p("A large mass is seen in the right upper lung.", ALT, lesion="right"),
+    _p("Large right upper lobe mass.", lesion=_f("right", "large", kind="upper")),
+    _p("Left lung base nodule.", lesion=_f("left", "small", kind="lower")),
+    _p("Large left mid lung mass.", lesion=_f("left", "large", kind="mid")),
+    _p("A large mass is seen in the right upper lung.", ALT, lesion=_f("right", "large", kind="upper")),
     # Cardiomegaly.
-    _p("Mild cardiomegaly.", cardiomegaly=None),
-    _p("Severe cardiomegaly.", cardiomegaly=None),
-    _p("The heart is markedly enlarged.", ALT, cardiomegaly=None),
+    _p("Mild cardiomegaly.", cardiomegaly=_f(severity="mild")),
+    _p("Severe cardiomegaly.", cardiomegaly=_f(severity="severe")),
+    _p("The heart is markedly enlarged.", ALT, cardiomegaly=_f(severity="severe")),
     # Fractures.
-    _p("Left clavicle fracture.", fracture="left"),
-    _p("Right lateral rib fractures.", fracture="right"),
-    _p("Acute fracture of the right clavicle.", ALT, fracture="right"),
+    _p("Left clavicle fracture.", fracture=_f("left", kind="clavicle")),
+    _p("Right lateral rib fractures.", fracture=_f("right", kind="rib")),
+    _p("Acute fracture of the right clavicle.", ALT, fracture=_f("right", kind="clavicle")),
     # Support devices.
-    _p("Endotracheal tube in standard position.", devices=None),
-    _p("Left-sided pacemaker in standard position.", devices="left"),
-    _p("Right internal jugular central line in standard position.", devices="right"),
-    _p("Lines and tubes: a pacemaker in the left chest wall.", ALT, devices="left"),
+    _p("Endotracheal tube in standard position.", devices=_f(devices=("et_tube",))),
+    _p("Left-sided pacemaker in standard position.", devices=_f("left", devices=("pacemaker",))),
+    _p("Right internal jugular central line in standard position.",
+       devices=_f("right", devices=("central_line",), kind="jugular")),
+    _p("Lines and tubes: a pacemaker in the left chest wall.", ALT, devices=_f("left", devices=("pacemaker",))),
     # Combinations.
-    _p("Moderate left pleural effusion. Moderate cardiomegaly.", effusion="left", cardiomegaly=None),
+    _p("Moderate left pleural effusion. Moderate cardiomegaly.",
+       effusion=_f("left", "moderate"), cardiomegaly=_f(severity="moderate")),
     _p("Moderate pulmonary edema. Small bilateral pleural effusions. Moderate cardiomegaly.",
-       edema="bilateral", effusion="bilateral", cardiomegaly=None),
+       edema=_f("bilateral", "moderate"), effusion=_f("bilateral", "small"), cardiomegaly=_f(severity="moderate")),
     _p("Right lower lobe consolidation, consistent with pneumonia. Small right pleural effusion.",
-       consolidation="right", effusion="right"),
-    _p("Large right pneumothorax. Right lateral rib fractures.", pneumothorax="right", fracture="right"),
+       consolidation=_f("right", kind="lower", pneumonia=1), effusion=_f("right", "small")),
+    _p("Large right pneumothorax. Right lateral rib fractures.",
+       pneumothorax=_f("right", "large"), fracture=_f("right", kind="rib")),
     _p("Mild bibasilar atelectasis. Endotracheal tube and nasogastric tube in standard position.",
-       atelectasis="bilateral", devices=None),
+       atelectasis=_f("bilateral", "mild"), devices=_f(devices=("et_tube", "ng_tube"))),
     _p("Enlarged heart with pulmonary edema and effusions on both sides.", ALT,
-       cardiomegaly=None, edema="bilateral", effusion="bilateral"),
+       cardiomegaly=_f(), edema=_f("bilateral"), effusion=_f("bilateral")),
 )
 
 
@@ -221,6 +250,19 @@ def generate_images(generate: Callable[[list[str], list[int]], np.ndarray], prom
         for (p, _), image in zip(chunk, images[:len(chunk)]):
             outputs[p].append(image)
     return [np.stack(images) for images in outputs]
+
+
+def phantom_studies(prompts: Sequence[EvalPrompt], num_per_prompt: int, resolution: int,
+                    seed: int = PHANTOM_REFERENCE_SEED) -> list[np.ndarray]:
+    """Real phantom studies that each prompt describes (`phantom.generate` with its findings):
+    a list of float32 (N, R, R, 1) in [0, 1]. Scored like generated images they give the conditioning
+    accuracy of a perfect generator under the classifier (the metric's ceiling). Seeds start at
+    `seed`, outside the phantom_cxr splits."""
+    from cxr_ldm.data import phantom
+
+    return [np.stack([phantom.generate(seed + p * num_per_prompt + i, resolution, prompt.phantom_findings())["image"]
+                      for i in range(num_per_prompt)]).astype(np.float32) / 255.0
+            for p, prompt in enumerate(prompts)]
 
 
 def evaluate_conditioning(classifier: FindingClassifier, images_per_prompt: Sequence[np.ndarray],

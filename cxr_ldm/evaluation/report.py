@@ -61,6 +61,8 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
     lines += _table(["metric", "value", "note"], [
         ["conditioning_accuracy", results["conditioning_accuracy"],
          "mean over prompts of the fraction of images with all prompted findings and no other major finding"],
+        ["  real phantom studies of the same prompts", results.get("conditioning_accuracy_real_studies"),
+         "the ceiling: what a perfect generator gets under this classifier"],
         ["  template wording", cond["conditioning_accuracy_by_style"]["template"], ""],
         ["  alternate wording", cond["conditioning_accuracy_by_style"]["alternate"], ""],
         ["classifier_accuracy_real", results["classifier_accuracy_real"], results["classifier_accuracy_real_definition"]],
