@@ -36,3 +36,11 @@ def test_grid_places_tiles_row_major_below_label_strips():
         row, col = divmod(i, 2)
         y, x = row * 22 + 12, col * 12
         np.testing.assert_allclose(grid[y:y + 8, x:x + 10], round(value * 255) / 255, atol=1e-6)
+
+
+def test_grid_scale_repeats_pixels():
+    image = np.arange(4, dtype=np.float32).reshape(1, 2, 2, 1) / 4
+    grid = make_grid(image, scale=3, pad=0)
+    assert grid.shape == (6, 6, 3)
+    np.testing.assert_allclose(grid[:3, :3], round(0 * 255) / 255)
+    np.testing.assert_allclose(grid[3:, 3:, 0], round(0.75 * 255) / 255, atol=1e-6)

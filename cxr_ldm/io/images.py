@@ -39,13 +39,15 @@ def save_png(path: str | os.PathLike, image: np.ndarray, *, bits: int = 8,
 
 
 def make_grid(images: np.ndarray, labels: Sequence[str] | None = None, *, ncols: int | None = None,
-              label_height: int = 28, pad: int = 2) -> np.ndarray:
+              label_height: int = 28, pad: int = 2, scale: int = 1) -> np.ndarray:
     """Tiles images (N, H, W, C) in [0, 1] into one (rows*(H+label), cols*W, 3) float image.
 
     `labels` (one per image, or None) are drawn on a dark strip above each tile, wrapped to the tile
-    width.
+    width. `scale` enlarges each image by pixel repetition first (small images, readable labels).
     """
     images = np.asarray(images, dtype=np.float32)
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     if c == 1:
         images = np.repeat(images, 3, axis=-1)

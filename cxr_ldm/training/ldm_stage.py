@@ -182,5 +182,7 @@ def write_sample_grid(pipe: Pipeline, config, workdir: str, name: str) -> str | 
         return None
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", name)
-    save_png(path, make_grid(np.asarray(images), list(s.prompts), ncols=min(4, len(s.prompts))))
+    images = np.asarray(images)
+    save_png(path, make_grid(images, list(s.prompts), ncols=min(4, len(s.prompts)),
+                             scale=max(1, 128 // images.shape[2])))
     return path
