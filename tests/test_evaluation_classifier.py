@@ -69,7 +69,11 @@ def test_exact_match_counts_an_image_wrong_when_any_major_finding_is(trained):
     known = target["label_mask"].astype(bool)
     expected = np.mean([all(p == t for p, t, k in zip(pi, ti, ki) if k)
                         for pi, ti, ki in zip(predicted, target["label"].astype(bool), known)])
-    assert clf.evaluate_classifier(model, data)["exact_match"] == pytest.approx(expected)
+    report = clf.evaluate_classifier(model, data)
+    assert report["exact_match"] == pytest.approx(expected)
+    per_finding = [np.mean([p == t for p, t, k in zip(predicted[:, j], target["label"][:, j], known[:, j]) if k])
+                   for j in range(len(model.observations))]
+    assert report["major_accuracy"] == pytest.approx(np.mean(per_finding))  # both observations are major
     flipped = data.subset(slice(None))
     flipped.labels = data.labels.copy()
     flipped.labels[:, CARDIO] = np.where(data.labels[:, CARDIO] == 1, 0, 1)  # every cardiomegaly label wrong

@@ -82,7 +82,8 @@ class TrainConfig:
     widths: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 256
     norm: str = "batch"  # "batch" (BatchNorm, running statistics at inference) or "group" (GroupNorm)
-    stem_layers: int = 1  # 3x3 convs at full resolution before the first stride-2 stage
+    stem_layers: int = 1  # 3x3 convs at full resolution before the first stage
+    downsample: str = "stride"  # each stage halves the side by a stride-2 conv ("stride") or conv + 2x2 max pool
     min_positives: int = 20
     max_positive_weight: float = 4.0  # positives of a finding weigh min(sqrt(negatives / positives), this)
     epochs: int = 12
@@ -112,7 +113,8 @@ class ClassifierNet(nn.Module):
     """CNN: images (B, S, S, 1) in [-1, 1] -> (finding logits (B, F), side logits (B, F_side, 3),
     features (B, feature_dim)).
 
-    Each stage halves the side (stride-2 conv) then refines (3x3 conv), norm + ReLU after each.
+    Each stage halves the side (a stride-2 conv, or a conv then 2x2 max pooling) then refines (3x3 conv),
+    norm + ReLU after each conv.
     The final S/2^len(widths) map is flattened rather than pooled, so features keep left and right apart.
     `train` selects batch statistics (and updates the running ones) for norm="batch".
     """
@@ -122,6 +124,7 @@ class ClassifierNet(nn.Module):
     feature_dim: int = 256
     norm: str = "batch"
     stem_layers: int = 1
+    downsample: str = "stride"
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False):
@@ -139,7 +142,11 @@ class ClassifierNet(nn.Module):
         for _ in range(self.stem_layers):
             x = conv_norm(x, self.widths[0], 1)
         for width in self.widths:
-            x = conv_norm(conv_norm(x, width, 2), width, 1)
+            if self.downsample == "maxpool":  # keeps small bright structures (nodules, callus) sharp
+                x = nn.max_pool(conv_norm(x, width, 1), (2, 2), (2, 2))
+            else:
+                x = conv_norm(x, width, 2)
+            x = conv_norm(x, width, 1)
         features = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
         logits = nn.Dense(self.num_findings)(features)
         side_logits = nn.Dense(max(self.num_sided, 1) * len(SIDES))(features)
@@ -223,7 +230,7 @@ class FindingClassifier:
 
 def make_net(config: TrainConfig, num_findings: int, num_sided: int) -> ClassifierNet:
     return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim, config.norm,
-                         config.stem_layers)
+                         config.stem_layers, config.downsample)
 
 
 def resize(images: jnp.ndarray, size: int) -> jnp.ndarray:
@@ -384,9 +391,10 @@ def evaluate_classifier(classifier: FindingClassifier, data: LabelledImages) -> 
     """Accuracy of the classifier on labelled images.
 
     Returns a dict with
-      exact_match: fraction of images whose every major finding (`classifier.major_findings`) is
-        predicted right (uncertain labels skipped; not mentioned = absent) -- `classifier_accuracy_real`;
-      mean_accuracy: mean over observations of the per-observation accuracy;
+      major_accuracy: mean over the major findings (`classifier.major_findings`) of each one's accuracy
+        (uncertain labels skipped; not mentioned = absent) -- `classifier_accuracy_real`;
+      exact_match: fraction of images whose every major finding is predicted right (the stricter number);
+      mean_accuracy: mean over all observations of the per-observation accuracy;
       per_observation: {name: {accuracy, auroc, sensitivity, specificity, positives}};
       side_accuracy: fraction of positive, side-stated findings whose predicted side is right
         (per observation under per_observation[name]["side_accuracy"]).
@@ -410,7 +418,8 @@ def evaluate_classifier(classifier: FindingClassifier, data: LabelledImages) -> 
     for k, name in enumerate(classifier.side_observations):
         if side_mask[:, k].any():
             per_observation[name]["side_accuracy"] = float(side_hits[side_mask[:, k], k].mean())
-    return {"exact_match": float(correct[:, major].all(axis=1).mean()),
+    return {"major_accuracy": float(np.mean([per_observation[n]["accuracy"] for n in classifier.major_findings])),
+            "exact_match": float(correct[:, major].all(axis=1).mean()),
             "mean_accuracy": float(np.mean([v["accuracy"] for v in per_observation.values()])),
             "side_accuracy": float(side_hits[side_mask].mean()) if side_mask.any() else None,
             "major_findings": list(classifier.major_findings), "num_images": len(data),
