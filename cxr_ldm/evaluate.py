@@ -6,8 +6,10 @@
 Writes the JSON (top level: conditioning_accuracy, classifier_accuracy_real and the sections below)
 and a Markdown report beside it (r.md, with PNG grids in r_assets/):
 
-  classifier      a finding classifier trained on the real training split (cached under
-                  <checkpoint>/eval/), its accuracy on the real test split
+  classifier      a finding classifier trained on the real training split, its accuracy on the real
+                  test split; cached beside the data (<data_dir>/cxr_ldm_eval/) so that every checkpoint
+                  evaluated on a data set is judged by the same classifier (retrained if the data or
+                  the recipe change)
   conditioning    generated images per evaluation prompt, classified (evaluation/conditioning.py);
                   for phantom_cxr also real phantom studies of each prompt scored the same way
                   (conditioning_accuracy_real_studies: what a perfect generator would get)
@@ -64,7 +66,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 32
     inception_weights: str | None = None
-    classifier_dir: str | None = None  # None: <checkpoint>/eval/classifier-<dataset>-<config>
+    classifier_dir: str | None = None  # None: <data_dir>/cxr_ldm_eval/classifier-<dataset>-<config>
     copy_threshold: float = 0.95
     augmentation_experiment: bool = False
     augmentation_real: int = 500
@@ -126,7 +128,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     lap("data")
 
     classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
-    classifier_dir = Path(settings.classifier_dir or Path(settings.checkpoint) / "eval" /
+    classifier_dir = Path(settings.classifier_dir or Path(os.path.expanduser(settings.data_dir)) / "cxr_ldm_eval" /
                           f"classifier-{settings.dataset}-{config_name}")
     classifier, cached = clf.load_or_train(classifier_dir, train.data, validation.data, classifier_config)
     classifier_test = clf.evaluate_classifier(classifier, test.data)
@@ -243,7 +245,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--inception-weights", default=None,
                         help="pytorch-fid Inception-V3 weights as safetensors (see cxr_ldm/evaluation/inception.py)")
-    parser.add_argument("--classifier-dir", default=None, help="classifier cache (default: <checkpoint>/eval/...)")
+    parser.add_argument("--classifier-dir", default=None,
+                        help="classifier cache (default: <data-dir>/cxr_ldm_eval/classifier-<dataset>-<config>)")
     parser.add_argument("--copy-threshold", type=float, default=defaults.copy_threshold)
     parser.add_argument("--augmentation-experiment", action="store_true")
     args = parser.parse_args(argv)

@@ -86,7 +86,7 @@ class TrainConfig:
     downsample: str = "stride"  # each stage halves the side by a stride-2 conv ("stride") or conv + 2x2 max pool
     min_positives: int = 20
     max_positive_weight: float = 4.0  # positives of a finding weigh min(sqrt(negatives / positives), this)
-    epochs: int = 12
+    epochs: int = 24
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
