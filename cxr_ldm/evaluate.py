@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_ldm.data.builders import prepare
+from cxr_ldm.data.builders import BUILDERS, prepare
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation import conditioning, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
@@ -43,6 +43,8 @@ from cxr_ldm.evaluation.metrics import fid_from_features
 from cxr_ldm.evaluation.reconstruction import reconstruction_metrics
 from cxr_ldm.io.weights import write_json
 
+DEFAULT_DATASET = "phantom_cxr"
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 CLASSIFIER_ACCURACY_DEFINITION = (
     "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
     "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
@@ -54,9 +56,11 @@ CLASSIFIER_ACCURACY_DEFINITION = (
 class EvalSettings:
     """What to evaluate and how much. Sample counts trade time for precision."""
     checkpoint: str
-    dataset: str = "phantom_cxr"
-    dataset_config: str | None = None  # None: the checkpoint's image size ("64", "128", ...)
-    data_dir: str = "~/tensorflow_datasets"
+    # Data: None = what the train.py workdir's config.json names, else phantom_cxr in ~/tensorflow_datasets
+    # at the config whose resolution is the checkpoint's image size.
+    dataset: str | None = None
+    dataset_config: str | None = None
+    data_dir: str | None = None
     manual_dir: str | None = None
     num_samples: int = 10  # images per evaluation prompt
     num_fid: int = 300  # generated and real images per FID set (<= validation and test sizes)
@@ -71,6 +75,27 @@ class EvalSettings:
     augmentation_experiment: bool = False
     augmentation_real: int = 500
     augmentation_synthetic: int = 1000
+
+
+def resolve_data(settings: EvalSettings, image_size: int) -> EvalSettings:
+    """Fills the data fields left None from the workdir's config.json (train.py writes it), else defaults."""
+    trained_on = {}
+    config_file = Path(settings.checkpoint) / "config.json"
+    if config_file.is_file():
+        trained_on = json.loads(config_file.read_text()).get("data", {})
+    dataset = settings.dataset or trained_on.get("name") or DEFAULT_DATASET
+    same_data = dataset == trained_on.get("name")
+    config = settings.dataset_config or (trained_on.get("config") if same_data else None)
+    if config is None:
+        configs = [c for c in BUILDERS[dataset].BUILDER_CONFIGS if getattr(c, "resolution", None) == image_size]
+        if not configs:
+            raise ValueError(f"{dataset} has no config at the checkpoint's {image_size} px; pass --dataset-config "
+                             f"(one of {[c.name for c in BUILDERS[dataset].BUILDER_CONFIGS]})")
+        config = next((c.name for c in configs if c.name == str(image_size)), configs[0].name)
+    return dataclasses.replace(
+        settings, dataset=dataset, dataset_config=config,
+        data_dir=os.path.expanduser(settings.data_dir or (same_data and trained_on.get("data_dir")) or DEFAULT_DATA_DIR),
+        manual_dir=settings.manual_dir or (trained_on.get("manual_dir") if same_data else None))
 
 
 def _generator(pipe, settings: EvalSettings, size: int):
@@ -120,15 +145,16 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         start = time.perf_counter()
 
     pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
-    config_name = settings.dataset_config or str(pipe.default_size())
-    builder = prepare(settings.dataset, os.path.expanduser(settings.data_dir), config_name,
+    settings = resolve_data(settings, pipe.default_size())
+    config_name = settings.dataset_config
+    builder = prepare(settings.dataset, settings.data_dir, config_name,
                       settings.manual_dir and os.path.expanduser(settings.manual_dir))
     train, validation, test = (load_split(builder, split) for split in ("train", "validation", "test"))
     size = train.data.images.shape[1]
     lap("data")
 
     classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
-    classifier_dir = Path(settings.classifier_dir or Path(os.path.expanduser(settings.data_dir)) / "cxr_ldm_eval" /
+    classifier_dir = Path(settings.classifier_dir or Path(settings.data_dir) / "cxr_ldm_eval" /
                           f"classifier-{settings.dataset}-{config_name}")
     classifier, cached = clf.load_or_train(classifier_dir, train.data, validation.data, classifier_config)
     classifier_test = clf.evaluate_classifier(classifier, test.data)
@@ -140,7 +166,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
                                                  settings.seed, settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
     ceiling = None
-    if settings.dataset == "phantom_cxr":  # real studies of each prompt, scored the same way
+    if settings.dataset == DEFAULT_DATASET:  # real studies of each prompt, scored the same way
         studies = conditioning.phantom_studies(usable, settings.num_samples, size)
         ceiling = conditioning.evaluate_conditioning(classifier, studies, usable)[0]
     lap("conditioning")
@@ -232,9 +258,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="train.py workdir or diffusers pipeline folder")
     parser.add_argument("--out", required=True, help="output JSON file; the report goes beside it")
-    parser.add_argument("--dataset", default=defaults.dataset, choices=("phantom_cxr", "mimic_cxr_jpg", "openi_cxr"))
-    parser.add_argument("--dataset-config", default=None, help="TFDS config (default: the checkpoint's image size)")
-    parser.add_argument("--data-dir", default=defaults.data_dir)
+    parser.add_argument("--dataset", default=None, choices=sorted(BUILDERS),
+                        help=f"default: the workdir's training data set, else {DEFAULT_DATASET}")
+    parser.add_argument("--dataset-config", default=None,
+                        help="TFDS config (default: the workdir's, else the one at the checkpoint's image size)")
+    parser.add_argument("--data-dir", default=None, help=f"default: the workdir's, else {DEFAULT_DATA_DIR}")
     parser.add_argument("--manual-dir", default=None, help="where MIMIC-CXR-JPG / Open-i lie (manual download)")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples, help="images per prompt")
     parser.add_argument("--num-fid", type=int, default=defaults.num_fid, help="images per FID set")

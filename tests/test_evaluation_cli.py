@@ -1,0 +1,32 @@
+"""evaluate CLI plumbing: the data set comes from the train.py workdir's config.json unless overridden;
+without one, phantom_cxr at the checkpoint's image size."""
+import json
+import os
+
+import pytest
+
+from cxr_ldm import evaluate
+
+
+def test_data_comes_from_the_workdir_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"data": {"name": "phantom_cxr", "config": "tiny", "data_dir": "/data/tfds", "manual_dir": None}}))
+    resolved = evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 32)
+    assert (resolved.dataset, resolved.dataset_config, resolved.data_dir) == ("phantom_cxr", "tiny", "/data/tfds")
+    overridden = evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path), data_dir="/other"), 32)
+    assert overridden.data_dir == "/other" and overridden.dataset_config == "tiny"
+
+
+def test_without_a_workdir_config_the_image_size_picks_the_config(tmp_path):
+    resolved = evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 128)
+    assert (resolved.dataset, resolved.dataset_config) == ("phantom_cxr", "128")
+    assert resolved.data_dir == os.path.expanduser(evaluate.DEFAULT_DATA_DIR)
+    assert evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 32).dataset_config == "tiny"
+    with pytest.raises(ValueError, match="no config at the checkpoint's 48 px"):
+        evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 48)
+
+
+def test_cli_requires_checkpoint_and_out(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--out", "r.json"])
+    assert "--checkpoint" in capsys.readouterr().err
