@@ -25,6 +25,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     return lines + [""]
 
 
+def _scale(images: np.ndarray, min_side: int = 128) -> int:
+    """Pixel repetition factor that makes tiles at least min_side wide (readable labels)."""
+    return max(1, -(-min_side // images.shape[2]))
+
+
 def save_prompt_grids(assets: Path, prompts: Sequence[str], images: Sequence[np.ndarray],
                       verdicts: Sequence[np.ndarray] | None = None, max_images: int = 16) -> list[str]:
     """One grid PNG per prompt (its first max_images images, labelled ok/miss); returns relative file names."""
@@ -33,8 +38,8 @@ def save_prompt_grids(assets: Path, prompts: Sequence[str], images: Sequence[np.
         batch = batch[:max_images]
         labels = None if verdicts is None else ["ok" if v else "miss" for v in verdicts[i][:max_images]]
         name = f"prompt_{i:02d}.png"
-        save_png(assets / name, make_grid(batch, labels, ncols=min(8, len(batch)), label_height=12),
-                 metadata={"prompt": prompt})
+        save_png(assets / name, make_grid(batch, labels, ncols=min(8, len(batch)), label_height=12,
+                                          scale=_scale(batch)), metadata={"prompt": prompt})
         names.append(name)
     return names
 
@@ -44,8 +49,8 @@ def save_pair_grid(path: Path, generated: np.ndarray, nearest: np.ndarray, score
     tiles, labels = [], []
     for g, n, s in zip(generated, nearest, scores):
         tiles += [g, n]
-        labels += [f"generated ssim {s:.3f}", "nearest train"]
-    save_png(path, make_grid(np.stack(tiles), labels, ncols=2, label_height=12))
+        labels += [f"generated, SSIM {s:.3f}", "nearest training image"]
+    save_png(path, make_grid(np.stack(tiles), labels, ncols=2, label_height=24, scale=_scale(generated)))
 
 
 def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence[str], pairs_file: str | None) -> None:
