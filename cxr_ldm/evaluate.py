@@ -174,21 +174,15 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     n = min(settings.num_fid, len(validation), len(test))
     fid_images = np.concatenate(conditioning.generate_images(generate, test.prompts[:n], 1,
                                                              settings.seed + 1_000_000, settings.batch_size))
-    real_a, real_b = validation.data.images[:n], test.data.images[:n]
-    features = {name: classifier.predict(x).features for name, x in
-                (("generated", fid_images), ("validation", real_a), ("test", real_b))}
-    fid = {"domain": {"n": n, "generated_vs_real": fid_from_features(features["generated"], features["test"]),
-                      "real_vs_real": fid_from_features(features["validation"], features["test"])},
-           "inception": None}
+    fid_sets = {"generated": fid_images, "validation": validation.data.images[:n], "test": test.data.images[:n]}
+    features = {name: classifier.predict(x).features for name, x in fid_sets.items()}
+    fid = {"domain": _fid(features), "inception": None}
     if settings.inception_weights:
         from cxr_ldm.evaluation.inception import InceptionFeatures
 
         inception = InceptionFeatures.from_file(settings.inception_weights)
-        pool3 = {name: inception(clf.as_float_images(x)) for name, x in
-                 (("generated", fid_images), ("validation", real_a), ("test", real_b))}
-        fid["inception"] = {"n": n, "weights": settings.inception_weights,
-                            "generated_vs_real": fid_from_features(pool3["generated"], pool3["test"]),
-                            "real_vs_real": fid_from_features(pool3["validation"], pool3["test"])}
+        pool3 = {name: inception(clf.as_float_images(x)) for name, x in fid_sets.items()}
+        fid["inception"] = {**_fid(pool3), "weights": settings.inception_weights}
     lap("fid")
 
     major_columns = [clf.CHEXPERT_LABELS.index(name) for name in classifier.major_findings]
@@ -207,7 +201,8 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     generated_nn = memorization.nearest_training_images(classifier.predict(generated_all).features,
                                                         clf.as_float_images(generated_all), train_features,
                                                         train.data.images)
-    heldout_nn = memorization.nearest_training_images(features["test"], real_b, train_features, train.data.images)
+    heldout_nn = memorization.nearest_training_images(features["test"], fid_sets["test"], train_features,
+                                                      train.data.images)
     memo = memorization.memorization_summary(generated_nn, heldout_nn, settings.copy_threshold)
     lap("memorization")
 
@@ -224,7 +219,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "classifier_accuracy_real": classifier_test["major_accuracy"],
         "classifier_exact_match_real": classifier_test["exact_match"],
         "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
-        "conditioning_accuracy_real_studies": ceiling and ceiling["conditioning_accuracy"],
+        "conditioning_accuracy_real_studies": ceiling["conditioning_accuracy"] if ceiling else None,
         "conditioning": conditioning_summary,
         "conditioning_real_studies": ceiling,
         "skipped_prompts": [p.text for p in skipped],
@@ -238,19 +233,32 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "timings_s": timings,
     }
     write_json(out, results)
+    _write_report(out, results, [p.text for p in usable], prompt_images, prompt_results, generated_all,
+                  train.data.images)
+    return results
+
+
+def _fid(features: dict[str, np.ndarray]) -> dict:
+    """Frechet distances of features {"generated", "validation", "test"}: generated vs test and the
+    real-vs-real floor validation vs test (sets of equal size)."""
+    return {"n": len(features["test"]), "generated_vs_real": fid_from_features(features["generated"], features["test"]),
+            "real_vs_real": fid_from_features(features["validation"], features["test"])}
+
+
+def _write_report(out: Path, results: dict, prompts: list[str], prompt_images, prompt_results, generated_all,
+                  train_images) -> None:
+    """The Markdown report beside the JSON, with prompt grids and memorization pairs in <stem>_assets/."""
     assets = out.with_name(out.stem + "_assets")
     assets.mkdir(exist_ok=True)
-    grids = report.save_prompt_grids(assets, [p.text for p in usable], prompt_images,
-                                     [r.success for r in prompt_results])
-    pairs = memo["worst_pairs"]
+    grids = report.save_prompt_grids(assets, prompts, prompt_images, [r.success for r in prompt_results])
+    pairs = results["memorization"]["worst_pairs"]
     pairs_file = None
     if pairs:
         pairs_file = "memorization_pairs.png"
         report.save_pair_grid(assets / pairs_file, generated_all[[p["generated"] for p in pairs]],
-                              clf.as_float_images(train.data.images[[p["train"] for p in pairs]]),
+                              clf.as_float_images(train_images[[p["train"] for p in pairs]]),
                               [p["ssim"] for p in pairs])
     report.write_markdown(out.with_suffix(".md"), results, assets, grids, pairs_file)
-    return results
 
 
 def main(argv=None) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

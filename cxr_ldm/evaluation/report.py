@@ -88,10 +88,13 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
     lines += ["## Per finding", ""]
     normal_fp = cond["normal_false_positive_rate"] or {}
     per_obs = clf["test"]["per_observation"]
-    lines += _table(["finding", "detection rate (generated)", "side accuracy (generated)", "false positives on normal prompts",
-                     "classifier accuracy (real)", "sensitivity (real)", "AUROC (real)"],
-                    [[name, cond["detection_rate"].get(name), cond["side_accuracy"].get(name), normal_fp.get(name),
-                      per_obs[name]["accuracy"], per_obs[name]["sensitivity"], per_obs[name]["auroc"]]
+    real_detection = (results.get("conditioning_real_studies") or {}).get("detection_rate", {})
+    lines += _table(["finding", "detection rate (generated)", "detection rate (real studies, same prompts)",
+                     "side accuracy (generated)", "false positives on normal prompts",
+                     "classifier accuracy (real test)", "sensitivity (real test)", "AUROC (real test)"],
+                    [[name, cond["detection_rate"].get(name), real_detection.get(name), cond["side_accuracy"].get(name),
+                      normal_fp.get(name), per_obs[name]["accuracy"], per_obs[name]["sensitivity"],
+                      per_obs[name]["auroc"]]
                      for name in per_obs])
     lines += ["## Prompts", ""]
     for prompt, grid in zip(cond["per_prompt"], grid_files):
