@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.lora_alpha = 8.0
     c.ldm.placeholder_tokens = ()  # textual inversion: new tokens
     c.ldm.initializer_tokens = ()  # textual inversion: the words whose embeddings start them
+    # Encode the training images with the frozen VAE once, not at every step (<workdir>/ldm/latent_cache,
+    # memory-mapped; SD's VAE at 512 px: 128 KiB per image). Needs data.augment = False.
+    c.ldm.cache_latents = True
     c.ldm.scaling_factor = None  # None: measured on the data (1 / std of the latents) for a new VAE
     c.ldm.unet = ml_collections.ConfigDict({
         "sample_size": 16, "in_channels": 4, "out_channels": 4,

@@ -44,16 +44,22 @@ def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, 
     interrupted = tmp_path / "interrupted"
     calls = {"n": 0}
 
-    def stop_at_autoencoder_step_3(self):
+    def stop_at_autoencoder_step_3_then_ldm_step_3(self):
+        # Polled after steps 1..5 of each stage: calls 1-3 autoencoder; after the rerun 4-5 autoencoder, 6-8 ldm.
         calls["n"] += 1
-        return calls["n"] == 3
+        return calls["n"] in (3, 8)
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopSignal, "requested", stop_at_autoencoder_step_3)
+        m.setattr(checkpoints.StopSignal, "requested", stop_at_autoencoder_step_3_then_ldm_step_3)
         assert not trainer.run(_config(data_dir), str(interrupted))
-    assert not (interrupted / "autoencoder" / "done.json").exists()
-    assert [n for _, n, _ in _losses(interrupted)] == [1, 2, 3]
+        assert not (interrupted / "autoencoder" / "done.json").exists()
+        assert [n for _, n, _ in _losses(interrupted)] == [1, 2, 3]
+        assert not trainer.run(_config(data_dir), str(interrupted))
+        assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("ldm", 3)
+    cache = interrupted / "ldm" / "latent_cache" / "train-shard0of1.npy"
+    stamp = cache.stat().st_mtime_ns
     assert trainer.run(_config(data_dir), str(interrupted))
+    assert cache.stat().st_mtime_ns == stamp  # the resumed LDM stage read the latents cached before
 
     expected, got = _losses(straight), _losses(interrupted)
     assert [(s, n) for s, n, _ in got] == [("autoencoder", n) for n in range(1, 7)] + [("ldm", n) for n in range(1, 7)]

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import grain
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
@@ -72,22 +73,45 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
 
 
 class _TrainExample(grain.transforms.RandomMap):
-    """TFDS example -> {"image", "input_ids", "labels"} with prompt drop and optional crop."""
+    """TFDS example -> {"image", "input_ids", "labels"} with prompt drop and optional crop; with
+    `include_image` False no "image" (it was not decoded either); with `include_index` its record index."""
 
-    def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float):
+    def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float,
+                 include_image: bool = True, include_index: bool = False):
         self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
         self.augment, self.min_crop_scale = augment, min_crop_scale
+        self.include_image, self.include_index = include_image, include_index
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         drop = rng.random() < self.prompt_dropout
-        image = element["image"]
-        if self.augment:
-            image = random_crop_resize(image, rng, self.min_crop_scale)
-        return {
-            "image": to_model_range(image),
+        example = {
             "input_ids": self.prompt_ids("" if drop else common.as_text(element["prompt"])),
             "labels": np.asarray(element["labels"], np.int8),
         }
+        if self.include_image:
+            image = element["image"]
+            if self.augment:
+                image = random_crop_resize(image, rng, self.min_crop_scale)
+            example["image"] = to_model_range(image)
+        if self.include_index:
+            example["index"] = np.int64(element["index"])
+        return example
+
+
+class _IndexedSource:
+    """A data source whose records carry their own index as "index"."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.source[index], "index": index}
+
+    def __repr__(self) -> str:  # Grain checkpoints compare the data source's repr on restore
+        return f"IndexedSource({self.source!r})"
 
 
 class _EvalExample(grain.transforms.Map):
@@ -105,13 +129,16 @@ class _EvalExample(grain.transforms.Map):
         }
 
 
-def data_source(builder_or_name, split: str, data_dir: str | os.PathLike | None = None):
-    """`tfds` data source of `split`; a name ("phantom_cxr/64") is prepared (built if absent) first."""
+def data_source(builder_or_name, split: str, data_dir: str | os.PathLike | None = None, *,
+                decode_images: bool = True):
+    """`tfds` data source of `split`; a name ("phantom_cxr/64") is prepared (built if absent) first.
+    With decode_images False "image" stays the encoded file bytes (for readers that do not use it)."""
     if isinstance(builder_or_name, str):
         if data_dir is None:
             raise ValueError(f"data_dir is required to find data set {builder_or_name!r}.")
         builder_or_name = builders.prepare(builder_or_name, data_dir)
-    return builder_or_name.as_data_source(split=split)
+    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+    return builder_or_name.as_data_source(split=split, decoders=decoders)
 
 
 def _per_shard_batch_size(global_batch_size: int, shard_options: grain.sharding.ShardOptions) -> int:
@@ -132,7 +159,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
                         augment: bool = False, num_epochs: int | None = None, shuffle: bool = True,
                         min_crop_scale: float = 0.85, max_length: int = 77,
                         shard_options: grain.sharding.ShardOptions | None = None,
-                        worker_count: int = 0) -> grain.DataLoaderIterator:
+                        worker_count: int = 0, include_image: bool = True,
+                        include_index: bool = False) -> grain.DataLoaderIterator:
     """Training batches of this process's shard (module doc), endless unless num_epochs is given.
 
     Args:
@@ -147,6 +175,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
       num_epochs: None repeats forever. shuffle: reshuffle every epoch.
       shard_options: default ShardByJaxProcess(drop_remainder=True).
       worker_count: Grain worker processes (0 = in this process).
+      include_image: False leaves "image" out of the batches (and undecoded): for cached latents.
+      include_index: adds "index", int64 (b,): each example's record index in the split.
     Returns:
       A `grain.DataLoaderIterator`; the final partial batch of a finite run is dropped.
     """
@@ -154,16 +184,21 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}.")
     if not 0.0 < min_crop_scale <= 1.0:
         raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
+    if augment and not include_image:
+        raise ValueError("augment=True crops the images, but include_image=False leaves them out.")
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     batch_size = _per_shard_batch_size(global_batch_size, shard_options)
     _allow_worker_processes(worker_count)
-    source = data_source(builder_or_name, split, data_dir)
+    source = data_source(builder_or_name, split, data_dir, decode_images=include_image)
+    if include_index:
+        source = _IndexedSource(source)
     sampler = grain.samplers.IndexSampler(len(source), shard_options, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=seed)
     loader = grain.DataLoader(
         data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
         operations=[
-            _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale),
+            _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
+                          include_image, include_index),
             grain.transforms.Batch(batch_size, drop_remainder=True),
         ])
     return iter(loader)

@@ -2,7 +2,8 @@
 
 Starts from scratch (the VAE of stage 1) or from a diffusers StableDiffusionPipeline folder
 (`config.ldm.init_from`: SD 1.x/2.x, RoentGen), and trains what `config.ldm.finetune` selects.
-Writes <workdir>/ldm/checkpoints/, sample grids in <workdir>/samples/, ldm/done.json and, with
+With `config.ldm.cache_latents` the training images are encoded once (<workdir>/ldm/latent_cache/,
+see `latent_cache`) rather than at every step. Writes <workdir>/ldm/checkpoints/, sample grids in <workdir>/samples/, ldm/done.json and, with
 `config.export`, the diffusers pipeline folder <workdir>/pipeline/ that `Pipeline.from_pretrained`
 (and diffusers) load.
 """
@@ -29,6 +30,7 @@ from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
 from cxr_ldm.models.unet import dummy_inputs as unet_dummy_inputs
 from cxr_ldm.pipeline import EXPORT_DIRNAME, Pipeline
 from cxr_ldm.training import finetune as finetune_lib
+from cxr_ldm.training import latent_cache
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import steps as steps_lib
 from cxr_ldm.training.autoencoder_stage import vae_dir
@@ -114,10 +116,11 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
     step_fn = steps_lib.make_ldm_train_step(
         models, finetune, loss_config, compute_alphas_cumprod(scheduler), optimizer, mesh, shardings,
         grad_accum_steps=config.optim.grad_accum_steps, ema_decay=c.ema_decay, learning_rate_fn=lr_fn)
+    cache = _latent_cache(config, workdir, models.vae, setup.params["vae"])
     iterator = make_train_iterator(
         dataset_name(config), split="train", data_dir=config.data.data_dir, global_batch_size=c.batch_size,
         tokenizer=tokenizer, seed=config.seed + 1, prompt_dropout=config.data.prompt_dropout,
-        augment=config.data.augment)
+        augment=config.data.augment, include_image=cache is None, include_index=cache is not None)
     checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
                                 save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
                                 config={"ldm": c.to_dict(), "seed": config.seed})
@@ -142,7 +145,9 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
         state, finished = run_steps(
             stage=STAGE, state=state, step_fn=step_fn, iterator=iterator, mesh=mesh, checkpointer=checkpointer,
             logger=logger, num_steps=c.num_steps, log_every=config.log_every,
-            max_nonfinite_streak=config.max_nonfinite_steps, batch_keys=("image", "input_ids"),
+            max_nonfinite_streak=config.max_nonfinite_steps,
+            batch_keys=("image" if cache is None else "latent_moments", "input_ids"),
+            prepare_batch=None if cache is None else cache.batch_with_latents,
             hooks=[(config.sample_every, sample_grid)])
     finally:
         checkpointer.close()
@@ -155,6 +160,20 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
     if jax.process_index() == 0:
         write_done(workdir, STAGE, {"step": c.num_steps, "nonfinite_count": int(to_host(state.nonfinite_count))})
     return True
+
+
+def _latent_cache(config, workdir: str, vae, vae_params) -> latent_cache.LatentCache | None:
+    """With config.ldm.cache_latents: the VAE posterior moments of this process's training records
+    (encoded once, kept in <workdir>/ldm/latent_cache/), else None (the step encodes the images)."""
+    if not config.ldm.get("cache_latents", False):
+        return None
+    if config.data.augment:
+        raise ValueError("config.ldm.cache_latents = True needs config.data.augment = False: random crops "
+                         "change the images every epoch, so their latents cannot be cached")
+    return latent_cache.load_or_encode(
+        vae, vae_params, dataset_name(config), split="train", data_dir=config.data.data_dir,
+        cache_dir=os.path.join(workdir, STAGE, latent_cache.CACHE_DIRNAME),
+        batch_size=config.ldm.batch_size // jax.process_count())
 
 
 def _optimizer(config, trainable: dict) -> tuple[Any, Any]:

@@ -20,10 +20,12 @@ class NonFiniteLossError(RuntimeError):
 def run_steps(*, stage: str, state: TrainState, step_fn: Callable, iterator: Any, mesh: Mesh,
               checkpointer: Checkpointer, logger: MetricsLogger, num_steps: int, log_every: int,
               max_nonfinite_streak: int, batch_keys: Sequence[str],
+              prepare_batch: Callable[[dict], dict] | None = None,
               hooks: Sequence[tuple[int, Callable[[int, TrainState], dict | None]]] = ()) -> tuple[TrainState, bool]:
     """Runs steps state.step .. num_steps - 1.
 
-    iterator: yields this process's numpy batches (dicts); `batch_keys` of each go to the step.
+    iterator: yields this process's numpy batches (dicts); `batch_keys` of each go to the step, after
+      `prepare_batch` (if given) mapped the batch (e.g. record indices -> cached latents).
     hooks: (every, fn): fn(step, state) after step % every == 0 steps and at the end; a returned dict
       is logged as metrics of that step (e.g. validation PSNR, a sample grid's path).
     Returns (state, finished): finished is False when SIGTERM asked the run to stop; a checkpoint of
@@ -47,6 +49,8 @@ def run_steps(*, stage: str, state: TrainState, step_fn: Callable, iterator: Any
     try:
         while step < num_steps:
             batch = next(iterator)
+            if prepare_batch is not None:
+                batch = prepare_batch(batch)
             global_batch = sharding_lib.global_batch_from_process({k: batch[k] for k in batch_keys}, mesh)
             state, metrics = step_fn(state, global_batch)
             step += 1

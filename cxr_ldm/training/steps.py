@@ -120,6 +120,13 @@ def encode_latents(vae: nn.Module, vae_params: Any, images: jax.Array, rng: jax.
     sample (rng given) or the posterior mean (rng None). No gradient flows into the VAE."""
     mean, logvar = vae.apply({"params": vae_params}, match_channels(images, vae.config.in_channels),
                              method=vae.encode)
+    return latents_from_moments(jnp.concatenate([mean, logvar], axis=-1), rng, scale, shift)
+
+
+def latents_from_moments(moments: jax.Array, rng: jax.Array | None, scale: float, shift: float = 0.0) -> jax.Array:
+    """Scaled float32 latents (B, h, w, c) from posterior moments (B, h, w, 2c) = [mean, logvar]
+    (`encode_latents`, or a `latent_cache`): a sample (rng given) or the mean (rng None)."""
+    mean, logvar = jnp.split(moments, 2, axis=-1)
     z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
     return jax.lax.stop_gradient((z.astype(jnp.float32) - shift) * scale)
 
@@ -135,8 +142,8 @@ def measure_latent_scale(vae: nn.Module, vae_params: Any, images: jax.Array, rng
 
 def make_ldm_loss_fn(models: LDMModels, finetune: finetune_lib.FinetuneConfig, config: LDMLossConfig,
                      alphas_cumprod) -> LossFn:
-    """The denoising loss of one batch {"image": (B, H, W, C) in [-1, 1], "input_ids": int (B, L)}:
-    encode to latents, draw t ~ U{0..T-1} and noise, predict with the UNet conditioned on the text
+    """The denoising loss of one batch {"image": (B, H, W, C) in [-1, 1], "input_ids": int (B, L)}
+    (or "latent_moments" (B, h, w, 2c) from a `latent_cache` in place of "image"): encode to latents, draw t ~ U{0..T-1} and noise, predict with the UNet conditioned on the text
     encoder's last hidden state, MSE to the prediction target (min-SNR weighted if set).
     Prompt dropout for classifier-free guidance is done by the input pipeline (empty prompts)."""
     alphas_cumprod = jnp.asarray(alphas_cumprod, jnp.float32)
@@ -146,9 +153,13 @@ def make_ldm_loss_fn(models: LDMModels, finetune: finetune_lib.FinetuneConfig, c
         del update_index
         params = finetune_lib.merge_params(finetune, trainable, frozen)
         latent_rng, t_rng, noise_rng, offset_rng = jax.random.split(rng, 4)
-        latents = encode_latents(models.vae, params["vae"], batch["image"],
-                                 latent_rng if config.sample_posterior else None,
-                                 config.latent_scale, config.latent_shift)
+        posterior_rng = latent_rng if config.sample_posterior else None
+        if "latent_moments" in batch:
+            latents = latents_from_moments(batch["latent_moments"], posterior_rng, config.latent_scale,
+                                           config.latent_shift)
+        else:
+            latents = encode_latents(models.vae, params["vae"], batch["image"], posterior_rng,
+                                     config.latent_scale, config.latent_shift)
         batch_size, channels = latents.shape[0], latents.shape[-1]
         noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
         if config.noise_offset:
