@@ -7,7 +7,9 @@ The recipe of the CXR Stable Diffusion adaptation work (Chambon et al. 2022, arX
 RoentGen, arXiv:2211.12737): keep SD's VAE (grayscale images are repeated to 3 channels), condition
 on the report impression (<= 75 CLIP tokens), fine-tune the UNet (or UNet + text encoder; compare with
 `--config.ldm.finetune=...`), AdamW at 5e-5 with a short warmup, global batch 64 here, 512 px,
-10 % empty prompts for classifier-free guidance, sample with guidance ~4. Check the papers' tables
+10 % empty prompts for classifier-free guidance, sample with guidance ~4. The SD VAE's posterior of
+every training image is encoded once before the first step (`ldm.cache_latents`, 128 KiB per image
+on disk in <workdir>/ldm/latent_cache) instead of at every step. Check the papers' tables
 before claiming a replication; what they vary (steps, batch) is exposed here as config fields.
 """
 import ml_collections
