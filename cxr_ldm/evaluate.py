@@ -1,7 +1,7 @@
 """Evaluates a text-to-CXR checkpoint: does the generated image show what the prompt says?
 
     python -m cxr_ldm.evaluate --checkpoint workdir/default --out r.json [--dataset phantom_cxr]
-        [--num-samples 10] [--steps 25] [--guidance 3.0] [--inception-weights pt_inception.safetensors]
+        [--num-samples 10] [--steps 25] [--guidance G] [--inception-weights pt_inception.safetensors]
 
 Writes the JSON (top level: conditioning_accuracy, classifier_accuracy_real and the sections below)
 and a Markdown report beside it (r.md, with PNG grids in r_assets/):
@@ -45,6 +45,7 @@ from cxr_ldm.io.weights import write_json
 
 DEFAULT_DATASET = "phantom_cxr"
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+DEFAULT_GUIDANCE = 3.0  # when neither --guidance nor the workdir config gives one
 CLASSIFIER_ACCURACY_DEFINITION = (
     "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
     "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
@@ -65,7 +66,7 @@ class EvalSettings:
     num_samples: int = 10  # images per evaluation prompt
     num_fid: int = 300  # generated and real images per FID set (<= validation and test sizes)
     steps: int = 25
-    guidance: float = 3.0
+    guidance: float | None = None  # None: the workdir config's sample.guidance_scale, else 3.0
     sampler: str = "ddim"
     seed: int = 0
     batch_size: int = 32
@@ -77,12 +78,23 @@ class EvalSettings:
     augmentation_synthetic: int = 1000
 
 
+def _run_config(checkpoint: str) -> dict:
+    """The config.json train.py wrote into the workdir `checkpoint` ({} for a bare pipeline folder)."""
+    config_file = Path(checkpoint) / "config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def resolve_guidance(settings: EvalSettings) -> EvalSettings:
+    """guidance None -> the guidance scale the run's sample grids used (the recipe's choice), else 3.0."""
+    if settings.guidance is not None:
+        return settings
+    guidance = _run_config(settings.checkpoint).get("sample", {}).get("guidance_scale", DEFAULT_GUIDANCE)
+    return dataclasses.replace(settings, guidance=float(guidance))
+
+
 def resolve_data(settings: EvalSettings, image_size: int) -> EvalSettings:
     """Fills the data fields left None from the workdir's config.json (train.py writes it), else defaults."""
-    trained_on = {}
-    config_file = Path(settings.checkpoint) / "config.json"
-    if config_file.is_file():
-        trained_on = json.loads(config_file.read_text()).get("data", {})
+    trained_on = _run_config(settings.checkpoint).get("data", {})
     dataset = settings.dataset or trained_on.get("name") or DEFAULT_DATASET
     same_data = dataset == trained_on.get("name")
     config = settings.dataset_config or (trained_on.get("config") if same_data else None)
@@ -145,7 +157,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         start = time.perf_counter()
 
     pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
-    settings = resolve_data(settings, pipe.default_size())
+    settings = resolve_guidance(resolve_data(settings, pipe.default_size()))
     config_name = settings.dataset_config
     builder = prepare(settings.dataset, settings.data_dir, config_name,
                       settings.manual_dir and os.path.expanduser(settings.manual_dir))
@@ -275,7 +287,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples, help="images per prompt")
     parser.add_argument("--num-fid", type=int, default=defaults.num_fid, help="images per FID set")
     parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--guidance", type=float, default=defaults.guidance)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help=f"classifier-free guidance scale (default: the workdir config's sample.guidance_scale, "
+                             f"else {DEFAULT_GUIDANCE})")
     parser.add_argument("--sampler", default=defaults.sampler, choices=("ddim", "dpmpp_2m", "ddpm"))
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

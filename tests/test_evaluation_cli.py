@@ -1,5 +1,5 @@
-"""evaluate CLI plumbing: the data set comes from the train.py workdir's config.json unless overridden;
-without one, phantom_cxr at the checkpoint's image size."""
+"""evaluate CLI plumbing: the data set and guidance scale come from the train.py workdir's config.json
+unless overridden; without one, phantom_cxr at the checkpoint's image size and guidance 3."""
 import json
 import os
 
@@ -24,6 +24,15 @@ def test_without_a_workdir_config_the_image_size_picks_the_config(tmp_path):
     assert evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 32).dataset_config == "tiny"
     with pytest.raises(ValueError, match="no config at the checkpoint's 48 px"):
         evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 48)
+
+
+def test_guidance_comes_from_the_workdir_sample_config_unless_given(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"sample": {"guidance_scale": 6.5}}))
+    assert evaluate.resolve_guidance(evaluate.EvalSettings(checkpoint=str(tmp_path))).guidance == 6.5
+    assert evaluate.resolve_guidance(evaluate.EvalSettings(checkpoint=str(tmp_path), guidance=2.0)).guidance == 2.0
+    bare = tmp_path / "pipeline"
+    bare.mkdir()
+    assert evaluate.resolve_guidance(evaluate.EvalSettings(checkpoint=str(bare))).guidance == evaluate.DEFAULT_GUIDANCE
 
 
 def test_cli_requires_checkpoint_and_out(capsys):
