@@ -11,14 +11,7 @@ import test_training_common as common
 from cxr_ldm.data import pipeline
 from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.training import latent_cache, steps
-from test_input_pipeline import NUM_EXAMPLES, PipelineToyCxr, toy_image
-
-
-@pytest.fixture(scope="module")
-def builder(tmp_path_factory):
-    toy = PipelineToyCxr(data_dir=str(tmp_path_factory.mktemp("tfds")), file_format="array_record")
-    toy.download_and_prepare()
-    return toy
+from test_input_pipeline import NUM_EXAMPLES, builder, toy_image  # noqa: F401 (builder: the toy data set fixture)
 
 
 @pytest.fixture(scope="module")
