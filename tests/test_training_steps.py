@@ -194,3 +194,24 @@ def _autoencoder_terms(vae, loss_fn, trainable, batch, rng):
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
     recon = vae.apply({"params": trainable["vae"]}, z, method=vae.decode)
     return aux, jnp.mean(jnp.abs(recon - x).sum((1, 2, 3)))
+
+
+def test_autoencoder_gradient_loss_term_is_the_l1_of_finite_difference_errors():
+    vae = common.tiny_models().vae
+    vae_params = common.random_params(vae, jnp.zeros((1, 16, 16, 1)))
+    batch = {"image": common.tiny_batch(0)["image"]}
+    rng = jax.random.PRNGKey(5)
+    terms = {}
+    for weight in (0.0, 3.0):
+        config = steps.AutoencoderLossConfig(l1_weight=1.0, l2_weight=0.5, gradient_weight=weight, kl_weight=0.0)
+        _, aux = jax.jit(steps.make_autoencoder_loss_fn(vae, config))({"vae": vae_params}, {}, batch, rng, 0)
+        terms[weight] = float(aux["rec_loss"])
+    x = np.asarray(batch["image"], np.float64)
+    mean, logvar = vae.apply({"params": vae_params}, batch["image"], method=vae.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+    error = np.asarray(vae.apply({"params": vae_params}, z, method=vae.decode), np.float64) - x
+    b, h, w, _ = error.shape
+    edges = sum(abs(error[i, r + 1, c] - error[i, r, c]).sum() for i in range(b) for r in range(h - 1) for c in range(w))
+    edges += sum(abs(error[i, r, c + 1] - error[i, r, c]).sum() for i in range(b) for r in range(h) for c in range(w - 1))
+    np.testing.assert_allclose(terms[0.0], np.mean(np.sum(abs(error) + 0.5 * error ** 2, axis=(1, 2, 3))), rtol=1e-4)
+    np.testing.assert_allclose(terms[3.0] - terms[0.0], 3.0 * edges / b, rtol=1e-4)

@@ -64,7 +64,8 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tok
                 optimizer_lib.make_optimizer(dataclasses.replace(optimizer_config, warmup_steps=0)),
                 c.discriminator_start)})
     loss_config = steps_lib.AutoencoderLossConfig(
-        l1_weight=c.l1_weight, l2_weight=c.l2_weight, kl_weight=c.kl_weight,
+        l1_weight=c.l1_weight, l2_weight=c.l2_weight, gradient_weight=c.get("gradient_weight", 0.0),
+        kl_weight=c.kl_weight,
         disc_start=c.discriminator_start if discriminator is not None else None,
         disc_weight=c.discriminator_weight)
     state, shardings = init_train_state(trainable, {}, optimizer, jax.random.fold_in(rng, 3), mesh)
@@ -99,9 +100,15 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tok
     if not finished:
         return False
     params = to_host(state.trainable["vae"])
-    if not c.init_from or config.ldm.scaling_factor is not None:
-        scale = config.ldm.scaling_factor or measure_scaling_factor(vae, params, config, tokenizer, mesh)
-        vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(scale)))
+    if config.ldm.scaling_factor is not None:
+        vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(config.ldm.scaling_factor)))
+    elif not c.init_from:
+        latents = training_latents(vae, params, config, tokenizer, mesh)
+        if c.get("standardize_latents", False) and vae.config.use_quant_conv and vae.config.use_post_quant_conv:
+            params, scale = standardize_latent_channels(params, latents.mean((0, 1, 2)), latents.std((0, 1, 2))), 1.0
+        else:
+            scale = 1.0 / float(latents.std())
+        vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=scale))
     if jax.process_index() == 0:
         write_folder_atomically(vae_dir(workdir), lambda path: save_component(vae, params, path))
         write_done(workdir, STAGE, {"step": c.num_steps, "scaling_factor": vae.config.scaling_factor,
@@ -126,8 +133,8 @@ def reconstruction_quality(metrics_fn, vae_params: Any, config, tokenizer, mesh)
     return {k: v / max(count, 1) for k, v in totals.items()}
 
 
-def measure_scaling_factor(vae, params, config, tokenizer, mesh, num_batches: int = 8) -> float:
-    """1 / std of the posterior-mean latents of training images (the LDM paper's rescaling)."""
+def training_latents(vae, params, config, tokenizer, mesh, num_batches: int = 8) -> np.ndarray:
+    """Posterior-mean latents (N, h, w, c), float64, of the first `num_batches` training batches."""
     encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode)[0])
     iterator = make_train_iterator(dataset_name(config), split="train", data_dir=config.data.data_dir,
                                    global_batch_size=config.autoencoder.batch_size, tokenizer=tokenizer,
@@ -137,4 +144,30 @@ def measure_scaling_factor(vae, params, config, tokenizer, mesh, num_batches: in
         images = steps_lib.match_channels(
             sharding_lib.global_batch_from_process(batch["image"], mesh), vae.config.in_channels)
         latents.append(np.asarray(to_host(encode(params, images)), np.float64))
-    return 1.0 / float(np.concatenate(latents).std())
+    return np.concatenate(latents)
+
+
+def standardize_latent_channels(params: Any, mean: np.ndarray, std: np.ndarray) -> Any:
+    """VAE params whose latents are standardized per channel, (z - mean) / std, with decoding unchanged.
+
+    The affine map is folded into the 1x1 convs around the latent: quant_conv's mean outputs become
+    (m - mean) / std and its log-variance outputs shift by -2 log std (the same posterior, rescaled);
+    post_quant_conv takes z' and applies z = z' * std + mean first. With scaling_factor 1 the diffusion
+    model then sees zero-mean, unit-variance channels, where one global 1 / std leaves channels with
+    large offsets and unequal variances (a per-channel noise schedule). The result is an ordinary
+    diffusers AutoencoderKL. mean, std: (latent_channels,) of the posterior means.
+    """
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    channels = mean.shape[0]
+    quant = {k: np.asarray(v, np.float64) for k, v in params["quant_conv"].items()}
+    post = {k: np.asarray(v, np.float64) for k, v in params["post_quant_conv"].items()}
+    quant_kernel, quant_bias = quant["kernel"].copy(), quant["bias"].copy()  # (1, 1, 2c, 2c), (2c,)
+    quant_kernel[..., :channels] /= std
+    quant_bias[:channels] = (quant_bias[:channels] - mean) / std
+    quant_bias[channels:] -= 2.0 * np.log(std)
+    post_bias = post["bias"] + mean @ post["kernel"][0, 0]  # kernel (1, 1, c_in, c_out)
+    post_kernel = post["kernel"] * std[None, None, :, None]
+    dtype = np.asarray(params["quant_conv"]["kernel"]).dtype
+    cast = lambda x: np.asarray(x, dtype)
+    return {**params, "quant_conv": {"kernel": cast(quant_kernel), "bias": cast(quant_bias)},
+            "post_quant_conv": {"kernel": cast(post_kernel), "bias": cast(post_bias)}}
