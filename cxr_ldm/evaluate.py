@@ -12,7 +12,9 @@ and a Markdown report beside it (r.md, with PNG grids in r_assets/):
                   the recipe change)
   conditioning    generated images per evaluation prompt, classified (evaluation/conditioning.py);
                   for phantom_cxr also real phantom studies of each prompt scored the same way
-                  (conditioning_accuracy_real_studies: what a perfect generator would get)
+                  (conditioning_accuracy_real_studies: what a perfect generator would get) and the
+                  same studies through the checkpoint's VAE (conditioning_accuracy_vae_reconstructed:
+                  the most its diffusion model can reach with this autoencoder)
   fid             domain FID (classifier features) generated vs real test images generated from the
                   test prompts, and real vs real (validation vs test) as the floor; Inception-V3 FID
                   too when --inception-weights is given
@@ -40,7 +42,7 @@ from cxr_ldm.evaluation import conditioning, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
 from cxr_ldm.evaluation.data import load_split
 from cxr_ldm.evaluation.metrics import fid_from_features
-from cxr_ldm.evaluation.reconstruction import reconstruction_metrics
+from cxr_ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics
 from cxr_ldm.io.weights import write_json
 
 DEFAULT_DATASET = "phantom_cxr"
@@ -177,10 +179,14 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
                                                  settings.seed, settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
-    ceiling = None
+    ceiling = vae_ceiling = None
     if settings.dataset == DEFAULT_DATASET:  # real studies of each prompt, scored the same way
         studies = conditioning.phantom_studies(usable, settings.num_samples, size)
         ceiling = conditioning.evaluate_conditioning(classifier, studies, usable)[0]
+        # The same studies through the pipeline's VAE: what a diffusion model that is perfect in latent
+        # space could reach with this autoencoder.
+        reconstructed = [reconstruct(pipe.vae, pipe.vae_params, x, settings.batch_size) for x in studies]
+        vae_ceiling = conditioning.evaluate_conditioning(classifier, reconstructed, usable)[0]
     lap("conditioning")
 
     n = min(settings.num_fid, len(validation), len(test))
@@ -234,6 +240,8 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "conditioning_accuracy_real_studies": ceiling["conditioning_accuracy"] if ceiling else None,
         "conditioning": conditioning_summary,
         "conditioning_real_studies": ceiling,
+        "conditioning_accuracy_vae_reconstructed": vae_ceiling["conditioning_accuracy"] if vae_ceiling else None,
+        "conditioning_vae_reconstructed": vae_ceiling,
         "skipped_prompts": [p.text for p in skipped],
         "classifier": {"dir": str(classifier_dir), "cached": cached, "observations": list(classifier.observations),
                        "side_observations": list(classifier.side_observations),

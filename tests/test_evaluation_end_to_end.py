@@ -64,6 +64,11 @@ def test_evaluate_end_to_end(tmp_path):
     real_studies = saved["conditioning_real_studies"]
     assert saved["conditioning_accuracy_real_studies"] == real_studies["conditioning_accuracy"]
     assert [p["prompt"] for p in real_studies["per_prompt"]] == [p["prompt"] for p in usable]
+    through_vae = saved["conditioning_vae_reconstructed"]
+    assert saved["conditioning_accuracy_vae_reconstructed"] == pytest.approx(
+        np.mean([p["success_rate"] for p in through_vae["per_prompt"]]))
+    assert [p["prompt"] for p in through_vae["per_prompt"]] == [p["prompt"] for p in usable]
+    assert "the same studies through the VAE" in out.with_suffix(".md").read_text()
     assert saved["fid"]["domain"]["n"] == 12 and saved["fid"]["domain"]["real_vs_real"] >= 0
     assert saved["fid"]["inception"] is None
     assert saved["reconstruction"]["num_images"] >= 12 and saved["reconstruction"]["psnr"] > 0

@@ -68,6 +68,8 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
          "mean over prompts of the fraction of images with all prompted findings and no other major finding"],
         ["  real phantom studies of the same prompts", results.get("conditioning_accuracy_real_studies"),
          "the ceiling: what a perfect generator gets under this classifier"],
+        ["  the same studies through the VAE", results.get("conditioning_accuracy_vae_reconstructed"),
+         "the ceiling for a diffusion model that is perfect in this autoencoder's latent space"],
         ["  template wording", cond["conditioning_accuracy_by_style"]["template"], ""],
         ["  alternate wording", cond["conditioning_accuracy_by_style"]["alternate"], ""],
         ["classifier_accuracy_real", results["classifier_accuracy_real"], results["classifier_accuracy_real_definition"]],
@@ -89,10 +91,13 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
     normal_fp = cond["normal_false_positive_rate"] or {}
     per_obs = clf["test"]["per_observation"]
     real_detection = (results.get("conditioning_real_studies") or {}).get("detection_rate", {})
+    vae_detection = (results.get("conditioning_vae_reconstructed") or {}).get("detection_rate", {})
     lines += _table(["finding", "detection rate (generated)", "detection rate (real studies, same prompts)",
+                     "detection rate (those studies through the VAE)",
                      "side accuracy (generated)", "false positives on normal prompts",
                      "classifier accuracy (real test)", "sensitivity (real test)", "AUROC (real test)"],
-                    [[name, cond["detection_rate"].get(name), real_detection.get(name), cond["side_accuracy"].get(name),
+                    [[name, cond["detection_rate"].get(name), real_detection.get(name), vae_detection.get(name),
+                      cond["side_accuracy"].get(name),
                       normal_fp.get(name), per_obs[name]["accuracy"], per_obs[name]["sensitivity"],
                       per_obs[name]["auroc"]]
                      for name in per_obs])
