@@ -185,7 +185,8 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         ceiling = conditioning.evaluate_conditioning(classifier, studies, usable)[0]
         # The same studies through the pipeline's VAE: what a diffusion model that is perfect in latent
         # space could reach with this autoencoder.
-        reconstructed = [reconstruct(pipe.vae, pipe.vae_params, x, settings.batch_size) for x in studies]
+        reconstructed = np.split(reconstruct(pipe.vae, pipe.vae_params, np.concatenate(studies), settings.batch_size),
+                                 np.cumsum([len(x) for x in studies])[:-1])
         vae_ceiling = conditioning.evaluate_conditioning(classifier, reconstructed, usable)[0]
     lap("conditioning")
 

@@ -64,7 +64,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tok
                 optimizer_lib.make_optimizer(dataclasses.replace(optimizer_config, warmup_steps=0)),
                 c.discriminator_start)})
     loss_config = steps_lib.AutoencoderLossConfig(
-        l1_weight=c.l1_weight, l2_weight=c.l2_weight, gradient_weight=c.get("gradient_weight", 0.0),
+        l1_weight=c.l1_weight, l2_weight=c.l2_weight, gradient_weight=c.gradient_weight,
         kl_weight=c.kl_weight,
         disc_start=c.discriminator_start if discriminator is not None else None,
         disc_weight=c.discriminator_weight)
@@ -104,7 +104,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tok
         vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(config.ldm.scaling_factor)))
     elif not c.init_from:
         latents = training_latents(vae, params, config, tokenizer, mesh)
-        if c.get("standardize_latents", False) and vae.config.use_quant_conv and vae.config.use_post_quant_conv:
+        if c.standardize_latents and vae.config.use_quant_conv and vae.config.use_post_quant_conv:
             params, scale = standardize_latent_channels(params, latents.mean((0, 1, 2)), latents.std((0, 1, 2))), 1.0
         else:
             scale = 1.0 / float(latents.std())
