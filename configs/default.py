@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm = ml_collections.ConfigDict()
     c.ldm.init_from = None  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
     c.ldm.finetune = "unet+text_encoder"  # unet | unet+text_encoder | text_encoder | textual_inversion | lora
+    # A text encoder trained from scratch uses a few hundred of its 49408 token rows; freezing the table
+    # spares AdamW and the EMA 6.3M floats a step (the step is ~15 % faster). Fine-tuning SD: True.
+    c.ldm.train_token_embedding = False
     c.ldm.lora_rank = 8
     c.ldm.lora_alpha = 8.0
     c.ldm.placeholder_tokens = ()  # textual inversion: new tokens
@@ -77,7 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     })
     c.ldm.text_encoder = ml_collections.ConfigDict({
         "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 128,
+        # Prompts are padded to this many tokens (the exported tokenizer too): the phantom prompts have
+        # at most 40; 48 instead of CLIP's 77 makes a default step ~10 % faster.
+        "max_position_embeddings": 48, "hidden_act": "quick_gelu", "projection_dim": 128,
     })
     c.ldm.scheduler = ml_collections.ConfigDict({
         "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
@@ -87,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     # On CPU more, smaller steps beat fewer large ones at equal images seen (measured: 2000 x 16 gave
     # 4x the conditioning accuracy of 1000 x 32); with the latent cache a batch-8 step takes about 0.25 s.
     c.ldm.batch_size = 8
-    c.ldm.num_steps = 5000
+    c.ldm.num_steps = 6500
     c.ldm.learning_rate = 1e-3
     c.ldm.text_encoder_learning_rate = 1e-3
     c.ldm.warmup_steps = 100

@@ -118,7 +118,7 @@ class Pipeline:
         return self.unet.config.sample_size * self.vae_scale
 
     def encode_text(self, prompts: Sequence[str]) -> jax.Array:
-        """Prompts -> text encoder states (B, 77, D)."""
+        """Prompts -> text encoder states (B, L, D), L = `prompt_length(self.tokenizer)`."""
         ids = tokenize(self.tokenizer, list(prompts))
         return self.text_encoder.apply({"params": self.text_encoder_params}, jnp.asarray(ids))
 
@@ -199,7 +199,7 @@ def _shard_batch(arrays: tuple) -> tuple:
 def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, latents: jax.Array,
               noise_keys: jax.Array, guidance_scale: jax.Array, *, num_inference_steps: int, use_cfg: bool,
               sampler: str, eta: float) -> jax.Array:
-    """ids, neg_ids: int32 (B, 77); latents: (B, h, w, C) -> images (B, H, W, C_img) in [0, 1].
+    """ids, neg_ids: int32 (B, L) token ids; latents: (B, h, w, C) -> images (B, H, W, C_img) in [0, 1].
 
     Guidance runs (diffusers' rule) when `use_cfg` (guidance_scale > 1); the scale itself is traced,
     so changing it does not recompile."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import regex
 
-from cxr_ldm.data.tokenizer import embedded_tokenizer_dir, load_tokenizer, tokenize
+from cxr_ldm.data.tokenizer import embedded_tokenizer_dir, load_tokenizer, prompt_length, set_prompt_length, tokenize
 
 SENTENCES = [
     "moderate right pleural effusion. mild cardiomegaly.",
@@ -121,3 +121,28 @@ def test_missing_files_error_names_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="merges.txt") as err:
         load_tokenizer(tmp_path)
     assert str(tmp_path) in str(err.value)
+
+
+def test_prompt_length_is_saved_with_the_tokenizer_and_used_by_default(tmp_path, reference):
+    short = load_tokenizer()
+    set_prompt_length(short, 24)
+    ids = tokenize(short, SENTENCES[2])
+    assert ids.shape == (1, 24)
+    np.testing.assert_array_equal(ids[0], reference.encode(SENTENCES[2])[:23] + [49407])
+    short.save_pretrained(tmp_path / "tokenizer")
+    reloaded = load_tokenizer(tmp_path)
+    assert prompt_length(reloaded) == 24 and tokenize(reloaded, SENTENCES[2]).tolist() == ids.tolist()
+    assert prompt_length(load_tokenizer()) == 77  # the embedded files are untouched
+    with pytest.raises(ValueError, match="at least the start and end"):
+        set_prompt_length(short, 1)
+
+
+def test_a_tokenizer_folder_without_a_length_pads_to_77(tmp_path):
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(embedded_tokenizer_dir(), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["model_max_length"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = load_tokenizer(folder)
+    assert loaded.model_max_length > 10**6 and prompt_length(loaded) == 77
+    assert tokenize(loaded, "effusion").shape == (1, 77)

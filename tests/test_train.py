@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from cxr_ldm.data.tokenizer import prompt_length
 from cxr_ldm.io import checkpoints
 from cxr_ldm.training import trainer
 from configs import tiny
@@ -75,6 +76,9 @@ def test_finished_run_is_skipped_and_exports_a_loadable_pipeline(data_dir, strai
     pipe = cxr_ldm.Pipeline.from_pretrained(straight)
     images = pipe(["Large left pleural effusion."], num_inference_steps=2, seed=0)
     assert images.shape == (1, 32, 32, 1) and np.isfinite(images).all()
+    # Prompts were padded to the scratch text encoder's positions in training; the export keeps that.
+    positions = _config(data_dir).ldm.text_encoder.max_position_embeddings
+    assert positions < 77 and prompt_length(pipe.tokenizer) == positions
     vae_done = json.loads((straight / "autoencoder" / "done.json").read_text())
     assert pipe.vae.config.scaling_factor == pytest.approx(vae_done["scaling_factor"])
 

@@ -28,6 +28,37 @@ def test_split_and_merge_of_full_modes_partition_the_components(params):
         assert finetune.merge_params(config, trainable, frozen) == params
 
 
+def test_frozen_token_table_leaves_the_trainable_text_encoder_and_merges_back(params):
+    config = finetune.FinetuneConfig(mode="unet+text_encoder", train_token_embedding=False)
+    trainable, frozen = finetune.split_params(config, params)
+    table_key = "embeddings/token_embedding/embedding"
+    assert table_key not in _flat(trainable["text_encoder"])
+    assert set(_flat(trainable["text_encoder"])) == set(_flat(params["text_encoder"])) - {table_key}
+    np.testing.assert_array_equal(frozen[finetune.FROZEN_TOKEN_TABLE], _flat(params["text_encoder"])[table_key])
+    assert finetune.merge_params(config, trainable, frozen) == params
+    # Modes that do not train the text encoder in full are unchanged by the flag.
+    for mode in ("unet", "lora"):
+        flagged = finetune.FinetuneConfig(mode=mode, train_token_embedding=False)
+        plain = finetune.FinetuneConfig(mode=mode)
+        assert set(finetune.split_params(flagged, params, rng=jax.random.PRNGKey(0))[1]) == \
+            set(finetune.split_params(plain, params, rng=jax.random.PRNGKey(0))[1])
+
+
+def test_steps_with_a_frozen_token_table_train_the_rest_of_the_text_encoder():
+    _, _, mesh, state, _, step = common.build("unet+text_encoder", ema=False, train_token_embedding=False)
+    table0 = np.asarray(state.frozen[finetune.FROZEN_TOKEN_TABLE])
+    text0 = _flat(state.trainable["text_encoder"])
+    for i in range(2):  # update 0 runs at warmup learning rate 0, update 1 moves
+        state, _ = step(state, sharding.global_batch_from_process(common.tiny_batch(i), mesh))
+    np.testing.assert_array_equal(state.frozen[finetune.FROZEN_TOKEN_TABLE], table0)
+    text1 = _flat(state.trainable["text_encoder"])
+    assert [k for k in text0 if np.array_equal(text0[k], text1[k])] == []
+    # No optimizer moments for the table: AdamW keeps mu and nu of the trained leaves only.
+    opt_sizes = sum(v.size for v in _flat(state.opt_state).values())
+    trained_sizes = sum(v.size for v in _flat(state.trainable).values())
+    assert opt_sizes <= 2 * trained_sizes + 8 and table0.size > 8
+
+
 def test_lora_merge_is_w_plus_scaled_a_b_on_attention_projections_only(params):
     config = finetune.FinetuneConfig(mode="lora", lora_rank=2, lora_alpha=8.0, lora_text_encoder=True)
     trainable, frozen = finetune.split_params(config, params, rng=jax.random.PRNGKey(0))

@@ -34,9 +34,10 @@ _MAX_CACHED_PROMPTS = 500_000
 
 
 class _PromptIds:
-    """Text -> int32 (max_length,) CLIP token ids, cached per distinct text."""
+    """Text -> int32 (max_length,) CLIP token ids, cached per distinct text (max_length None: the
+    tokenizer's `prompt_length`)."""
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int | None):
         self.tokenizer, self.max_length = tokenizer, max_length
         self._cache: dict[str, np.ndarray] = {}
 
@@ -157,7 +158,7 @@ def _allow_worker_processes(worker_count: int) -> None:
 def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathLike | None,
                         global_batch_size: int, tokenizer, seed: int, prompt_dropout: float = 0.0,
                         augment: bool = False, num_epochs: int | None = None, shuffle: bool = True,
-                        min_crop_scale: float = 0.85, max_length: int = 77,
+                        min_crop_scale: float = 0.85, max_length: int | None = None,
                         shard_options: grain.sharding.ShardOptions | None = None,
                         worker_count: int = 0, include_image: bool = True,
                         include_index: bool = False) -> grain.DataLoaderIterator:
@@ -172,6 +173,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
       seed: 0 <= seed < 2**32; fixes shuffle order, prompt drops and crops.
       prompt_dropout: probability that an example's prompt is replaced by "" (classifier-free guidance).
       augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
+      max_length: tokens per prompt; None: the tokenizer's `prompt_length`.
       num_epochs: None repeats forever. shuffle: reshuffle every epoch.
       shard_options: default ShardByJaxProcess(drop_remainder=True).
       worker_count: Grain worker processes (0 = in this process).
@@ -206,7 +208,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
 
 def make_eval_batches(builder_or_name, *, split: str, data_dir: str | os.PathLike | None,
                       global_batch_size: int, tokenizer, num_examples: int | None = None,
-                      max_length: int = 77, shard_options: grain.sharding.ShardOptions | None = None,
+                      max_length: int | None = None, shard_options: grain.sharding.ShardOptions | None = None,
                       worker_count: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """One ordered pass over `split` (or its first `num_examples`), this process's shard, no dropout.
 

@@ -2,6 +2,10 @@
 
 The embedded files (`cxr_ldm/assets/tokenizer/`) are the vocabulary Stable Diffusion 1.x uses: 49408 entries,
 `<|startoftext|>` = 49406, `<|endoftext|>` = 49407 (also the padding token), 77 tokens per prompt.
+
+Prompts are padded to `prompt_length(tokenizer)`, the tokenizer's `model_max_length` (saved in its
+`tokenizer_config.json`, and what diffusers pipelines pad to). A text encoder trained from scratch with
+fewer positions sets it with `set_prompt_length`, so its exported tokenizer pads to the same length.
 """
 from __future__ import annotations
 
@@ -43,16 +47,38 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> transformers.CLIPTo
     return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def tokenize(tokenizer, texts: Sequence[str] | str, max_length: int = 77) -> np.ndarray:
+# What transformers sets model_max_length to when a tokenizer folder leaves it out.
+_UNSET_MAX_LENGTH = 10**6
+CLIP_PROMPT_LENGTH = 77
+
+
+def prompt_length(tokenizer) -> int:
+    """Tokens per padded prompt: the tokenizer's model_max_length, or CLIP's 77 where it is unset."""
+    length = int(tokenizer.model_max_length)
+    return CLIP_PROMPT_LENGTH if length >= _UNSET_MAX_LENGTH else length
+
+
+def set_prompt_length(tokenizer, length: int) -> None:
+    """Pads (and cuts) prompts of `tokenizer` to `length` tokens from now on, in place; the value is
+    saved with the tokenizer (`save_pretrained`), so a pipeline folder keeps it."""
+    if length < 2:
+        raise ValueError(f"prompt length {length}: a prompt needs at least the start and end tokens")
+    tokenizer.model_max_length = int(length)
+    tokenizer.init_kwargs["model_max_length"] = int(length)
+
+
+def tokenize(tokenizer, texts: Sequence[str] | str, max_length: int | None = None) -> np.ndarray:
     """Token ids of `texts`, each `<|startoftext|> ... <|endoftext|>`, padded with the pad token.
 
-    Longer texts are cut to `max_length` tokens with the end token kept last, as CLIPTokenizer does.
+    Longer texts are cut to `max_length` tokens (default `prompt_length(tokenizer)`) with the end
+    token kept last, as CLIPTokenizer does.
 
     Returns:
       int32 array (B, max_length).
     """
     if isinstance(texts, str):
         texts = [texts]
+    max_length = prompt_length(tokenizer) if max_length is None else max_length
     encoded = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True,
                         return_tensors="np")
     return np.asarray(encoded["input_ids"], dtype=np.int32).reshape(len(texts), max_length)

@@ -9,6 +9,10 @@ Modes (the comparisons of the CXR Stable Diffusion fine-tuning work, plus LoRA):
   "lora"               trainable {"unet_lora": ..., ["text_encoder_lora": ...]}: for each attention
                        projection kernel W (in, out), A (in, r) and B (r, out); the model runs with
                        W + (alpha / r) A @ B; all original params frozen
+With `train_token_embedding=False` the full modes that train the text encoder keep its token embedding
+table frozen (frozen {"text_encoder_token_embedding": (vocab, D)}): for a text encoder trained from
+scratch the table's rows are almost all unused, yet AdamW and the EMA would read and write all of it
+at every step (49408 x D floats, most of a small model's step).
 `merge_params` rebuilds the full params the models run with (and that are exported).
 """
 from __future__ import annotations
@@ -27,17 +31,21 @@ TOKEN_EMBEDDING_PATH = ("embeddings", "token_embedding", "embedding")
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _FULL_MODES = {"unet": ("unet",), "unet+text_encoder": ("unet", "text_encoder"), "text_encoder": ("text_encoder",)}
+FROZEN_TOKEN_TABLE = "text_encoder_token_embedding"
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
     """mode: one of FINETUNE_MODES. lora_rank, lora_alpha: LoRA r and alpha (scale alpha / r).
-    lora_text_encoder: also adapt the text encoder's attention projections in "lora" mode."""
+    lora_text_encoder: also adapt the text encoder's attention projections in "lora" mode.
+    train_token_embedding: False keeps the token embedding table frozen where the text encoder is
+    trained in full ("unet+text_encoder", "text_encoder"); the other modes do not train it anyway."""
 
     mode: str = "unet"
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_text_encoder: bool = False
+    train_token_embedding: bool = True
 
     def __post_init__(self):
         if self.mode not in FINETUNE_MODES:
@@ -63,7 +71,12 @@ def split_params(config: FinetuneConfig, params: dict, *, rng: jax.Array | None 
     params = dict(params)
     if config.mode in _FULL_MODES:
         trained = _FULL_MODES[config.mode]
-        return ({c: params[c] for c in trained}, {c: params[c] for c in COMPONENTS if c not in trained})
+        trainable = {c: params[c] for c in trained}
+        frozen = {c: params[c] for c in COMPONENTS if c not in trained}
+        if "text_encoder" in trained and not config.train_token_embedding:
+            frozen[FROZEN_TOKEN_TABLE] = tree_get(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+            trainable["text_encoder"] = tree_without(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+        return trainable, frozen
     if config.mode == "textual_inversion":
         if not init_token_ids:
             raise ValueError("finetune mode 'textual_inversion' needs init_token_ids (one per new token)")
@@ -83,7 +96,11 @@ def merge_params(config: FinetuneConfig, trainable: dict, frozen: dict) -> dict:
     """The full {"unet", "text_encoder", "vae"} params the models run with: trained and frozen parts
     joined, new token rows appended, LoRA merged (W + scale A @ B, float32). Differentiable."""
     if config.mode in _FULL_MODES:
-        return {**frozen, **trainable}
+        params = {**frozen, **trainable}
+        if FROZEN_TOKEN_TABLE in params:
+            table = params.pop(FROZEN_TOKEN_TABLE)
+            params["text_encoder"] = tree_set(params["text_encoder"], TOKEN_EMBEDDING_PATH, table)
+        return params
     params = dict(frozen)
     if config.mode == "textual_inversion":
         table = tree_get(frozen["text_encoder"], TOKEN_EMBEDDING_PATH)
@@ -181,6 +198,21 @@ def tree_get(tree: Mapping, path: Sequence[str]) -> Any:
         if not isinstance(tree, Mapping) or key not in tree:
             raise KeyError(f"params: no entry {'/'.join(path[: depth + 1])!r}")
         tree = tree[key]
+    return tree
+
+
+def tree_without(tree: Mapping, path: Sequence[str]) -> dict:
+    """A copy of nested dict `tree` without the entry at `path`; dicts left empty are dropped too."""
+    tree_get(tree, path)  # KeyError naming the path if it is absent
+    tree = dict(tree)
+    if len(path) == 1:
+        del tree[path[0]]
+    else:
+        rest = tree_without(tree[path[0]], path[1:])
+        if rest:
+            tree[path[0]] = rest
+        else:
+            del tree[path[0]]
     return tree
 
 

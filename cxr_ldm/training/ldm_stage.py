@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from cxr_ldm.data.pipeline import make_train_iterator
+from cxr_ldm.data.tokenizer import set_prompt_length
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
 from cxr_ldm.io.checkpoints import Checkpointer
 from cxr_ldm.io.components import load_component
@@ -93,13 +94,17 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
     if read_done(workdir, STAGE) is not None:
         return True
     c = config.ldm
-    finetune = finetune_lib.FinetuneConfig(mode=c.finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha)
+    finetune = finetune_lib.FinetuneConfig(mode=c.finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                                           train_token_embedding=c.train_token_embedding)
     init_token_ids = None
     if c.finetune == "textual_inversion":
         _, init_token_ids = finetune_lib.add_placeholder_tokens(tokenizer, c.placeholder_tokens,
                                                                 c.initializer_tokens)
     setup = build_models(config, workdir, vocab_size=len(tokenizer))
     models = setup.models
+    # Prompts fill the text encoder's positions (77 for SD's; fewer for a small one trained from
+    # scratch), in training, in samples and in the exported tokenizer.
+    set_prompt_length(tokenizer, models.text_encoder.config.max_position_embeddings)
     if c.finetune == "textual_inversion":
         models = dataclasses.replace(models, text_encoder=finetune_lib.with_vocab_size(
             models.text_encoder, len(tokenizer)))
