@@ -26,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prompt_dropout = 0.1
     c.ldm.init_from = None  # required: a diffusers StableDiffusionPipeline folder of SD 1.x
     c.ldm.finetune = "unet"
-    c.ldm.train_token_embedding = True  # with --config.ldm.finetune=unet+text_encoder, as RoentGen did
     c.ldm.batch_size = 64
     c.ldm.num_steps = 60_000
     c.ldm.learning_rate = 5e-5
