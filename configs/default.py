@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.resolution = 64
     c.data.augment = False
     c.data.prompt_dropout = 0.1  # probability of an empty prompt, for classifier-free guidance
+    # Probability that a training prompt is the report's FINDINGS section instead of the impression
+    # (LDM stage): other phrasings and negated findings ("No pneumothorax.") reach the text encoder.
+    c.data.findings_prompt_rate = 0.0
     c.data.tokenizer = None  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
 
     c.autoencoder = ml_collections.ConfigDict()

@@ -26,11 +26,21 @@ def toy_prompt(index: int) -> str:
     return f"finding number {index}"
 
 
+def toy_findings(index: int) -> str | None:
+    """The FINDINGS section of odd examples' reports (even ones have none); 3 sentences, 20+ tokens."""
+    if index % 2 == 0:
+        return None
+    return f"Finding {index} is seen on the left. There is no pneumothorax. The heart size is normal."
+
+
 def toy_example(index: int) -> dict:
-    """Example `index`: toy_image(index), toy_prompt(index), labels[0] = index and the other labels -2."""
+    """Example `index`: toy_image(index), toy_prompt(index), labels[0] = index and the other labels -2;
+    the report holds toy_findings(index) (if any) and the prompt as the impression."""
     labels = np.full((common.NUM_LABELS,), common.NOT_MENTIONED, np.int8)
     labels[0] = index
-    return {"image": common.png_bytes(toy_image(index)), "report": toy_prompt(index),
+    findings = toy_findings(index)
+    report = (f"FINDINGS: {findings}\n\n" if findings else "") + f"IMPRESSION: {toy_prompt(index)}"
+    return {"image": common.png_bytes(toy_image(index)), "report": report,
             "prompt": toy_prompt(index), "labels": labels}
 
 
@@ -117,6 +127,38 @@ def test_two_processes_read_disjoint_halves(builder, tokenizer):
     with pytest.raises(ValueError, match="not divisible"):
         _train(builder, tokenizer, global_batch_size=7,
                shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=2))
+
+
+def test_findings_prompts_replace_the_impression_at_their_rate(builder, tokenizer):
+    batches = list(_train(builder, tokenizer, findings_prompt_rate=0.5, num_epochs=20, include_index=True))
+    ids = np.concatenate([batch["input_ids"] for batch in batches])
+    index = np.concatenate([batch["labels"][:, 0] for batch in batches])
+    impression = tokenize(tokenizer, [toy_prompt(int(i)) for i in index])
+    from_findings = ~np.all(ids == impression, axis=1)
+    np.testing.assert_array_equal(ids[from_findings],
+                                  tokenize(tokenizer, [toy_findings(int(i)) for i in index[from_findings]]))
+    assert not from_findings[index % 2 == 0].any()  # no FINDINGS section: the prompt is kept
+    assert abs(from_findings[index % 2 == 1].mean() - 0.5) < 0.08  # 400 draws: 5 standard deviations
+    all_findings = np.concatenate([b["input_ids"] for b in _train(builder, tokenizer, findings_prompt_rate=1.0,
+                                                                   num_epochs=1)])
+    assert (~np.all(all_findings == tokenize(tokenizer, [""]), axis=1)).all()
+
+
+def test_findings_prompts_are_cut_at_a_sentence_end_to_fit(builder, tokenizer):
+    batch = next(_train(builder, tokenizer, findings_prompt_rate=1.0, max_length=20))
+    odd = batch["labels"][:, 0] % 2 == 1
+    assert odd.any()
+    for ids, index in zip(batch["input_ids"][odd], batch["labels"][odd, 0]):
+        sentences = [s if s.endswith(".") else s + "." for s in toy_findings(int(index)).split(". ")]
+        fitting = [" ".join(sentences[:n]) for n in range(1, 4)
+                   if len(tokenizer.tokenize(" ".join(sentences[:n]))) <= 18]  # 20 less start and end
+        assert 0 < len(fitting) < 3
+        np.testing.assert_array_equal(ids, tokenize(tokenizer, [fitting[-1]], 20)[0])
+
+
+def test_findings_prompt_rate_is_checked(builder, tokenizer):
+    with pytest.raises(ValueError, match="findings_prompt_rate"):
+        _train(builder, tokenizer, findings_prompt_rate=1.5)
 
 
 def test_prompt_dropout_rate(builder, tokenizer):

@@ -105,6 +105,17 @@ def test_prompt_prefers_impression_then_findings_then_text():
     assert prompt_from_report("Moderate pulmonary edema.") == "Moderate pulmonary edema."
 
 
+def test_findings_prompt_uses_the_findings_section_only():
+    assert prompt_from_report(MIMIC_REPORT, section="findings") == (
+        "There is a new opacity in the right lower lobe. There is no pleural effusion or pneumothorax. "
+        "The heart size is normal.")
+    assert prompt_from_report(MIMIC_REPORT, max_tokens=12, section="findings") == (
+        "There is a new opacity in the right lower lobe.")
+    assert prompt_from_report("IMPRESSION: Mild cardiomegaly.", section="findings") == ""
+    with pytest.raises(ValueError, match="section"):
+        prompt_from_report(MIMIC_REPORT, section="history")
+
+
 def test_prompt_cap_in_words_cuts_at_sentence_end():
     text = "IMPRESSION: Small left effusion. Mild cardiomegaly with pulmonary edema. No pneumothorax."
     assert prompt_from_report(text, max_tokens=9) == "Small left effusion. Mild cardiomegaly with pulmonary edema."

@@ -3,9 +3,10 @@
 Each process reads its own shard (default: `grain.sharding.ShardByJaxProcess`) and gets batches of
 global_batch_size // shard_count examples, as numpy dicts:
   "image"      float32 (b, H, W, 1) in [-1, 1]
-  "input_ids"  int32 (b, max_length) CLIP token ids of the prompt ("" for dropped prompts: CFG)
+  "input_ids"  int32 (b, max_length) CLIP token ids of the prompt ("" for dropped prompts: CFG); with
+               `findings_prompt_rate` > 0 some prompts are the report's FINDINGS section instead
   "labels"     int8 (b, 14) (see builders/common.py)
-Randomness (shuffle order, prompt drop, crop) comes from the seed and the example's position in the
+Randomness (shuffle order, prompt drop, prompt source, crop) comes from the seed and the example's position in the
 sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
 `grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an Orbax CheckpointManager) yields
 exactly the batches the original would have. With worker processes (worker_count > 0) each worker
@@ -26,8 +27,9 @@ from absl import flags
 from PIL import Image
 
 from cxr_ldm.data import builders
+from cxr_ldm.data import reports
 from cxr_ldm.data.builders import common
-from cxr_ldm.data.tokenizer import tokenize
+from cxr_ldm.data.tokenizer import prompt_length, tokenize
 
 # Prompts whose token ids are kept per loader (or per worker process), after the first tokenization.
 _MAX_CACHED_PROMPTS = 500_000
@@ -48,6 +50,25 @@ class _PromptIds:
             if len(self._cache) < _MAX_CACHED_PROMPTS:
                 self._cache[text] = ids
         return ids
+
+
+class _FindingsPrompts:
+    """Report text -> its FINDINGS section as prompt text, cut at a sentence end to fit the prompt
+    length ("" when the report has none; `reports.prompt_from_report(section="findings")`), cached
+    per report."""
+
+    def __init__(self, tokenizer, max_length: int | None):
+        self.tokenizer = tokenizer
+        self.max_tokens = (max_length or prompt_length(tokenizer)) - 2  # less the start and end tokens
+        self._cache: dict[str, str] = {}
+
+    def __call__(self, report: str) -> str:
+        text = self._cache.get(report)
+        if text is None:
+            text = reports.prompt_from_report(report, self.max_tokens, self.tokenizer, section="findings")
+            if len(self._cache) < _MAX_CACHED_PROMPTS:
+                self._cache[report] = text
+        return text
 
 
 def random_crop_resize(image: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
@@ -74,19 +95,30 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
 
 
 class _TrainExample(grain.transforms.RandomMap):
-    """TFDS example -> {"image", "input_ids", "labels"} with prompt drop and optional crop; with
-    `include_image` False no "image" (it was not decoded either); with `include_index` its record index."""
+    """TFDS example -> {"image", "input_ids", "labels"} with prompt drop, prompt source and optional crop;
+    with `include_image` False no "image" (it was not decoded either); with `include_index` its record index."""
 
     def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float,
-                 include_image: bool = True, include_index: bool = False):
+                 include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0,
+                 findings_prompts: _FindingsPrompts | None = None):
         self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
         self.augment, self.min_crop_scale = augment, min_crop_scale
         self.include_image, self.include_index = include_image, include_index
+        self.findings_prompt_rate, self.findings_prompts = findings_prompt_rate, findings_prompts
+
+    def _prompt(self, element: dict, rng: np.random.Generator) -> str:
+        # The source is drawn only when findings prompts are on, so the default keeps its random stream.
+        if self.findings_prompt_rate > 0 and rng.random() < self.findings_prompt_rate:
+            findings = self.findings_prompts(common.as_text(element["report"]))
+            if findings:
+                return findings
+        return common.as_text(element["prompt"])
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         drop = rng.random() < self.prompt_dropout
+        prompt = self._prompt(element, rng)
         example = {
-            "input_ids": self.prompt_ids("" if drop else common.as_text(element["prompt"])),
+            "input_ids": self.prompt_ids("" if drop else prompt),
             "labels": np.asarray(element["labels"], np.int8),
         }
         if self.include_image:
@@ -161,7 +193,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
                         min_crop_scale: float = 0.85, max_length: int | None = None,
                         shard_options: grain.sharding.ShardOptions | None = None,
                         worker_count: int = 0, include_image: bool = True,
-                        include_index: bool = False) -> grain.DataLoaderIterator:
+                        include_index: bool = False, findings_prompt_rate: float = 0.0) -> grain.DataLoaderIterator:
     """Training batches of this process's shard (module doc), endless unless num_epochs is given.
 
     Args:
@@ -172,6 +204,9 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
       tokenizer: a CLIPTokenizer (`cxr_ldm.data.tokenizer.load_tokenizer()`).
       seed: 0 <= seed < 2**32; fixes shuffle order, prompt drops and crops.
       prompt_dropout: probability that an example's prompt is replaced by "" (classifier-free guidance).
+      findings_prompt_rate: probability that an example's prompt is its report's FINDINGS section (cut at a
+        sentence end to fit max_length) instead of its "prompt" feature (the impression); reports without
+        findings keep the prompt. Findings sentences teach the text encoder other phrasings and negations.
       augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
       max_length: tokens per prompt; None: the tokenizer's `prompt_length`.
       num_epochs: None repeats forever. shuffle: reshuffle every epoch.
@@ -184,6 +219,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
     """
     if not 0.0 <= prompt_dropout <= 1.0:
         raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}.")
+    if not 0.0 <= findings_prompt_rate <= 1.0:
+        raise ValueError(f"findings_prompt_rate must be in [0, 1], got {findings_prompt_rate}.")
     if not 0.0 < min_crop_scale <= 1.0:
         raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
     if augment and not include_image:
@@ -200,7 +237,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
         operations=[
             _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
-                          include_image, include_index),
+                          include_image, include_index, findings_prompt_rate,
+                          _FindingsPrompts(tokenizer, max_length)),
             grain.transforms.Batch(batch_size, drop_remainder=True),
         ])
     return iter(loader)

@@ -171,18 +171,25 @@ def clean_prompt_text(text: str) -> str:
     return " ".join(kept)
 
 
-def prompt_from_report(text: str, max_tokens: int = 75, tokenizer: Tokenizer | None = None) -> str:
+def prompt_from_report(text: str, max_tokens: int = 75, tokenizer: Tokenizer | None = None,
+                       section: str = "impression") -> str:
     """The conditioning prompt for one report.
 
-    Uses the impression, else the findings, else the text under no header, else the whole
-    text; cleaned by `clean_prompt_text`; then capped to `max_tokens` tokens: CLIP BPE tokens
-    (without the start/end tokens) when `tokenizer` is given, whitespace words otherwise.
+    section "impression" uses the impression, else the findings, else the text under no header,
+    else the whole text; section "findings" uses the FINDINGS section only ("" when the report has
+    none). The text is cleaned by `clean_prompt_text`, then capped to `max_tokens` tokens: CLIP BPE
+    tokens (without the start/end tokens) when `tokenizer` is given, whitespace words otherwise.
     The cut falls at a sentence end unless the first sentence alone is too long.
     """
     if max_tokens < 1:
         raise ValueError(f"prompt_from_report: max_tokens must be >= 1, got {max_tokens}")
+    if section not in ("impression", "findings"):
+        raise ValueError(f"prompt_from_report: section must be 'impression' or 'findings', got {section!r}")
     sections = extract_sections(text)
-    source = sections["impression"] or sections["findings"] or sections["body"] or text
+    if section == "findings":
+        source = sections["findings"]
+    else:
+        source = sections["impression"] or sections["findings"] or sections["body"] or text
     sentences = split_sentences(clean_prompt_text(source))
     if tokenizer is None:
         count: Callable[[str], int] = lambda s: len(s.split())
