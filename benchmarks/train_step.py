@@ -27,11 +27,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from configs import default  # noqa: E402
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig, dummy_inputs  # noqa: E402
 from cxr_ldm.training import optimizer, sharding, state, steps  # noqa: E402
 
-# (UNet config, latent size, text length) per preset; sd15 is runwayml/stable-diffusion-v1-5's UNet.
+
+def _default_preset() -> tuple[UNetConfig, int, int]:
+    """The UNet of configs/default.py with its latent size and prompt length on this backend (on CPU:
+    16 x 16 latents, 48 tokens)."""
+    c = default.get_config()
+    return (UNetConfig.from_dict(c.ldm.unet.to_dict()), c.ldm.unet.sample_size,
+            c.ldm.text_encoder.max_position_embeddings)
+
+
+# (UNet config, latent size, text length) per preset; sd15 is runwayml/stable-diffusion-v1-5's UNet,
+# default the main job's (on CPU).
 PRESETS = {
+    "default": _default_preset(),
     "tiny": (UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
