@@ -6,8 +6,8 @@ global_batch_size // shard_count examples, as numpy dicts:
   "input_ids"  int32 (b, max_length) CLIP token ids of the prompt ("" for dropped prompts: CFG); with
                `findings_prompt_rate` > 0 some prompts are the report's FINDINGS section instead
   "labels"     int8 (b, 14) (see builders/common.py)
-Randomness (shuffle order, prompt drop, prompt source, crop) comes from the seed and the example's position in the
-sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
+Randomness (shuffle order, prompt drop, prompt source, crop) comes from the seed and the example's
+position in the sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
 `grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an Orbax CheckpointManager) yields
 exactly the batches the original would have. With worker processes (worker_count > 0) each worker
 batches its own share of the examples, so the batch sequence depends on worker_count as well; a
@@ -202,7 +202,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
       data_dir: TFDS data folder (used with a name).
       global_batch_size: examples per step over all processes.
       tokenizer: a CLIPTokenizer (`cxr_ldm.data.tokenizer.load_tokenizer()`).
-      seed: 0 <= seed < 2**32; fixes shuffle order, prompt drops and crops.
+      seed: 0 <= seed < 2**32; fixes shuffle order, prompt drops, prompt sources and crops.
       prompt_dropout: probability that an example's prompt is replaced by "" (classifier-free guidance).
       findings_prompt_rate: probability that an example's prompt is its report's FINDINGS section (cut at a
         sentence end to fit max_length) instead of its "prompt" feature (the impression); reports without
