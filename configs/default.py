@@ -30,8 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prompt_dropout = 0.1  # probability of an empty prompt, for classifier-free guidance
     # Probability that a training prompt is the report's FINDINGS section instead of the impression
     # (LDM stage): other phrasings and negated findings ("No pneumothorax.") reach the text encoder.
-    # Measured at 0.25 / 0.5: normal-prompt false positives 0.33 -> 0.00, other wordings up, impressions
-    # down, conditioning accuracy within the seed spread (docs/results/default_run.md).
+    # Measured at 0.25 / 0.5: normal-prompt false positives 0.33 -> 0.00 and other wordings up, but
+    # impressions down; paired on seed 1, conditioning accuracy 0.44 vs 0.60 (docs/results/default_run.md).
     c.data.findings_prompt_rate = 0.0
     c.data.tokenizer = None  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
 
