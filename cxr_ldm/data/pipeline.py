@@ -99,12 +99,12 @@ class _TrainExample(grain.transforms.RandomMap):
     with `include_image` False no "image" (it was not decoded either); with `include_index` its record index."""
 
     def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float,
-                 include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0,
-                 findings_prompts: _FindingsPrompts | None = None):
+                 include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0):
         self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
         self.augment, self.min_crop_scale = augment, min_crop_scale
         self.include_image, self.include_index = include_image, include_index
-        self.findings_prompt_rate, self.findings_prompts = findings_prompt_rate, findings_prompts
+        self.findings_prompt_rate = findings_prompt_rate
+        self.findings_prompts = _FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length)
 
     def _prompt(self, element: dict, rng: np.random.Generator) -> str:
         # The source is drawn only when findings prompts are on, so the default keeps its random stream.
@@ -237,8 +237,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
         operations=[
             _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
-                          include_image, include_index, findings_prompt_rate,
-                          _FindingsPrompts(tokenizer, max_length)),
+                          include_image, include_index, findings_prompt_rate),
             grain.transforms.Batch(batch_size, drop_remainder=True),
         ])
     return iter(loader)
