@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.l2_weight = 1.0
     c.autoencoder.l1_weight = 1.0
     c.autoencoder.gradient_weight = 4.0  # L1 on image finite differences: keeps ribs and tubes sharp
+    # ((CheXpert label, factor), ...): studies with these findings appear `factor` times per epoch.
+    c.autoencoder.oversample = ()
     c.autoencoder.discriminator_start = -1  # step at which a patch discriminator starts; -1: none
     c.autoencoder.discriminator_weight = 0.1
     # Fold the per-channel mean / std of the latents into the VAE's 1x1 convs (scaling_factor 1): the
@@ -102,6 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.text_encoder_learning_rate = 1e-3
     c.ldm.warmup_steps = 100
     c.ldm.weight_decay = 1e-2
+    c.ldm.oversample = ()  # as autoencoder.oversample, for the diffusion model's training studies
     c.ldm.snr_gamma = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
     c.ldm.ema_decay = 0.999
 

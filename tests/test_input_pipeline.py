@@ -1,6 +1,8 @@
 """Grain input pipeline over a small TFDS data set built here (example i is recognisable by its labels)."""
 from __future__ import annotations
 
+import collections
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -10,10 +12,12 @@ from etils import epath
 
 from cxr_ldm.data import pipeline
 from cxr_ldm.data.builders import common
+from cxr_ldm.data.labeler import CHEXPERT_LABELS
 from cxr_ldm.data.tokenizer import load_tokenizer, tokenize
 
 NUM_EXAMPLES = 40
 SIDE = 16
+FRACTURE = CHEXPERT_LABELS.index("Fracture")
 
 
 def toy_image(index: int) -> np.ndarray:
@@ -33,11 +37,17 @@ def toy_findings(index: int) -> str | None:
     return f"Finding {index} is seen on the left. There is no pneumothorax. The heart size is normal."
 
 
+def toy_fracture(index: int) -> int:
+    """The Fracture label of example `index`: 1 every tenth example, -1 (uncertain) five after, else -2."""
+    return {0: 1, 5: -1}.get(index % 10, common.NOT_MENTIONED)
+
+
 def toy_example(index: int) -> dict:
-    """Example `index`: toy_image(index), toy_prompt(index), labels[0] = index and the other labels -2;
-    the report holds toy_findings(index) (if any) and the prompt as the impression."""
+    """Example `index`: toy_image(index), toy_prompt(index), labels[0] = index, Fracture toy_fracture(index)
+    and the other labels -2; the report holds toy_findings(index) (if any) and the prompt as the impression."""
     labels = np.full((common.NUM_LABELS,), common.NOT_MENTIONED, np.int8)
     labels[0] = index
+    labels[FRACTURE] = toy_fracture(index)
     findings = toy_findings(index)
     report = (f"FINDINGS: {findings}\n\n" if findings else "") + f"IMPRESSION: {toy_prompt(index)}"
     return {"image": common.png_bytes(toy_image(index)), "report": report,
@@ -99,7 +109,8 @@ def test_batches_hold_decoded_images_tokens_and_labels(builder, tokenizer):
     np.testing.assert_allclose(batch["image"], expected_images, atol=1e-6)
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     np.testing.assert_array_equal(batch["input_ids"], tokenize(tokenizer, [toy_prompt(i) for i in indices]))
-    assert np.all(batch["labels"][:, 1:] == common.NOT_MENTIONED)
+    np.testing.assert_array_equal(batch["labels"][:, FRACTURE], [toy_fracture(i) for i in indices])
+    assert np.all(np.delete(batch["labels"][:, 1:], FRACTURE - 1, axis=1) == common.NOT_MENTIONED)
 
 
 def test_epochs_are_shuffled_permutations_fixed_by_seed(builder, tokenizer):
@@ -190,6 +201,37 @@ def test_augmentation_crops_but_never_flips(builder, tokenizer):
     column_means = images.mean(axis=1)
     assert np.all(column_means[:, -1] - column_means[:, 0] > 0.5)  # left stays dark, right bright
     assert np.all(np.diff(column_means, axis=1) > -1e-3)
+
+
+def test_oversampling_repeats_the_studies_with_named_findings(builder, tokenizer):
+    kwargs = dict(num_epochs=1, include_image=False, include_index=True, oversample={"Fracture": 3})
+    batches = list(_train(builder, tokenizer, **kwargs))
+    ids = _ids(batches)
+    # 8 studies with a fracture (4 uncertain) appear 3 times: 40 + 16 records, 7 full batches.
+    assert collections.Counter(ids) == {i: 3 if toy_fracture(i) != common.NOT_MENTIONED else 1
+                                        for i in range(NUM_EXAMPLES)}
+    assert ids[:8] != sorted(ids[:8])  # repeats are shuffled in with the rest
+    file_order = _file_order(builder)  # "index" stays the record's position in the split
+    assert all(file_order[int(i)] == label for batch in batches
+               for i, label in zip(batch["index"], batch["labels"][:, 0]))
+    assert _ids(_train(builder, tokenizer, **kwargs)) == ids
+
+
+def test_oversampling_state_round_trip_and_bad_input(builder, tokenizer):
+    original = _train(builder, tokenizer, oversample={"Fracture": 2})
+    for _ in range(6):  # past the first epoch of 48 records
+        next(original)
+    state = original.get_state()
+    expected = [next(original) for _ in range(3)]
+    restored = _train(builder, tokenizer, oversample={"Fracture": 2})
+    restored.set_state(state)
+    _assert_same_batches([next(restored) for _ in range(3)], expected)
+    with pytest.raises(ValueError, match="does not match"):  # a run resumed with other factors
+        _train(builder, tokenizer, oversample={"Fracture": 3}).set_state(state)
+    with pytest.raises(ValueError, match="unknown labels.*Fractures"):
+        _train(builder, tokenizer, oversample={"Fractures": 2})
+    with pytest.raises(ValueError, match="whole numbers"):
+        _train(builder, tokenizer, oversample={"Fracture": 1.5})
 
 
 def _assert_same_batches(a, b):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import grain
 import numpy as np
@@ -29,6 +29,7 @@ from PIL import Image
 from cxr_ldm.data import builders
 from cxr_ldm.data import reports
 from cxr_ldm.data.builders import common
+from cxr_ldm.data.labeler import CHEXPERT_LABELS
 from cxr_ldm.data.tokenizer import prompt_length, tokenize
 
 # Prompts whose token ids are kept per loader (or per worker process), after the first tokenization.
@@ -131,20 +132,52 @@ class _TrainExample(grain.transforms.RandomMap):
         return example
 
 
-class _IndexedSource:
-    """A data source whose records carry their own index as "index"."""
+class _RecordView:
+    """A data source over `records` (indices into `source`, repeats allowed); with `with_index` each record
+    carries its index in `source` as "index". description: how records were chosen; None: all, in order."""
 
-    def __init__(self, source):
-        self.source = source
+    def __init__(self, source, records: np.ndarray, with_index: bool, description: str | None):
+        self.source, self.records, self.with_index = source, records, with_index
+        self.description = description
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
-        return {**self.source[index], "index": index}
+    def __getitem__(self, position: int) -> dict:
+        index = int(self.records[position])
+        record = self.source[index]
+        return {**record, "index": index} if self.with_index else record
 
-    def __repr__(self) -> str:  # Grain checkpoints compare the data source's repr on restore
-        return f"IndexedSource({self.source!r})"
+    def __repr__(self) -> str:
+        # Grain checkpoints compare the data source's repr on restore; the plain indexed view keeps the
+        # repr that checkpoints written before oversampling existed hold.
+        if self.description is None:
+            return f"IndexedSource({self.source!r})"
+        return f"RecordView({self.source!r}, {self.description})"
+
+
+def oversampled_records(labels: np.ndarray, factors: Mapping[str, int]) -> np.ndarray:
+    """Record indices of one epoch in which a study positive (1 or -1) for a label of `factors` appears
+    that label's factor times (the largest one where several apply) and every other study once.
+
+    labels: int8 (n, 14) in CHEXPERT_LABELS order. Returns int64 (n + extra copies,), ascending.
+    """
+    unknown = set(factors) - set(CHEXPERT_LABELS)
+    if unknown:
+        raise ValueError(f"oversample names unknown labels {sorted(unknown)}; known: {list(CHEXPERT_LABELS)}.")
+    bad = {name: factor for name, factor in factors.items() if int(factor) != factor or factor < 1}
+    if bad:
+        raise ValueError(f"oversample factors must be whole numbers >= 1, got {bad}.")
+    copies = np.ones(len(labels), np.int64)
+    for name, factor in factors.items():
+        positive = np.isin(labels[:, CHEXPERT_LABELS.index(name)], (1, -1))
+        copies = np.where(positive, np.maximum(copies, int(factor)), copies)
+    return np.repeat(np.arange(len(labels)), copies)
+
+
+def _labels_of(source) -> np.ndarray:
+    """int8 (n, 14): the "labels" feature of every record of an undecoded data source."""
+    return np.stack([np.asarray(source[i]["labels"], np.int8) for i in range(len(source))])
 
 
 class _EvalExample(grain.transforms.Map):
@@ -193,7 +226,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
                         min_crop_scale: float = 0.85, max_length: int | None = None,
                         shard_options: grain.sharding.ShardOptions | None = None,
                         worker_count: int = 0, include_image: bool = True,
-                        include_index: bool = False, findings_prompt_rate: float = 0.0) -> grain.DataLoaderIterator:
+                        include_index: bool = False, findings_prompt_rate: float = 0.0,
+                        oversample: Mapping[str, int] | None = None) -> grain.DataLoaderIterator:
     """Training batches of this process's shard (module doc), endless unless num_epochs is given.
 
     Args:
@@ -214,6 +248,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
       worker_count: Grain worker processes (0 = in this process).
       include_image: False leaves "image" out of the batches (and undecoded): for cached latents.
       include_index: adds "index", int64 (b,): each example's record index in the split.
+      oversample: {CheXpert label: factor}: every epoch repeats the studies positive (1 or -1) for a label
+        that many times (`oversampled_records`), so rare findings get more of the training steps.
     Returns:
       A `grain.DataLoaderIterator`; the final partial batch of a finite run is dropped.
     """
@@ -229,8 +265,12 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
     batch_size = _per_shard_batch_size(global_batch_size, shard_options)
     _allow_worker_processes(worker_count)
     source = data_source(builder_or_name, split, data_dir, decode_images=include_image)
-    if include_index:
-        source = _IndexedSource(source)
+    if oversample:
+        labels = _labels_of(data_source(builder_or_name, split, data_dir, decode_images=False))
+        records = oversampled_records(labels, oversample)
+        source = _RecordView(source, records, include_index, f"oversample={dict(sorted(oversample.items()))}")
+    elif include_index:
+        source = _RecordView(source, np.arange(len(source)), True, None)
     sampler = grain.samplers.IndexSampler(len(source), shard_options, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=seed)
     loader = grain.DataLoader(

@@ -75,7 +75,7 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tok
         learning_rate_fn=optimizer_lib.learning_rate_schedule(optimizer_config))
     iterator = make_train_iterator(
         dataset_name(config), split="train", data_dir=config.data.data_dir, global_batch_size=c.batch_size,
-        tokenizer=tokenizer, seed=config.seed, augment=config.data.augment)
+        tokenizer=tokenizer, seed=config.seed, augment=config.data.augment, oversample=dict(c.oversample))
     checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
                                 save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
                                 config={"autoencoder": c.to_dict(), "seed": config.seed})
