@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Measured at 0.25 / 0.5: normal-prompt false positives 0.33 -> 0.00 and other wordings up, but
     # impressions down; paired on seed 1, conditioning accuracy 0.44 vs 0.60 (docs/results/default_run.md).
     c.data.findings_prompt_rate = 0.0
+    # "all": the whole FINDINGS section; "positive": only its sentences that state a finding (a normal
+    # study's whole section), the same findings in other words without the negatives.
+    c.data.findings_prompt_sentences = "all"
     c.data.tokenizer = None  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
 
     c.autoencoder = ml_collections.ConfigDict()

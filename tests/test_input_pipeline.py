@@ -167,6 +167,20 @@ def test_findings_prompts_are_cut_at_a_sentence_end_to_fit(builder, tokenizer):
         np.testing.assert_array_equal(ids, tokenize(tokenizer, [fitting[-1]], 20)[0])
 
 
+def test_positive_findings_prompts_keep_the_sentences_stating_findings(tokenizer):
+    abnormal = ("FINDINGS:\nThere is a moderate right pleural effusion. No pneumothorax is seen. The heart size is "
+                "normal. Possible consolidation in the left lower lobe.\n\nIMPRESSION:\nRight pleural effusion.")
+    normal = "FINDINGS:\nThe lungs are clear. There is no effusion.\n\nIMPRESSION:\nNormal chest radiograph."
+    positive = pipeline._FindingsPrompts(tokenizer, 48, "positive")
+    assert positive(abnormal) == ("There is a moderate right pleural effusion. "
+                                  "Possible consolidation in the left lower lobe.")
+    assert positive(normal) == "The lungs are clear. There is no effusion."  # no finding: the whole section
+    assert pipeline._FindingsPrompts(tokenizer, 48, "all")(abnormal).count(".") == 4
+    assert pipeline._FindingsPrompts(tokenizer, 12, "positive")(abnormal) == "There is a moderate right pleural effusion."
+    with pytest.raises(ValueError, match="'some'"):
+        pipeline._FindingsPrompts(tokenizer, 48, "some")
+
+
 def test_findings_prompt_rate_is_checked(builder, tokenizer):
     with pytest.raises(ValueError, match="findings_prompt_rate"):
         _train(builder, tokenizer, findings_prompt_rate=1.5)

@@ -27,6 +27,7 @@ from absl import flags
 from PIL import Image
 
 from cxr_ldm.data import builders
+from cxr_ldm.data import labeler
 from cxr_ldm.data import reports
 from cxr_ldm.data.builders import common
 from cxr_ldm.data.labeler import CHEXPERT_LABELS
@@ -34,6 +35,7 @@ from cxr_ldm.data.tokenizer import prompt_length, tokenize
 
 # Prompts whose token ids are kept per loader (or per worker process), after the first tokenization.
 _MAX_CACHED_PROMPTS = 500_000
+FINDINGS_PROMPT_SENTENCES = ("all", "positive")
 
 
 class _PromptIds:
@@ -55,21 +57,41 @@ class _PromptIds:
 
 class _FindingsPrompts:
     """Report text -> its FINDINGS section as prompt text, cut at a sentence end to fit the prompt
-    length ("" when the report has none; `reports.prompt_from_report(section="findings")`), cached
-    per report."""
+    length ("" when the report has none), cached per report.
 
-    def __init__(self, tokenizer, max_length: int | None):
-        self.tokenizer = tokenizer
+    sentences "all": the whole section (`reports.prompt_from_report(section="findings")`); "positive":
+    only the sentences that state an observation present or uncertain (`labeler.label_report`), so that
+    the prompt restates the study's findings in other words without the negatives; a study without
+    any (a normal one) keeps its whole section.
+    """
+
+    def __init__(self, tokenizer, max_length: int | None, sentences: str = "all"):
+        if sentences not in FINDINGS_PROMPT_SENTENCES:
+            raise ValueError(f"findings prompt sentences {sentences!r}: expected one of {FINDINGS_PROMPT_SENTENCES}")
+        self.tokenizer, self.sentences = tokenizer, sentences
         self.max_tokens = (max_length or prompt_length(tokenizer)) - 2  # less the start and end tokens
         self._cache: dict[str, str] = {}
 
     def __call__(self, report: str) -> str:
         text = self._cache.get(report)
         if text is None:
-            text = reports.prompt_from_report(report, self.max_tokens, self.tokenizer, section="findings")
+            text = self._prompt(report)
             if len(self._cache) < _MAX_CACHED_PROMPTS:
                 self._cache[report] = text
         return text
+
+    def _prompt(self, report: str) -> str:
+        if self.sentences == "all":
+            return reports.prompt_from_report(report, self.max_tokens, self.tokenizer, section="findings")
+        sentences = reports.split_sentences(reports.clean_prompt_text(reports.extract_sections(report)["findings"]))
+        positive = [s for s in sentences if _states_a_finding(s)]
+        return reports.fit_sentences(positive or sentences, self.max_tokens, self.tokenizer)
+
+
+def _states_a_finding(sentence: str) -> bool:
+    """Whether the labeler reads an observation other than "No Finding" as present or uncertain."""
+    labels = labeler.label_report(sentence)
+    return any(value in (1, -1) for name, value in labels.items() if name != "No Finding")
 
 
 def random_crop_resize(image: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
@@ -100,12 +122,13 @@ class _TrainExample(grain.transforms.RandomMap):
     with `include_image` False no "image" (it was not decoded either); with `include_index` its record index."""
 
     def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float,
-                 include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0):
+                 include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0,
+                 findings_prompt_sentences: str = "all"):
         self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
         self.augment, self.min_crop_scale = augment, min_crop_scale
         self.include_image, self.include_index = include_image, include_index
         self.findings_prompt_rate = findings_prompt_rate
-        self.findings_prompts = _FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length)
+        self.findings_prompts = _FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length, findings_prompt_sentences)
 
     def _prompt(self, element: dict, rng: np.random.Generator) -> str:
         # The source is drawn only when findings prompts are on, so the default keeps its random stream.
@@ -227,6 +250,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
                         shard_options: grain.sharding.ShardOptions | None = None,
                         worker_count: int = 0, include_image: bool = True,
                         include_index: bool = False, findings_prompt_rate: float = 0.0,
+                        findings_prompt_sentences: str = "all",
                         oversample: Mapping[str, int] | None = None) -> grain.DataLoaderIterator:
     """Training batches of this process's shard (module doc), endless unless num_epochs is given.
 
@@ -241,6 +265,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
       findings_prompt_rate: probability that an example's prompt is its report's FINDINGS section (cut at a
         sentence end to fit max_length) instead of its "prompt" feature (the impression); reports without
         findings keep the prompt. Findings sentences teach the text encoder other phrasings and negations.
+      findings_prompt_sentences: "all" (the whole section) or "positive" (only the sentences stating a
+        finding present or uncertain; a normal study's whole section), see `_FindingsPrompts`.
       augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
       max_length: tokens per prompt; None: the tokenizer's `prompt_length`.
       num_epochs: None repeats forever. shuffle: reshuffle every epoch.
@@ -277,7 +303,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
         operations=[
             _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
-                          include_image, include_index, findings_prompt_rate),
+                          include_image, include_index, findings_prompt_rate, findings_prompt_sentences),
             grain.transforms.Batch(batch_size, drop_remainder=True),
         ])
     return iter(loader)

@@ -190,7 +190,12 @@ def prompt_from_report(text: str, max_tokens: int = 75, tokenizer: Tokenizer | N
         source = sections["findings"]
     else:
         source = sections["impression"] or sections["findings"] or sections["body"] or text
-    sentences = split_sentences(clean_prompt_text(source))
+    return fit_sentences(split_sentences(clean_prompt_text(source)), max_tokens, tokenizer)
+
+
+def fit_sentences(sentences: list[str], max_tokens: int, tokenizer: Tokenizer | None = None) -> str:
+    """The leading sentences that fit in `max_tokens` tokens, joined (as in `prompt_from_report`); the
+    first sentence cut at a word when it alone is too long."""
     if tokenizer is None:
         count: Callable[[str], int] = lambda s: len(s.split())
     else:
