@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.name, c.data.config, c.data.resolution = "mimic_cxr_jpg", "512", 512
     c.data.manual_dir = None  # the PhysioNet download; set on the command line
     c.data.prompt_dropout = 0.1
+    c.data.findings_prompt_rate = 0.0  # impressions only, as in the published fine-tunes
     c.ldm.init_from = None  # required: a diffusers StableDiffusionPipeline folder of SD 1.x
     c.ldm.finetune = "unet"
     c.ldm.batch_size = 64
