@@ -77,6 +77,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert saved["classifier"]["cached"] is False
     report = out.with_suffix(".md").read_text()
     assert "conditioning_accuracy" in report and "r_assets/prompt_00.png" in report
+    assert f"| VAE PSNR / SSIM / RMSE | {saved['reconstruction']['psnr']:.3f} / " in report
     assert (out.parent / "r_assets" / "memorization_pairs.png").is_file()
     again = evaluate_module.evaluate(checkpoint, tmp_path / "r2.json", prompts=prompts[:1],
                                      classifier_config=recipe, **options)

@@ -82,7 +82,8 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
         ["Inception FID real vs real", (fid["inception"] or {}).get("real_vs_real"), ""],
         ["MS-SSIM within prompt (generated)", results["diversity"]["generated_mean"], "lower = more diverse"],
         ["MS-SSIM same findings (real)", results["diversity"]["real_same_findings"], ""],
-        ["VAE PSNR / SSIM / RMSE", None, " / ".join(_fmt(results["reconstruction"][k]) for k in ("psnr", "ssim", "rmse"))],
+        ["VAE PSNR / SSIM / RMSE", " / ".join(_fmt(results["reconstruction"][k]) for k in ("psnr", "ssim", "rmse")),
+         "real test split through the VAE and back"],
         ["copies (SSIM >= threshold)", results["memorization"]["generated"]["copy_fraction"],
          f"threshold {results['memorization']['copy_threshold']}; held-out real: "
          f"{_fmt(results['memorization']['heldout_real']['copy_fraction'])}"],
