@@ -3,7 +3,7 @@ classifier reads them back, and every rate must equal the rule's count."""
 import numpy as np
 import pytest
 
-from cxr_ldm.evaluation import conditioning
+from cxr_ldm.evaluation import conditioning, report
 from cxr_ldm.evaluation.classifier import Predictions
 from cxr_ldm.evaluation.conditioning import EvalPrompt
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
@@ -74,6 +74,11 @@ def test_conditioning_rates_equal_the_generator_rule():
     assert summary["normal_false_positive_rate"]["Pneumothorax"] == pytest.approx(normal_fp)
     assert summary["normal_false_positive_rate"]["any"] == pytest.approx(normal_fp)
     assert summary["normal_false_positive_rate"]["Cardiomegaly"] == 0.0
+    # Only the single-finding prompts count; Lung Opacity is implied by a consolidation, so not unprompted.
+    unprompted = summary["unprompted_by_finding"]
+    assert set(unprompted) == {"Pleural Effusion", "Consolidation"}
+    for name, p in (("Pleural Effusion", 1), ("Consolidation", 2)):
+        assert unprompted[name] == pytest.approx({"Pneumothorax": np.mean([s % 5 == 0 for s in seeds[p]])})
 
 
 def test_generated_images_do_not_depend_on_batch_size():
@@ -120,3 +125,12 @@ def test_usable_prompts_skips_findings_the_classifier_lacks():
     assert all(set(p.findings) <= set(OBSERVATIONS) for p in usable)
     assert {p.text for p in skipped} >= {"Left clavicle fracture."}
     assert len(usable) + len(skipped) == len(conditioning.PROMPTS)
+
+
+def test_report_tabulates_unprompted_findings_by_prompted_finding():
+    rates = {"Pleural Effusion": {"Consolidation": 0.4, "Edema": 0.1}, "Consolidation": {"Pleural Effusion": 0.6}}
+    lines = report.unprompted_section(rates)
+    header = lines.index("| prompted finding | Consolidation | Edema | Pleural Effusion |")
+    assert lines[header + 2] == "| Pleural Effusion | 0.400 | 0.100 |  |"
+    assert lines[header + 3] == "| Consolidation |  |  | 0.600 |"
+    assert report.unprompted_section({}) == [] and report.unprompted_section({"Edema": {}}) == []

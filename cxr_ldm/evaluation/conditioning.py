@@ -218,6 +218,15 @@ def summarize(results: Sequence[PromptResult]) -> dict:
         stacked = {name: np.concatenate([r.unprompted[name] for r in normal]) for name in normal[0].unprompted}
         false_positive = {name: float(v.mean()) for name, v in stacked.items()}
         false_positive["any"] = float(np.mean(np.any(list(stacked.values()), axis=0))) if stacked else 0.0
+    single: dict[str, dict[str, list]] = {}
+    for r in results:
+        if len(r.prompt.findings) == 1:
+            (name,) = r.prompt.findings
+            for other, flags in r.unprompted.items():
+                single.setdefault(name, {}).setdefault(other, []).append(flags)
+    unprompted_by_finding = {name: {other: rate for other, flags in others.items()
+                                    if (rate := float(np.concatenate(flags).mean())) > 0}
+                             for name, others in single.items()}
     all_sides = np.concatenate([np.concatenate(v) for v in sides.values()]) if sides else np.zeros(0)
     return {
         "conditioning_accuracy": float(np.mean([p["success_rate"] for p in per_prompt])),
@@ -227,6 +236,7 @@ def summarize(results: Sequence[PromptResult]) -> dict:
                           for k, v in sides.items()},
         "side_accuracy_overall": float(all_sides.mean()) if all_sides.size else None,
         "normal_false_positive_rate": false_positive,
+        "unprompted_by_finding": unprompted_by_finding,
         "num_prompts": len(results),
         "per_prompt": per_prompt,
     }

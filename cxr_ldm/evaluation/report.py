@@ -53,6 +53,19 @@ def save_pair_grid(path: Path, generated: np.ndarray, nearest: np.ndarray, score
     save_png(path, make_grid(np.stack(tiles), labels, ncols=2, label_height=24, scale=_scale(generated)))
 
 
+def unprompted_section(unprompted: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown lines of the table prompted finding x unprompted finding (`unprompted_by_finding` of the
+    conditioning summary); none when no image shows an unprompted finding."""
+    added = sorted({other for others in unprompted.values() for other in others})
+    if not added:
+        return []
+    lines = ["## Unprompted findings", "",
+             "Rows: the finding a prompt states alone; columns: the fraction of those prompts' generated images "
+             "that show another major finding (blank: none).", ""]
+    return lines + _table(["prompted finding"] + added,
+                          [[name] + [others.get(other, "") for other in added] for name, others in unprompted.items()])
+
+
 def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence[str], pairs_file: str | None) -> None:
     """Writes the Markdown report of `results` (the evaluation JSON object) atomically."""
     rel = os.path.relpath(assets, path.parent)
@@ -102,6 +115,7 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
                       normal_fp.get(name), per_obs[name]["accuracy"], per_obs[name]["sensitivity"],
                       per_obs[name]["auroc"]]
                      for name in per_obs])
+    lines += unprompted_section(cond.get("unprompted_by_finding") or {})
     lines += ["## Prompts", ""]
     for prompt, grid in zip(cond["per_prompt"], grid_files):
         detail = ", ".join(f"{k} {_fmt(v)}" for k, v in prompt["detection_rate"].items()) or "normal study"
