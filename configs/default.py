@@ -4,7 +4,7 @@ from scratch on the procedural `phantom_cxr` data set at 64 px.
     python train.py                                  # this config, workdir ./workdir/default
     python train.py --config.ldm.num_steps=20000     # any field can be overridden
 
-On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 32 minutes.
+On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 55 minutes.
 With accelerators the batch and the models grow (see `scale_for_accelerators`): the same recipe then
 trains longer and wider for a better model.
 """
@@ -104,8 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
     })
     # On CPU more, smaller steps beat fewer large ones at equal images seen (measured: 2000 x 16 gave
     # 4x the conditioning accuracy of 1000 x 32); with the latent cache a batch-8 step takes about 0.2 s.
+    # The LDM is compute-bound here: on one host and seed, 6500 x 8 gave conditioning accuracy 0.55,
+    # 6500 x 16 gave 0.70 and 13000 x 8 gave 0.78 (domain FID 128 / 89 / 67; docs/results/default_run.md).
     c.ldm.batch_size = 8
-    c.ldm.num_steps = 6500
+    c.ldm.num_steps = 13_000
     c.ldm.learning_rate = 1e-3
     c.ldm.text_encoder_learning_rate = 1e-3
     c.ldm.warmup_steps = 100
