@@ -70,7 +70,7 @@ class EvalSettings:
     steps: int = 25
     guidance: float | None = None  # None: the workdir config's sample.guidance_scale, else 3.0
     sampler: str = "ddim"
-    seed: int = 0
+    seed: int = 0  # sample seeds of different values do not overlap (see `generation_seeds`)
     batch_size: int = 32
     inception_weights: str | None = None
     classifier_dir: str | None = None  # None: <data_dir>/cxr_ldm_eval/classifier-<dataset>-<config>
@@ -121,6 +121,17 @@ def _generator(pipe, settings: EvalSettings, size: int):
             images = np.asarray(clf.resize(images, size))
         return images
     return generate
+
+
+SEED_BLOCK = 1_000_000  # sample seeds per use; more images than this per use would overlap the next use
+
+
+def generation_seeds(seed: int) -> dict[str, int]:
+    """The first sample seed of each use of the generator under evaluation seed `seed`. A use draws
+    consecutive seeds from its first one, so the blocks of two evaluation seeds are disjoint: --seed 1 draws
+    images independent of --seed 0's (seed 0 keeps 0, 1_000_000 and 2_000_000)."""
+    base = 3 * SEED_BLOCK * seed
+    return {"conditioning": base, "fid": base + SEED_BLOCK, "augmentation": base + 2 * SEED_BLOCK}
 
 
 def _real_diversity(test, major_columns, num_pairs: int, seed: int) -> dict:
@@ -176,8 +187,9 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     generate = _generator(pipe, settings, size)
     usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    seeds = generation_seeds(settings.seed)
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
-                                                 settings.seed, settings.batch_size)
+                                                 seeds["conditioning"], settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
     ceiling = vae_ceiling = None
     if settings.dataset == DEFAULT_DATASET:  # real studies of each prompt, scored the same way
@@ -192,7 +204,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     n = min(settings.num_fid, len(validation), len(test))
     fid_images = np.concatenate(conditioning.generate_images(generate, test.prompts[:n], 1,
-                                                             settings.seed + 1_000_000, settings.batch_size))
+                                                             seeds["fid"], settings.batch_size))
     fid_sets = {"generated": fid_images, "validation": validation.data.images[:n], "test": test.data.images[:n]}
     features = {name: classifier.predict(x).features for name, x in fid_sets.items()}
     fid = {"domain": _fid(features), "inception": None}
@@ -230,7 +242,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         augmentation = augmentation_experiment(
             train.data, train.prompts, validation.data, test.data, generate, classifier.observations,
             classifier_config, num_real=settings.augmentation_real, num_synthetic=settings.augmentation_synthetic,
-            seed=settings.seed + 2_000_000, batch_size=settings.batch_size)
+            seed=seeds["augmentation"], batch_size=settings.batch_size)
         lap("augmentation")
 
     results = {

@@ -39,3 +39,13 @@ def test_cli_requires_checkpoint_and_out(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--out", "r.json"])
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_evaluation_seeds_draw_disjoint_sample_seeds():
+    """Each use draws up to SEED_BLOCK consecutive seeds from its first one: no two (seed, use) pairs may
+    share a sample seed, and seed 0 keeps the seeds its published numbers were drawn with."""
+    blocks = [(first, first + evaluate.SEED_BLOCK) for seed in range(4)
+              for first in evaluate.generation_seeds(seed).values()]
+    starts = sorted(blocks)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(starts, starts[1:]))
+    assert evaluate.generation_seeds(0) == {"conditioning": 0, "fid": 1_000_000, "augmentation": 2_000_000}
