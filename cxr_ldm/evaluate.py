@@ -124,14 +124,14 @@ def _generator(pipe, settings: EvalSettings, size: int):
 
 
 SEED_BLOCK = 1_000_000  # sample seeds per use; more images than this per use would overlap the next use
+GENERATOR_USES = ("conditioning", "fid", "augmentation")
 
 
 def generation_seeds(seed: int) -> dict[str, int]:
     """The first sample seed of each use of the generator under evaluation seed `seed`. A use draws
     consecutive seeds from its first one, so the blocks of two evaluation seeds are disjoint: --seed 1 draws
     images independent of --seed 0's (seed 0 keeps 0, 1_000_000 and 2_000_000)."""
-    base = 3 * SEED_BLOCK * seed
-    return {"conditioning": base, "fid": base + SEED_BLOCK, "augmentation": base + 2 * SEED_BLOCK}
+    return {use: (len(GENERATOR_USES) * seed + i) * SEED_BLOCK for i, use in enumerate(GENERATOR_USES)}
 
 
 def _real_diversity(test, major_columns, num_pairs: int, seed: int) -> dict:
