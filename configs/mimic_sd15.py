@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.findings_prompt_rate = 0.0  # impressions only, as in the published fine-tunes
     c.ldm.init_from = None  # required: a diffusers StableDiffusionPipeline folder of SD 1.x
     c.ldm.finetune = "unet"
+    c.ldm.trained_token_rows = "all"  # with the text encoder trained: its whole table, as the published fine-tunes
     c.ldm.batch_size = 64
     c.ldm.num_steps = 60_000
     c.ldm.learning_rate = 5e-5

@@ -155,6 +155,21 @@ def test_findings_prompts_replace_the_impression_at_their_rate(builder, tokenize
     assert (~np.all(all_findings == tokenize(tokenizer, [""]), axis=1)).all()
 
 
+def test_corpus_token_ids_hold_every_token_a_training_prompt_can_have(builder, tokenizer):
+    corpus = pipeline.corpus_token_ids(builder, "train", None, tokenizer)
+    assert corpus.dtype == np.int64 and list(corpus) == sorted(set(corpus.tolist()))
+    seen = set()
+    for sentences in pipeline.FINDINGS_PROMPT_SENTENCES:
+        for rate in (0.0, 0.5, 1.0):
+            batches = _train(builder, tokenizer, findings_prompt_rate=rate, findings_prompt_sentences=sentences,
+                             prompt_dropout=0.2, num_epochs=2)
+            seen.update(int(i) for batch in batches for i in batch["input_ids"].ravel())
+    assert seen <= set(corpus.tolist())
+    # Only the reports' words: none of the toy reports says "effusion".
+    assert not set(tokenizer.convert_tokens_to_ids(tokenizer.tokenize("effusion"))) & set(corpus.tolist())
+    assert len(seen) <= len(corpus) < 100
+
+
 def test_findings_prompts_are_cut_at_a_sentence_end_to_fit(builder, tokenizer):
     batch = next(_train(builder, tokenizer, findings_prompt_rate=1.0, max_length=20))
     odd = batch["labels"][:, 0] % 2 == 1

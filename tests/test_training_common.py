@@ -74,12 +74,12 @@ def alphas_cumprod():
 
 def build(mode: str = "unet", data: int | None = None, fsdp: int = 1, num_devices: int | None = None,
           ema: bool = True, grad_accum_steps: int = 1, learning_rate: float = 1e-3, seed: int = 0,
-          train_token_embedding: bool = True):
+          train_token_embedding: bool = True, trained_token_ids: tuple[int, ...] | None = None):
     """(models, finetune config, mesh, state, state_shardings, step) for a tiny LDM run on the first
     `num_devices` devices (all by default)."""
     models = tiny_models()
     ft = finetune.FinetuneConfig(mode=mode, lora_rank=2, lora_alpha=4.0, lora_text_encoder=True,
-                                 train_token_embedding=train_token_embedding)
+                                 train_token_embedding=train_token_embedding, trained_token_ids=trained_token_ids)
     params = tiny_params(models, seed)
     init_ids = [3, 5] if mode == "textual_inversion" else None
     if init_ids:

@@ -1,6 +1,9 @@
 """Fine-tune modes: each trains exactly its part; frozen params stay bit-identical; LoRA / textual
 inversion merge as specified."""
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -57,6 +60,65 @@ def test_steps_with_a_frozen_token_table_train_the_rest_of_the_text_encoder():
     opt_sizes = sum(v.size for v in _flat(state.opt_state).values())
     trained_sizes = sum(v.size for v in _flat(state.trainable).values())
     assert opt_sizes <= 2 * trained_sizes + 8 and table0.size > 8
+
+
+def test_trained_token_rows_split_from_the_table_and_merge_back(params):
+    table = _flat(params["text_encoder"])["embeddings/token_embedding/embedding"]
+    config = finetune.FinetuneConfig(mode="unet+text_encoder", trained_token_ids=(1, 4, 9))
+    trainable, frozen = finetune.split_params(config, params)
+    text = _flat(trainable["text_encoder"])
+    np.testing.assert_array_equal(text["embeddings/token_embedding/trained_rows"], table[[1, 4, 9]])
+    assert "embeddings/token_embedding/embedding" not in text
+    np.testing.assert_array_equal(frozen[finetune.FROZEN_TOKEN_TABLE], table)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, finetune.merge_params(config, trainable, frozen), params)
+    moved = finetune.tree_set(trainable, ("text_encoder",) + finetune.TRAINED_TOKEN_ROWS_PATH,
+                              jnp.full((3, table.shape[1]), 7.0))
+    merged = _flat(finetune.merge_params(config, moved, frozen)["text_encoder"])["embeddings/token_embedding/embedding"]
+    expected = np.array(table)
+    expected[[1, 4, 9]] = 7.0
+    np.testing.assert_array_equal(merged, expected)
+    # The ids are ignored where the table is frozen or not trained in full.
+    assert set(finetune.split_params(dataclasses.replace(config, mode="unet"), params)[0]) == {"unet"}
+    frozen_table = dataclasses.replace(config, train_token_embedding=False)
+    assert "embeddings/token_embedding/trained_rows" not in _flat(finetune.split_params(frozen_table, params)[0])
+    with pytest.raises(ValueError, match="outside the text encoder's token table"):
+        finetune.split_params(dataclasses.replace(config, trained_token_ids=(2, table.shape[0])), params)
+    with pytest.raises(ValueError, match="distinct ascending"):
+        finetune.FinetuneConfig(mode="unet+text_encoder", trained_token_ids=(4, 1))
+
+
+def test_training_only_the_prompts_token_rows_matches_training_the_whole_table():
+    """Rows no prompt holds get zero gradients: the whole-table run differs from the rows run only in
+    weight decay shrinking those rows, and the rows run keeps no optimizer state for them."""
+    num_steps = 3
+    used = sorted({int(i) for n in range(num_steps) for i in common.tiny_batch(n)["input_ids"].ravel()})
+    assert len(used) < common.VOCAB
+    runs = {}
+    for name, ids in (("all", None), ("rows", tuple(used))):
+        _, config, mesh, state, _, step = common.build("unet+text_encoder", trained_token_ids=ids)
+        table0 = np.asarray(finetune.tree_get(state.frozen if ids else state.trainable,
+                                              (finetune.FROZEN_TOKEN_TABLE,) if ids else
+                                              ("text_encoder",) + finetune.TOKEN_EMBEDDING_PATH))
+        for n in range(num_steps):
+            state, _ = step(state, sharding.global_batch_from_process(common.tiny_batch(n), mesh))
+        runs[name] = (config, state, table0)
+    merged = {name: finetune.merge_params(config, state.trainable, state.frozen)
+              for name, (config, state, _) in runs.items()}
+    full, rows = _flat(merged["all"]), _flat(merged["rows"])
+    key = "text_encoder/embeddings/token_embedding/embedding"
+    assert set(full) == set(rows)
+    for name in full:
+        if name != key:
+            np.testing.assert_allclose(rows[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(rows[key][used], full[key][used], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(rows[key][used], runs["rows"][2][used])  # the used rows did move
+    unused = np.setdiff1d(np.arange(common.VOCAB), used)
+    table0 = runs["all"][2]
+    np.testing.assert_array_equal(rows[key][unused], table0[unused])
+    shrink = full[key][unused] / table0[unused]
+    assert 0.99 < shrink.min() and np.allclose(shrink, shrink.flat[0], rtol=1e-5) and shrink.flat[0] < 1
+    sizes = {name: sum(v.size for v in _flat(state.opt_state).values()) for name, (_, state, _) in runs.items()}
+    assert sizes["all"] - sizes["rows"] == 2 * len(unused) * table0.shape[1]
 
 
 def test_lora_merge_is_w_plus_scaled_a_b_on_attention_projections_only(params):

@@ -203,6 +203,22 @@ def _labels_of(source) -> np.ndarray:
     return np.stack([np.asarray(source[i]["labels"], np.int8) for i in range(len(source))])
 
 
+def corpus_token_ids(builder_or_name, split: str, data_dir: str | os.PathLike | None, tokenizer) -> np.ndarray:
+    """int64 (k,), ascending: every token id a training prompt of `split` can hold: the tokens of each
+    record's "prompt" (impression) and of its report, as written and cleaned (`reports.clean_prompt_text`:
+    findings prompts are sentences of it), and the start, end and pad tokens. Reads no images."""
+    source = data_source(builder_or_name, split, data_dir, decode_images=False)
+    texts: set[str] = set()
+    for index in range(len(source)):
+        record = source[index]
+        report = common.as_text(record["report"])
+        texts.update((common.as_text(record["prompt"]), report, reports.clean_prompt_text(report)))
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for text in texts:
+        ids.update(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)))
+    return np.asarray(sorted(i for i in ids if i is not None), np.int64)
+
+
 class _EvalExample(grain.transforms.Map):
     """TFDS example -> {"image", "input_ids", "labels", "mask"} (mask True: a real example)."""
 

@@ -12,7 +12,11 @@ Modes (the comparisons of the CXR Stable Diffusion fine-tuning work, plus LoRA):
 With `train_token_embedding=False` the full modes that train the text encoder keep its token embedding
 table frozen (frozen {"text_encoder_token_embedding": (vocab, D)}): for a text encoder trained from
 scratch the table's rows are almost all unused, yet AdamW and the EMA would read and write all of it
-at every step (49408 x D floats, most of a small model's step).
+at every step (49408 x D floats, most of a small model's step). With `trained_token_ids` only those rows
+of it train (trainable {"text_encoder": {..., "embeddings": {"token_embedding": {"trained_rows": (k, D)}}}},
+the full table frozen): the rows of the tokens the training prompts hold update exactly as with the whole
+table trained, and AdamW and the EMA touch k rows instead of the vocabulary (rows no prompt reaches get
+zero gradients, so whole-table training only shrinks them by weight decay).
 `merge_params` rebuilds the full params the models run with (and that are exported).
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 FINETUNE_MODES = ("unet", "unet+text_encoder", "text_encoder", "textual_inversion", "lora")
 COMPONENTS = ("unet", "text_encoder", "vae")
 TOKEN_EMBEDDING_PATH = ("embeddings", "token_embedding", "embedding")
+TRAINED_TOKEN_ROWS_PATH = ("embeddings", "token_embedding", "trained_rows")
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _FULL_MODES = {"unet": ("unet",), "unet+text_encoder": ("unet", "text_encoder"), "text_encoder": ("text_encoder",)}
@@ -39,19 +44,36 @@ class FinetuneConfig:
     """mode: one of FINETUNE_MODES. lora_rank, lora_alpha: LoRA r and alpha (scale alpha / r).
     lora_text_encoder: also adapt the text encoder's attention projections in "lora" mode.
     train_token_embedding: False keeps the token embedding table frozen where the text encoder is
-    trained in full ("unet+text_encoder", "text_encoder"); the other modes do not train it anyway."""
+    trained in full ("unet+text_encoder", "text_encoder"); the other modes do not train it anyway.
+    trained_token_ids: with train_token_embedding, the ids of the table's rows that train (ascending, e.g.
+    `cxr_ldm.data.pipeline.corpus_token_ids`); None: every row."""
 
     mode: str = "unet"
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_text_encoder: bool = False
     train_token_embedding: bool = True
+    trained_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.mode not in FINETUNE_MODES:
             raise ValueError(f"finetune mode = {self.mode!r}: expected one of {FINETUNE_MODES}")
         if self.lora_rank < 1:
             raise ValueError(f"finetune lora_rank = {self.lora_rank}: expected >= 1")
+        ids = self.trained_token_ids
+        if ids is not None and (not ids or list(ids) != sorted(set(ids)) or ids[0] < 0):
+            raise ValueError(f"finetune trained_token_ids: expected distinct ascending ids >= 0, got "
+                             f"{len(ids)} ids starting {list(ids[:5])}")
+
+    @property
+    def trains_token_table(self) -> bool:
+        """Whether the text encoder's token table trains (full text-encoder modes, not frozen)."""
+        return "text_encoder" in _FULL_MODES.get(self.mode, ()) and self.train_token_embedding
+
+    @property
+    def trains_token_rows(self) -> bool:
+        """Whether only the `trained_token_ids` rows of the token table train."""
+        return self.trains_token_table and self.trained_token_ids is not None
 
     @property
     def lora_scale(self) -> float:
@@ -73,9 +95,14 @@ def split_params(config: FinetuneConfig, params: dict, *, rng: jax.Array | None 
         trained = _FULL_MODES[config.mode]
         trainable = {c: params[c] for c in trained}
         frozen = {c: params[c] for c in COMPONENTS if c not in trained}
-        if "text_encoder" in trained and not config.train_token_embedding:
-            frozen[FROZEN_TOKEN_TABLE] = tree_get(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+        if "text_encoder" in trained and (config.trains_token_rows or not config.train_token_embedding):
+            table = tree_get(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+            frozen[FROZEN_TOKEN_TABLE] = table
             trainable["text_encoder"] = tree_without(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+            if config.trains_token_rows:
+                ids = _checked_rows(config.trained_token_ids, table.shape[0])
+                trainable["text_encoder"] = tree_set(trainable["text_encoder"], TRAINED_TOKEN_ROWS_PATH,
+                                                     jnp.asarray(table)[ids])
         return trainable, frozen
     if config.mode == "textual_inversion":
         if not init_token_ids:
@@ -98,8 +125,12 @@ def merge_params(config: FinetuneConfig, trainable: dict, frozen: dict) -> dict:
     if config.mode in _FULL_MODES:
         params = {**frozen, **trainable}
         if FROZEN_TOKEN_TABLE in params:
-            table = params.pop(FROZEN_TOKEN_TABLE)
-            params["text_encoder"] = tree_set(params["text_encoder"], TOKEN_EMBEDDING_PATH, table)
+            table, text = params.pop(FROZEN_TOKEN_TABLE), params["text_encoder"]
+            if config.trains_token_rows:
+                rows = tree_get(text, TRAINED_TOKEN_ROWS_PATH)
+                text = tree_without(text, TRAINED_TOKEN_ROWS_PATH)
+                table = jnp.asarray(table).at[np.asarray(config.trained_token_ids)].set(rows.astype(table.dtype))
+            params["text_encoder"] = tree_set(text, TOKEN_EMBEDDING_PATH, table)
         return params
     params = dict(frozen)
     if config.mode == "textual_inversion":
@@ -190,6 +221,14 @@ def _lora_factor_paths(lora: dict, prefix: tuple[str, ...] = ()) -> list[tuple[t
     if "lora_A" in lora:
         return [(prefix, lora)]
     return [item for key, sub in lora.items() for item in _lora_factor_paths(sub, prefix + (key,))]
+
+
+def _checked_rows(ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """`ids` as an index array, or a ValueError if one lies outside the token table."""
+    if ids[-1] >= vocab_size:
+        raise ValueError(f"finetune trained_token_ids: id {ids[-1]} is outside the text encoder's token "
+                         f"table of {vocab_size} rows (a different tokenizer?)")
+    return np.asarray(ids)
 
 
 def tree_get(tree: Mapping, path: Sequence[str]) -> Any:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cxr_ldm.data.pipeline import make_train_iterator
+from cxr_ldm.data.pipeline import corpus_token_ids, make_train_iterator
 from cxr_ldm.data.tokenizer import set_prompt_length
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
 from cxr_ldm.io.checkpoints import Checkpointer
@@ -96,6 +96,7 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
     c = config.ldm
     finetune = finetune_lib.FinetuneConfig(mode=c.finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                                            train_token_embedding=c.train_token_embedding)
+    finetune = dataclasses.replace(finetune, trained_token_ids=_trained_token_ids(config, finetune, tokenizer))
     init_token_ids = None
     if c.finetune == "textual_inversion":
         _, init_token_ids = finetune_lib.add_placeholder_tokens(tokenizer, c.placeholder_tokens,
@@ -181,6 +182,21 @@ def _latent_cache(config, workdir: str, vae, vae_params) -> latent_cache.LatentC
         vae, vae_params, dataset_name(config), split="train", data_dir=config.data.data_dir,
         cache_dir=os.path.join(workdir, STAGE, latent_cache.CACHE_DIRNAME),
         batch_size=config.ldm.batch_size // jax.process_count())
+
+
+TRAINED_TOKEN_ROWS = ("all", "corpus")
+
+
+def _trained_token_ids(config, finetune: finetune_lib.FinetuneConfig, tokenizer) -> tuple[int, ...] | None:
+    """The token-table rows that train: None (all of them, or the mode trains no table) or, with
+    `ldm.trained_token_rows` "corpus", the tokens of the training split's prompts and reports."""
+    rows = config.ldm.trained_token_rows
+    if rows not in TRAINED_TOKEN_ROWS:
+        raise ValueError(f"config ldm.trained_token_rows = {rows!r}: expected one of {TRAINED_TOKEN_ROWS}")
+    if rows == "all" or not finetune.trains_token_table:
+        return None
+    ids = corpus_token_ids(dataset_name(config), "train", config.data.data_dir, tokenizer)
+    return tuple(int(i) for i in ids)
 
 
 def _optimizer(config, trainable: dict) -> tuple[Any, Any]:
