@@ -76,8 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
     # conditioning accuracy: 0.49 frozen vs 0.60 trained, prompts unlike the reports 0.12 vs 0.41.
     c.ldm.train_token_embedding = True
     # "corpus": only the table's rows of tokens in the training split's prompts and reports train (332 of 49408
-    # on phantom_cxr); they update exactly as with "all" (the others get zero gradients), and the optimizer and
-    # EMA skip the rest of the table.
+    # on phantom_cxr); they update as with "all" (the others get zero gradients), and the optimizer and EMA
+    # skip the rest of the table: 1.16x the LDM images/s here (docs/results/default_run.md).
     c.ldm.trained_token_rows = "corpus"
     c.ldm.lora_rank = 8
     c.ldm.lora_alpha = 8.0
@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
     # On CPU more, smaller steps beat fewer large ones at equal images seen (measured: 2000 x 16 gave
     # 4x the conditioning accuracy of 1000 x 32); with the latent cache a batch-8 step takes about 0.2 s.
     # The LDM is compute-bound here: on one host and seed, 6500 x 8 gave conditioning accuracy 0.55,
-    # 6500 x 16 gave 0.70 and 13000 x 8 gave 0.78 (domain FID 128 / 89 / 67; docs/results/default_run.md).
+    # 6500 x 16 gave 0.70 and 13000 x 8 gave 0.78 (domain FID 128 / 89 / 67); 20000 x 8 gave only 0.79
+    # (docs/results/default_run.md).
     c.ldm.batch_size = 8
     c.ldm.num_steps = 13_000
     c.ldm.learning_rate = 1e-3

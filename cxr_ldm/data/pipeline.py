@@ -208,14 +208,16 @@ def corpus_token_ids(builder_or_name, split: str, data_dir: str | os.PathLike | 
     record's "prompt" (impression) and of its report, as written and cleaned (`reports.clean_prompt_text`:
     findings prompts are sentences of it), and the start, end and pad tokens. Reads no images."""
     source = data_source(builder_or_name, split, data_dir, decode_images=False)
-    texts: set[str] = set()
+    words: set[str] = set()  # CLIP's BPE never joins across whitespace: a word's tokens do not depend on context
     for index in range(len(source)):
         record = source[index]
         report = common.as_text(record["report"])
-        texts.update((common.as_text(record["prompt"]), report, reports.clean_prompt_text(report)))
+        for text in (common.as_text(record["prompt"]), report, reports.clean_prompt_text(report)):
+            words.update(text.split())
+    vocab = tokenizer.get_vocab()
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    for text in texts:
-        ids.update(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)))
+    for word in words:
+        ids.update(vocab.get(token, tokenizer.unk_token_id) for token in tokenizer.tokenize(word))
     return np.asarray(sorted(i for i in ids if i is not None), np.int64)
 
 
