@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     # seed spread); the whole section at 0.5 had cost 0.15 on seed 1.
     c.data.findings_prompt_rate = 0.3
     c.data.findings_prompt_sentences = "positive"
+    # Probability that a training prompt has its sentences, and the words within each sentence, shuffled
+    # (`cxr_ldm.data.pipeline.shuffle_prompt_words`): the text encoder then reads a finding, its side and grade
+    # wherever they stand, not only in the impressions' word order.
+    c.data.word_shuffle_rate = 0.0
     c.data.tokenizer = None  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
 
     c.autoencoder = ml_collections.ConfigDict()

@@ -162,7 +162,7 @@ def test_corpus_token_ids_hold_every_token_a_training_prompt_can_have(builder, t
     for sentences in pipeline.FINDINGS_PROMPT_SENTENCES:
         for rate in (0.0, 0.5, 1.0):
             batches = _train(builder, tokenizer, findings_prompt_rate=rate, findings_prompt_sentences=sentences,
-                             prompt_dropout=0.2, num_epochs=2)
+                             prompt_dropout=0.2, word_shuffle_rate=rate, num_epochs=2)
             seen.update(int(i) for batch in batches for i in batch["input_ids"].ravel())
     assert seen <= set(corpus.tolist())
     # Only the reports' words: none of the toy reports says "effusion".
@@ -196,9 +196,42 @@ def test_positive_findings_prompts_keep_the_sentences_stating_findings(tokenizer
         pipeline._FindingsPrompts(tokenizer, 48, "some")
 
 
-def test_findings_prompt_rate_is_checked(builder, tokenizer):
-    with pytest.raises(ValueError, match="findings_prompt_rate"):
-        _train(builder, tokenizer, findings_prompt_rate=1.5)
+@pytest.mark.parametrize("rate", ["findings_prompt_rate", "word_shuffle_rate"])
+def test_prompt_rates_are_checked(builder, tokenizer, rate):
+    with pytest.raises(ValueError, match=rate):
+        _train(builder, tokenizer, **{rate: 1.5})
+
+
+def _words(sentence: str) -> list[str]:
+    return sorted(sentence.replace(",", " ").replace(";", " ").rstrip(".").lower().split())
+
+
+def test_shuffled_prompts_keep_each_sentence_s_words_together():
+    prompt = "Right lower lobe consolidation, consistent with pneumonia. Small right pleural effusion; loculated."
+    originals = [_words(s) for s in ("Right lower lobe consolidation, consistent with pneumonia",
+                                     "Small right pleural effusion; loculated")]
+    orders, firsts = set(), set()
+    for seed in range(40):
+        shuffled = pipeline.shuffle_prompt_words(prompt, np.random.default_rng(seed))
+        sentences = shuffled[:-1].split(". ")
+        assert shuffled.endswith(".") and "," not in shuffled and ";" not in shuffled
+        assert sorted(_words(s) for s in sentences) == sorted(originals)  # no word left its sentence
+        orders.add(tuple(sentences))
+        firsts.add(_words(sentences[0]) == originals[0])
+    assert firsts == {True, False} and len(orders) > 30  # sentence order and word order both vary
+    assert pipeline.shuffle_prompt_words("", np.random.default_rng(0)) == ""
+
+
+def test_word_shuffle_rate_shuffles_that_share_of_prompts(builder, tokenizer):
+    batches = list(_train(builder, tokenizer, word_shuffle_rate=0.5, num_epochs=10))
+    ids = np.concatenate([batch["input_ids"] for batch in batches])
+    index = np.concatenate([batch["labels"][:, 0] for batch in batches])
+    shuffled = ~np.all(ids == tokenize(tokenizer, [toy_prompt(int(i)) for i in index]), axis=1)
+    assert abs(shuffled.mean() - 0.5) < 0.12  # 400 draws: 5 standard deviations
+    # The same tokens ("." added at the sentence end), in another order for most rows.
+    ended = tokenize(tokenizer, [toy_prompt(int(i)) + "." for i in index[shuffled]])
+    np.testing.assert_array_equal(np.sort(ids[shuffled], axis=1), np.sort(ended, axis=1))
+    assert np.mean(np.any(ids[shuffled] != ended, axis=1)) > 0.6  # 5 of 6 orders of three words differ
 
 
 def test_prompt_dropout_rate(builder, tokenizer):

@@ -4,9 +4,10 @@ Each process reads its own shard (default: `grain.sharding.ShardByJaxProcess`) a
 global_batch_size // shard_count examples, as numpy dicts:
   "image"      float32 (b, H, W, 1) in [-1, 1]
   "input_ids"  int32 (b, max_length) CLIP token ids of the prompt ("" for dropped prompts: CFG); with
-               `findings_prompt_rate` > 0 some prompts are the report's FINDINGS section instead
+               `findings_prompt_rate` > 0 some prompts are the report's FINDINGS section instead; with
+               `word_shuffle_rate` > 0 some have their words shuffled within each sentence
   "labels"     int8 (b, 14) (see builders/common.py)
-Randomness (shuffle order, prompt drop, prompt source, crop) comes from the seed and the example's
+Randomness (shuffle order, prompt drop, prompt source, word order, crop) comes from the seed and the example's
 position in the sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
 `grain.checkpoint.CheckpointSave` / `CheckpointRestore` in an Orbax CheckpointManager) yields
 exactly the batches the original would have. With worker processes (worker_count > 0) each worker
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 
 import grain
@@ -94,6 +96,26 @@ def _states_a_finding(sentence: str) -> bool:
     return any(value in (1, -1) for name, value in labels.items() if name != "No Finding")
 
 
+_CLAUSE_PUNCTUATION_RE = re.compile(r"[,;:]")
+
+
+def shuffle_prompt_words(prompt: str, rng: np.random.Generator) -> str:
+    """The prompt with its sentences in random order and the words of each sentence in random order.
+
+    Clause punctuation (",", ";", ":") is dropped and every sentence ends with ".". Words never move from
+    one sentence to another, so a side or a grade stays with the finding its sentence names. Training on
+    some shuffled prompts teaches the text encoder to read a finding wherever it stands in the sentence
+    ("Pneumothorax on the left, large." as well as "Large left pneumothorax.").
+    """
+    sentences = reports.split_sentences(prompt)
+    shuffled = []
+    for i in rng.permutation(len(sentences)):
+        words = _CLAUSE_PUNCTUATION_RE.sub(" ", sentences[i]).rstrip(".!?").split()
+        if words:
+            shuffled.append(" ".join(words[j] for j in rng.permutation(len(words))) + ".")
+    return " ".join(shuffled)
+
+
 def random_crop_resize(image: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
     """Random square crop of side U(min_scale, 1) * H at a uniform position, resized back to H x W.
 
@@ -118,25 +140,27 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
 
 
 class _TrainExample(grain.transforms.RandomMap):
-    """TFDS example -> {"image", "input_ids", "labels"} with prompt drop, prompt source and optional crop;
-    with `include_image` False no "image" (it was not decoded either); with `include_index` its record index."""
+    """TFDS example -> {"image", "input_ids", "labels"} with prompt drop, prompt source, word order and
+    optional crop; with `include_image` False no "image" (it was not decoded either); with `include_index`
+    its record index."""
 
-    def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float,
+    def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float, *,
                  include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0,
-                 findings_prompt_sentences: str = "all"):
+                 findings_prompt_sentences: str = "all", word_shuffle_rate: float = 0.0):
         self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
         self.augment, self.min_crop_scale = augment, min_crop_scale
         self.include_image, self.include_index = include_image, include_index
-        self.findings_prompt_rate = findings_prompt_rate
+        self.findings_prompt_rate, self.word_shuffle_rate = findings_prompt_rate, word_shuffle_rate
         self.findings_prompts = _FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length, findings_prompt_sentences)
 
     def _prompt(self, element: dict, rng: np.random.Generator) -> str:
-        # The source is drawn only when findings prompts are on, so the default keeps its random stream.
+        # Source and word order are drawn only when their rates are > 0, so the defaults keep the random stream.
+        prompt = common.as_text(element["prompt"])
         if self.findings_prompt_rate > 0 and rng.random() < self.findings_prompt_rate:
-            findings = self.findings_prompts(common.as_text(element["report"]))
-            if findings:
-                return findings
-        return common.as_text(element["prompt"])
+            prompt = self.findings_prompts(common.as_text(element["report"])) or prompt
+        if self.word_shuffle_rate > 0 and rng.random() < self.word_shuffle_rate:
+            prompt = shuffle_prompt_words(prompt, rng)
+        return prompt
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         drop = rng.random() < self.prompt_dropout
@@ -268,7 +292,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
                         shard_options: grain.sharding.ShardOptions | None = None,
                         worker_count: int = 0, include_image: bool = True,
                         include_index: bool = False, findings_prompt_rate: float = 0.0,
-                        findings_prompt_sentences: str = "all",
+                        findings_prompt_sentences: str = "all", word_shuffle_rate: float = 0.0,
                         oversample: Mapping[str, int] | None = None) -> grain.DataLoaderIterator:
     """Training batches of this process's shard (module doc), endless unless num_epochs is given.
 
@@ -285,6 +309,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         findings keep the prompt. Findings sentences teach the text encoder other phrasings and negations.
       findings_prompt_sentences: "all" (the whole section) or "positive" (only the sentences stating a
         finding present or uncertain; a normal study's whole section), see `_FindingsPrompts`.
+      word_shuffle_rate: probability that a prompt (impression or findings) has its sentences and the words
+        within each sentence shuffled (`shuffle_prompt_words`).
       augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
       max_length: tokens per prompt; None: the tokenizer's `prompt_length`.
       num_epochs: None repeats forever. shuffle: reshuffle every epoch.
@@ -299,8 +325,9 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
     """
     if not 0.0 <= prompt_dropout <= 1.0:
         raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}.")
-    if not 0.0 <= findings_prompt_rate <= 1.0:
-        raise ValueError(f"findings_prompt_rate must be in [0, 1], got {findings_prompt_rate}.")
+    for name, rate in (("findings_prompt_rate", findings_prompt_rate), ("word_shuffle_rate", word_shuffle_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}.")
     if not 0.0 < min_crop_scale <= 1.0:
         raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
     if augment and not include_image:
@@ -321,7 +348,10 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
         operations=[
             _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
-                          include_image, include_index, findings_prompt_rate, findings_prompt_sentences),
+                          include_image=include_image, include_index=include_index,
+                          findings_prompt_rate=findings_prompt_rate,
+                          findings_prompt_sentences=findings_prompt_sentences,
+                          word_shuffle_rate=word_shuffle_rate),
             grain.transforms.Batch(batch_size, drop_remainder=True),
         ])
     return iter(loader)
