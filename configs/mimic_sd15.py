@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = None  # the PhysioNet download; set on the command line
     c.data.prompt_dropout = 0.1
     c.data.findings_prompt_rate = 0.0  # impressions only, as in the published fine-tunes
-    c.data.word_shuffle_rate = 0.0  # SD's pretrained text encoder reads real word order
+    c.data.word_order_rate = 0.0  # SD's pretrained text encoder reads real word order
     c.ldm.init_from = None  # required: a diffusers StableDiffusionPipeline folder of SD 1.x
     c.ldm.finetune = "unet"
     c.ldm.trained_token_rows = "all"  # with the text encoder trained: its whole table, as the published fine-tunes

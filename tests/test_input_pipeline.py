@@ -162,7 +162,7 @@ def test_corpus_token_ids_hold_every_token_a_training_prompt_can_have(builder, t
     for sentences in pipeline.FINDINGS_PROMPT_SENTENCES:
         for rate in (0.0, 0.5, 1.0):
             batches = _train(builder, tokenizer, findings_prompt_rate=rate, findings_prompt_sentences=sentences,
-                             prompt_dropout=0.2, word_shuffle_rate=rate, num_epochs=2)
+                             prompt_dropout=0.2, word_order_rate=rate, num_epochs=2)
             seen.update(int(i) for batch in batches for i in batch["input_ids"].ravel())
     assert seen <= set(corpus.tolist())
     # Only the reports' words: none of the toy reports says "effusion".
@@ -196,42 +196,55 @@ def test_positive_findings_prompts_keep_the_sentences_stating_findings(tokenizer
         pipeline._FindingsPrompts(tokenizer, 48, "some")
 
 
-@pytest.mark.parametrize("rate", ["findings_prompt_rate", "word_shuffle_rate"])
-def test_prompt_rates_are_checked(builder, tokenizer, rate):
-    with pytest.raises(ValueError, match=rate):
-        _train(builder, tokenizer, **{rate: 1.5})
+@pytest.mark.parametrize("bad", [{"findings_prompt_rate": 1.5}, {"word_order_rate": -0.1}, {"word_order": "reverse"}])
+def test_prompt_options_are_checked(builder, tokenizer, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _train(builder, tokenizer, **bad)
 
 
 def _words(sentence: str) -> list[str]:
-    return sorted(sentence.replace(",", " ").replace(";", " ").rstrip(".").lower().split())
+    return sentence.replace(",", " ").replace(";", " ").rstrip(".").split()
 
 
-def test_shuffled_prompts_keep_each_sentence_s_words_together():
-    prompt = "Right lower lobe consolidation, consistent with pneumonia. Small right pleural effusion; loculated."
-    originals = [_words(s) for s in ("Right lower lobe consolidation, consistent with pneumonia",
-                                     "Small right pleural effusion; loculated")]
-    orders, firsts = set(), set()
+_TWO_SENTENCES = ("Right lower lobe consolidation, consistent with pneumonia.", "Small right pleural effusion; loculated.")
+
+
+@pytest.mark.parametrize("order", pipeline.WORD_ORDERS)
+def test_reordered_prompts_keep_each_sentence_s_words_together(order):
+    originals = [_words(s) for s in _TWO_SENTENCES]
+    orders, firsts, seams = set(), set(), set()
     for seed in range(40):
-        shuffled = pipeline.shuffle_prompt_words(prompt, np.random.default_rng(seed))
-        sentences = shuffled[:-1].split(". ")
-        assert shuffled.endswith(".") and "," not in shuffled and ";" not in shuffled
-        assert sorted(_words(s) for s in sentences) == sorted(originals)  # no word left its sentence
+        reordered = pipeline.reorder_prompt_words(" ".join(_TWO_SENTENCES), np.random.default_rng(seed), order)
+        sentences = reordered[:-1].split(". ")
+        assert reordered.endswith(".") and ";" not in reordered
+        assert sorted(sorted(_words(s)) for s in sentences) == sorted(sorted(w) for w in originals)  # none moved
         orders.add(tuple(sentences))
-        firsts.add(_words(sentences[0]) == originals[0])
-    assert firsts == {True, False} and len(orders) > 30  # sentence order and word order both vary
-    assert pipeline.shuffle_prompt_words("", np.random.default_rng(0)) == ""
+        firsts.add(_words(sentences[0]) == originals[0] or sorted(_words(sentences[0])) == sorted(originals[0]))
+        if order == "rotate":  # "tail, head": one comma at the seam, the words a cyclic shift
+            for sentence in sentences:
+                tail, head = sentence.split(", ")
+                original = next(w for w in originals if sorted(w) == sorted(_words(sentence)))
+                assert head.split() + tail.split() == original
+                seams.add(len(head.split()))
+    assert firsts == {True, False} and len(orders) > 10  # sentence order and word order both vary
+    if order == "rotate":
+        assert seams == set(range(1, 7))  # every cut of the 7-word sentence
+    assert pipeline.reorder_prompt_words("", np.random.default_rng(0), order) == ""
+    assert pipeline.reorder_prompt_words("Cardiomegaly.", np.random.default_rng(0), order) == "Cardiomegaly."
 
 
-def test_word_shuffle_rate_shuffles_that_share_of_prompts(builder, tokenizer):
-    batches = list(_train(builder, tokenizer, word_shuffle_rate=0.5, num_epochs=10))
+@pytest.mark.parametrize("order", pipeline.WORD_ORDERS)
+def test_word_order_rate_reorders_that_share_of_prompts(builder, tokenizer, order):
+    batches = list(_train(builder, tokenizer, word_order_rate=0.5, word_order=order, num_epochs=10))
     ids = np.concatenate([batch["input_ids"] for batch in batches])
     index = np.concatenate([batch["labels"][:, 0] for batch in batches])
-    shuffled = ~np.all(ids == tokenize(tokenizer, [toy_prompt(int(i)) for i in index]), axis=1)
-    assert abs(shuffled.mean() - 0.5) < 0.12  # 400 draws: 5 standard deviations
-    # The same tokens ("." added at the sentence end), in another order for most rows.
-    ended = tokenize(tokenizer, [toy_prompt(int(i)) + "." for i in index[shuffled]])
-    np.testing.assert_array_equal(np.sort(ids[shuffled], axis=1), np.sort(ended, axis=1))
-    assert np.mean(np.any(ids[shuffled] != ended, axis=1)) > 0.6  # 5 of 6 orders of three words differ
+    reordered = ~np.all(ids == tokenize(tokenizer, [toy_prompt(int(i)) for i in index]), axis=1)
+    assert abs(reordered.mean() - 0.5) < 0.12  # 400 draws: 5 standard deviations
+    # The same tokens ("." added at the end, "," at a rotation's seam), in another order for most rows.
+    added = " ." if order == "shuffle" else " , ."
+    ended = tokenize(tokenizer, [toy_prompt(int(i)) + added for i in index[reordered]])
+    np.testing.assert_array_equal(np.sort(ids[reordered], axis=1), np.sort(ended, axis=1))
+    assert np.mean(np.any(ids[reordered] != ended, axis=1)) > 0.6  # 5 of 6 shuffles of three words differ
 
 
 def test_prompt_dropout_rate(builder, tokenizer):

@@ -5,7 +5,7 @@ global_batch_size // shard_count examples, as numpy dicts:
   "image"      float32 (b, H, W, 1) in [-1, 1]
   "input_ids"  int32 (b, max_length) CLIP token ids of the prompt ("" for dropped prompts: CFG); with
                `findings_prompt_rate` > 0 some prompts are the report's FINDINGS section instead; with
-               `word_shuffle_rate` > 0 some have their words shuffled within each sentence
+               `word_order_rate` > 0 some have their words reordered within each sentence
   "labels"     int8 (b, 14) (see builders/common.py)
 Randomness (shuffle order, prompt drop, prompt source, word order, crop) comes from the seed and the example's
 position in the sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
@@ -97,23 +97,33 @@ def _states_a_finding(sentence: str) -> bool:
 
 
 _CLAUSE_PUNCTUATION_RE = re.compile(r"[,;:]")
+WORD_ORDERS = ("shuffle", "rotate")
 
 
-def shuffle_prompt_words(prompt: str, rng: np.random.Generator) -> str:
-    """The prompt with its sentences in random order and the words of each sentence in random order.
+def reorder_prompt_words(prompt: str, rng: np.random.Generator, order: str = "shuffle") -> str:
+    """The prompt with its sentences in random order and the words within each sentence reordered.
 
-    Clause punctuation (",", ";", ":") is dropped and every sentence ends with ".". Words never move from
-    one sentence to another, so a side or a grade stays with the finding its sentence names. Training on
-    some shuffled prompts teaches the text encoder to read a finding wherever it stands in the sentence
-    ("Pneumothorax on the left, large." as well as "Large left pneumothorax.").
+    order "shuffle": each sentence's words in a random order. "rotate": a random cyclic shift of them, the
+    seam marked by a comma ("Large left pneumothorax" -> "pneumothorax, Large left" or "left pneumothorax,
+    Large"), which keeps every pair of neighbours but one. Clause punctuation (",", ";", ":") is dropped
+    and every sentence ends with ".". Words never move from one sentence to another, so a side or a grade
+    stays with the finding its sentence names. Training on some reordered prompts shows the text encoder a
+    finding, its side and its grade in other places than the impressions' word order.
     """
+    if order not in WORD_ORDERS:
+        raise ValueError(f"word order {order!r}: expected one of {WORD_ORDERS}")
     sentences = reports.split_sentences(prompt)
-    shuffled = []
+    reordered = []
     for i in rng.permutation(len(sentences)):
         words = _CLAUSE_PUNCTUATION_RE.sub(" ", sentences[i]).rstrip(".!?").split()
-        if words:
-            shuffled.append(" ".join(words[j] for j in rng.permutation(len(words))) + ".")
-    return " ".join(shuffled)
+        if not words:
+            continue
+        if order == "shuffle":
+            reordered.append(" ".join(words[j] for j in rng.permutation(len(words))) + ".")
+        else:
+            seam = int(rng.integers(1, len(words))) if len(words) > 1 else len(words)
+            reordered.append(", ".join(" ".join(part) for part in (words[seam:], words[:seam]) if part) + ".")
+    return " ".join(reordered)
 
 
 def random_crop_resize(image: np.ndarray, rng: np.random.Generator, min_scale: float) -> np.ndarray:
@@ -146,11 +156,13 @@ class _TrainExample(grain.transforms.RandomMap):
 
     def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float, *,
                  include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0,
-                 findings_prompt_sentences: str = "all", word_shuffle_rate: float = 0.0):
+                 findings_prompt_sentences: str = "all", word_order_rate: float = 0.0,
+                 word_order: str = "shuffle"):
         self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
         self.augment, self.min_crop_scale = augment, min_crop_scale
         self.include_image, self.include_index = include_image, include_index
-        self.findings_prompt_rate, self.word_shuffle_rate = findings_prompt_rate, word_shuffle_rate
+        self.findings_prompt_rate = findings_prompt_rate
+        self.word_order_rate, self.word_order = word_order_rate, word_order
         self.findings_prompts = _FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length, findings_prompt_sentences)
 
     def _prompt(self, element: dict, rng: np.random.Generator) -> str:
@@ -158,8 +170,8 @@ class _TrainExample(grain.transforms.RandomMap):
         prompt = common.as_text(element["prompt"])
         if self.findings_prompt_rate > 0 and rng.random() < self.findings_prompt_rate:
             prompt = self.findings_prompts(common.as_text(element["report"])) or prompt
-        if self.word_shuffle_rate > 0 and rng.random() < self.word_shuffle_rate:
-            prompt = shuffle_prompt_words(prompt, rng)
+        if self.word_order_rate > 0 and rng.random() < self.word_order_rate:
+            prompt = reorder_prompt_words(prompt, rng, self.word_order)
         return prompt
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -292,7 +304,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
                         shard_options: grain.sharding.ShardOptions | None = None,
                         worker_count: int = 0, include_image: bool = True,
                         include_index: bool = False, findings_prompt_rate: float = 0.0,
-                        findings_prompt_sentences: str = "all", word_shuffle_rate: float = 0.0,
+                        findings_prompt_sentences: str = "all", word_order_rate: float = 0.0,
+                        word_order: str = "shuffle",
                         oversample: Mapping[str, int] | None = None) -> grain.DataLoaderIterator:
     """Training batches of this process's shard (module doc), endless unless num_epochs is given.
 
@@ -309,8 +322,8 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         findings keep the prompt. Findings sentences teach the text encoder other phrasings and negations.
       findings_prompt_sentences: "all" (the whole section) or "positive" (only the sentences stating a
         finding present or uncertain; a normal study's whole section), see `_FindingsPrompts`.
-      word_shuffle_rate: probability that a prompt (impression or findings) has its sentences and the words
-        within each sentence shuffled (`shuffle_prompt_words`).
+      word_order_rate: probability that a prompt (impression or findings) has its sentences shuffled and the
+        words within each sentence reordered, by `word_order` "shuffle" or "rotate" (`reorder_prompt_words`).
       augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
       max_length: tokens per prompt; None: the tokenizer's `prompt_length`.
       num_epochs: None repeats forever. shuffle: reshuffle every epoch.
@@ -325,9 +338,11 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
     """
     if not 0.0 <= prompt_dropout <= 1.0:
         raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}.")
-    for name, rate in (("findings_prompt_rate", findings_prompt_rate), ("word_shuffle_rate", word_shuffle_rate)):
+    for name, rate in (("findings_prompt_rate", findings_prompt_rate), ("word_order_rate", word_order_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {rate}.")
+    if word_order not in WORD_ORDERS:
+        raise ValueError(f"word_order {word_order!r}: expected one of {WORD_ORDERS}.")
     if not 0.0 < min_crop_scale <= 1.0:
         raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
     if augment and not include_image:
@@ -351,7 +366,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
                           include_image=include_image, include_index=include_index,
                           findings_prompt_rate=findings_prompt_rate,
                           findings_prompt_sentences=findings_prompt_sentences,
-                          word_shuffle_rate=word_shuffle_rate),
+                          word_order_rate=word_order_rate, word_order=word_order),
             grain.transforms.Batch(batch_size, drop_remainder=True),
         ])
     return iter(loader)

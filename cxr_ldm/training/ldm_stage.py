@@ -128,7 +128,8 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
         tokenizer=tokenizer, seed=config.seed + 1, prompt_dropout=config.data.prompt_dropout,
         findings_prompt_rate=config.data.findings_prompt_rate,
         findings_prompt_sentences=config.data.findings_prompt_sentences,
-        word_shuffle_rate=config.data.word_shuffle_rate, augment=config.data.augment,
+        word_order_rate=config.data.word_order_rate, word_order=config.data.word_order,
+        augment=config.data.augment,
         include_image=cache is None, include_index=cache is not None, oversample=dict(c.oversample))
     checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
                                 save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
