@@ -4,7 +4,7 @@ from scratch on the procedural `phantom_cxr` data set at 64 px.
     python train.py                                  # this config, workdir ./workdir/default
     python train.py --config.ldm.num_steps=20000     # any field can be overridden
 
-On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 55 minutes.
+On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 1 to 1.5 hours.
 With accelerators the batch and the models grow (see `scale_for_accelerators`): the same recipe then
 trains longer and wider for a better model.
 """
