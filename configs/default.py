@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     # reordered, by `word_order` "shuffle" (random order) or "rotate" (a cyclic shift), so that the text encoder
     # sees findings, sides and grades in other orders than the impressions' (`pipeline.reorder_prompt_words`).
     # Off: on seed 0, shuffling 30 % of the prompts took reworded prompts from 0.69 to 0.74 but the
-    # template-worded ones from 0.81 to 0.76 and side accuracy from 0.94 to 0.69 (docs/results/default_run.md).
+    # template-worded ones from 0.81 to 0.76 and side accuracy from 0.94 to 0.69; rotating them kept sides and
+    # templates but the rewordings fell to 0.63 (overall 0.757 / 0.761 vs 0.776; docs/results/default_run.md).
     c.data.word_order_rate = 0.0
     c.data.word_order = "shuffle"
     c.data.tokenizer = None  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
