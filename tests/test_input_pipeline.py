@@ -159,10 +159,10 @@ def test_corpus_token_ids_hold_every_token_a_training_prompt_can_have(builder, t
     corpus = pipeline.corpus_token_ids(builder, "train", None, tokenizer)
     assert corpus.dtype == np.int64 and list(corpus) == sorted(set(corpus.tolist()))
     seen = set()
-    for sentences in pipeline.FINDINGS_PROMPT_SENTENCES:
+    for sentences, order in zip(pipeline.FINDINGS_PROMPT_SENTENCES, pipeline.WORD_ORDERS):
         for rate in (0.0, 0.5, 1.0):
             batches = _train(builder, tokenizer, findings_prompt_rate=rate, findings_prompt_sentences=sentences,
-                             prompt_dropout=0.2, word_order_rate=rate, num_epochs=2)
+                             prompt_dropout=0.2, word_order_rate=rate, word_order=order, num_epochs=2)
             seen.update(int(i) for batch in batches for i in batch["input_ids"].ravel())
     assert seen <= set(corpus.tolist())
     # Only the reports' words: none of the toy reports says "effusion".

@@ -97,6 +97,7 @@ def _states_a_finding(sentence: str) -> bool:
 
 
 _CLAUSE_PUNCTUATION_RE = re.compile(r"[,;:]")
+_INSERTED_PUNCTUATION = (",", ".")  # what `reorder_prompt_words` may add to a prompt (`corpus_token_ids` holds it)
 WORD_ORDERS = ("shuffle", "rotate")
 
 
@@ -242,7 +243,8 @@ def _labels_of(source) -> np.ndarray:
 def corpus_token_ids(builder_or_name, split: str, data_dir: str | os.PathLike | None, tokenizer) -> np.ndarray:
     """int64 (k,), ascending: every token id a training prompt of `split` can hold: the tokens of each
     record's "prompt" (impression) and of its report, as written and cleaned (`reports.clean_prompt_text`:
-    findings prompts are sentences of it), and the start, end and pad tokens. Reads no images."""
+    findings prompts are sentences of it), the punctuation `reorder_prompt_words` inserts, and the start, end
+    and pad tokens. Reads no images."""
     source = data_source(builder_or_name, split, data_dir, decode_images=False)
     words: set[str] = set()  # CLIP's BPE never joins across whitespace: a word's tokens do not depend on context
     for index in range(len(source)):
@@ -250,6 +252,7 @@ def corpus_token_ids(builder_or_name, split: str, data_dir: str | os.PathLike | 
         report = common.as_text(record["report"])
         for text in (common.as_text(record["prompt"]), report, reports.clean_prompt_text(report)):
             words.update(text.split())
+    words.update(_INSERTED_PUNCTUATION)
     vocab = tokenizer.get_vocab()
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     for word in words:
