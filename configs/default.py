@@ -101,8 +101,12 @@ def get_config() -> ml_collections.ConfigDict:
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "cross_attention_dim": 128, "attention_head_dim": 8, "num_attention_heads": None,
-        "norm_num_groups": 32, "use_linear_projection": True,
+        "norm_num_groups": 8, "use_linear_projection": True,
     })
+    # 8 groups, not SD's 32: with 32 the 32-channel blocks normalize each channel alone, and norm2 removes the
+    # timestep embedding their resnets add (UNetConfig warns). With 8 (13000 steps) the training loss ended 8 %
+    # lower on seed 0, as low as 20000 steps with 32 groups, and side accuracy rose from 0.94 to 0.98 on seeds 0
+    # and 1; conditioning accuracy 0.780 / 0.793 vs 0.776, domain FID 81 / 77 vs 67 (docs/results/default_run.md).
     c.ldm.text_encoder = ml_collections.ConfigDict({
         "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         # Prompts are padded to this many tokens (the exported tokenizer too): the phantom prompts have
@@ -167,6 +171,7 @@ def scale_for_accelerators(c: ml_collections.ConfigDict) -> None:
     c.ldm.unet.sample_size = 32
     c.ldm.unet.block_out_channels = (128, 256, 256)
     c.ldm.unet.layers_per_block = 2
+    c.ldm.unet.norm_num_groups = 32  # 4+ channels per group at these widths
     c.ldm.unet.cross_attention_dim = 256
     c.ldm.text_encoder.update({"hidden_size": 256, "intermediate_size": 1024, "projection_dim": 256,
                                "num_hidden_layers": 4})

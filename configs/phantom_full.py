@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.model.update({"sample_size": 128, "block_out_channels": (64, 128, 128)})
     c.autoencoder.update({"batch_size": 32, "num_steps": 8000, "learning_rate": 5e-4, "eval_every": 2000})
     c.ldm.unet.update({"sample_size": 32, "block_out_channels": (128, 256, 256), "layers_per_block": 2,
-                       "cross_attention_dim": 256, "attention_head_dim": 8})
+                       "cross_attention_dim": 256, "attention_head_dim": 8, "norm_num_groups": 32})
     c.ldm.text_encoder.update({"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
                                "num_attention_heads": 4, "projection_dim": 256})
     c.ldm.update({"batch_size": 64, "num_steps": 40_000, "learning_rate": 2e-4,

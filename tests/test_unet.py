@@ -211,6 +211,27 @@ def test_unknown_key_warns_and_bookkeeping_is_silent():
         UNetConfig.from_dict(dict(CONFIGS["sd1"], frobnicate=1), source="my/config.json")
 
 
+def test_one_channel_per_group_erases_the_timestep_embedding():
+    """ResnetBlock2D adds the timestep embedding per channel just before norm2: with one channel per group
+    the norm subtracts it again (the block's output does not depend on temb), with four it does not."""
+    from cxr_ldm.models.layers import ResnetBlock2D
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+    temb_a, temb_b = jax.random.normal(jax.random.key(1), (2, 2, 16))
+    for groups, erased in ((32, True), (8, False)):
+        block = ResnetBlock2D(32, groups=groups)
+        params = block.init(jax.random.key(2), x, temb_a)
+        change = np.max(np.abs(block.apply(params, x, temb_a) - block.apply(params, x, temb_b)))
+        assert (change < 1e-4) == erased, (groups, change)
+
+
+def test_config_warns_when_a_block_has_one_channel_per_group():
+    with pytest.warns(UserWarning, match=r"block_out_channels \[32\] equal norm_num_groups=32"):
+        UNetConfig(**dict(CONFIGS["sd1"], norm_num_groups=32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UNetConfig(**CONFIGS["sd1"])
+
+
 def _full_size_benchmark():
     """benchmarks/full_size_unet.py, which holds the SD 1.5 / SD 2.1 UNet configs."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "full_size_unet.py"

@@ -138,6 +138,12 @@ class UNetConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+        alone = sorted({c for c in self.block_out_channels if c == self.norm_num_groups})
+        if alone:
+            warnings.warn(f"UNet block_out_channels {alone} equal norm_num_groups={self.norm_num_groups}: each "
+                          "GroupNorm group holds one channel, so norm2 of those blocks' ResnetBlock2D removes the "
+                          "timestep embedding added just before it (they denoise blind to the noise level); use "
+                          "fewer groups", stacklevel=4)
         for heads, channels in zip(self.heads_per_block, self.block_out_channels):
             if heads < 1 or channels // heads < 1:
                 raise ValueError(f"{heads} attention heads do not fit {channels} channels")
