@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import cxr_ldm  # noqa: E402
 from cxr_ldm.io.convert import flax_path_to_torch_key  # noqa: E402
+from cxr_ldm.models.layers import ResnetBlock2D  # noqa: E402
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig, dummy_inputs  # noqa: E402
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
@@ -214,7 +215,6 @@ def test_unknown_key_warns_and_bookkeeping_is_silent():
 def test_one_channel_per_group_erases_the_timestep_embedding():
     """ResnetBlock2D adds the timestep embedding per channel just before norm2: with one channel per group
     the norm subtracts it again (the block's output does not depend on temb), with four it does not."""
-    from cxr_ldm.models.layers import ResnetBlock2D
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
     temb_a, temb_b = jax.random.normal(jax.random.key(1), (2, 2, 16))
     for groups, erased in ((32, True), (8, False)):
