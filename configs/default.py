@@ -7,8 +7,12 @@ from scratch on the procedural `phantom_cxr` data set at 64 px.
 On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 1 to 1.5 hours.
 With accelerators the batch and the models grow (see `scale_for_accelerators`): the same recipe then
 trains longer and wider for a better model.
+
+Fields that may be None are typed placeholders: the command line can set only typed fields
+(`--config.ldm.init_from=DIR`), and a field set to None stays settable there.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 import jax
 
@@ -25,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.name = "phantom_cxr"
     c.data.config = "64"  # the TFDS builder config: resolution in pixels
     c.data.data_dir = "~/tensorflow_datasets"
-    c.data.manual_dir = None
+    c.data.manual_dir = placeholder(str)  # the manual download of a data set that needs one (MIMIC-CXR-JPG)
     c.data.resolution = 64
     c.data.augment = False
     c.data.prompt_dropout = 0.1  # probability of an empty prompt, for classifier-free guidance
@@ -45,10 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     # templates but the rewordings fell to 0.63 (overall 0.757 / 0.761 vs 0.776; docs/results/default_run.md).
     c.data.word_order_rate = 0.0
     c.data.word_order = "shuffle"
-    c.data.tokenizer = None  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
+    c.data.tokenizer = placeholder(str)  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
 
     c.autoencoder = ml_collections.ConfigDict()
-    c.autoencoder.init_from = None  # a diffusers AutoencoderKL folder to start from
+    c.autoencoder.init_from = placeholder(str)  # a diffusers AutoencoderKL folder to start from
     c.autoencoder.model = ml_collections.ConfigDict({
         "in_channels": 1, "out_channels": 1, "latent_channels": 4,
         "block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 16,
@@ -78,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.num_eval_batches = 4
 
     c.ldm = ml_collections.ConfigDict()
-    c.ldm.init_from = None  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
+    c.ldm.init_from = placeholder(str)  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
     c.ldm.finetune = "unet+text_encoder"  # unet | unet+text_encoder | text_encoder | textual_inversion | lora
     # False freezes the 49408-row token table (a step ~15 % faster), but measured on the default run it cost
     # conditioning accuracy: 0.49 frozen vs 0.60 trained, prompts unlike the reports 0.12 vs 0.41.
@@ -94,13 +98,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Encode the training images with the frozen VAE once, not at every step (<workdir>/ldm/latent_cache,
     # memory-mapped; SD's VAE at 512 px: 128 KiB per image). Needs data.augment = False.
     c.ldm.cache_latents = True
-    c.ldm.scaling_factor = None  # None: a new VAE's latents standardized (or 1 / their std), a loaded VAE's own
+    # None: a new VAE's latents standardized (or 1 / their std), a loaded VAE's own
+    c.ldm.scaling_factor = placeholder(float)
     c.ldm.unet = ml_collections.ConfigDict({
         "sample_size": 16, "in_channels": 4, "out_channels": 4,
         "block_out_channels": (32, 64, 128), "layers_per_block": 1,
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "cross_attention_dim": 128, "attention_head_dim": 8, "num_attention_heads": None,
+        "cross_attention_dim": 128, "attention_head_dim": 8, "num_attention_heads": placeholder(int),
         "norm_num_groups": 8, "use_linear_projection": True,
     })
     # 8 groups, not SD's 32: with 32 the 32-channel blocks normalize each channel alone, and norm2 removes the
@@ -130,7 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.warmup_steps = 100
     c.ldm.weight_decay = 1e-2
     c.ldm.oversample = ()  # as autoencoder.oversample, for the diffusion model's training studies
-    c.ldm.snr_gamma = 5.0  # min-SNR-gamma loss weighting; None: plain MSE
+    # Min-SNR-gamma loss weighting; None: plain MSE (the command line cannot write None; a gamma above the
+    # schedule's largest SNR, e.g. 1e5, weighs the same).
+    c.ldm.snr_gamma = ml_collections.FieldReference(5.0, field_type=float)
     c.ldm.ema_decay = 0.999
 
     c.optim = ml_collections.ConfigDict({"grad_clip": 1.0, "grad_accum_steps": 1, "b1": 0.9, "b2": 0.999})
