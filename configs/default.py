@@ -110,8 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     })
     # 8 groups, not SD's 32: with 32 the 32-channel blocks normalize each channel alone, and norm2 removes the
     # timestep embedding their resnets add (UNetConfig warns). With 8 (13000 steps) the training loss ended 8 %
-    # lower on seed 0, as low as 20000 steps with 32 groups, and side accuracy rose from 0.94 to 0.98 on seeds 0
-    # and 1; conditioning accuracy 0.780 / 0.793 vs 0.776, domain FID 81 / 77 vs 67 (docs/results/default_run.md).
+    # lower on seed 0, as low as 20000 steps with 32 groups, and side accuracy rose from 0.94 to 0.97 / 0.98 on
+    # seeds 0 and 1; conditioning accuracy 0.780 / 0.793 vs 0.776, domain FID 81 / 77 vs 67
+    # (docs/results/default_run.md).
     c.ldm.text_encoder = ml_collections.ConfigDict({
         "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         # Prompts are padded to this many tokens (the exported tokenizer too): the phantom prompts have
@@ -134,7 +135,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.text_encoder_learning_rate = 1e-3
     c.ldm.warmup_steps = 100
     c.ldm.weight_decay = 1e-2
-    c.ldm.oversample = ()  # as autoencoder.oversample, for the diffusion model's training studies
+    # As autoencoder.oversample, for the diffusion model's training studies. Off: fracture 4x, lesion and devices
+    # 2x took fractures from 0.23 to 0.55 and template prompts to 0.865, but rewordings from 0.78 to 0.41
+    # (overall 0.746 vs 0.780, seed 0; docs/results/default_run.md).
+    c.ldm.oversample = ()
     # Min-SNR-gamma loss weighting; None: plain MSE (the command line cannot write None; a gamma above the
     # schedule's largest SNR, e.g. 1e5, weighs the same).
     c.ldm.snr_gamma = ml_collections.FieldReference(5.0, field_type=float)
