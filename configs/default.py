@@ -135,9 +135,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.text_encoder_learning_rate = 1e-3
     c.ldm.warmup_steps = 100
     c.ldm.weight_decay = 1e-2
-    # As autoencoder.oversample, for the diffusion model's training studies. Off: fracture 4x, lesion and devices
-    # 2x took fractures from 0.23 to 0.55 and template prompts to 0.865, but rewordings from 0.78 to 0.41
-    # (overall 0.746 vs 0.780, seed 0; docs/results/default_run.md).
+    # As autoencoder.oversample, for the diffusion model's training studies. Off: on four runs (factors 2-4,
+    # with and without more findings-section prompts) it took fractures from 0.23 to 0.50-0.62 and template
+    # prompts to 0.82-0.87, but rewordings from 0.78 to 0.41-0.54 (overall 0.739-0.776 vs 0.780, seed 0;
+    # docs/results/default_run.md).
     c.ldm.oversample = ()
     # Min-SNR-gamma loss weighting; None: plain MSE (the command line cannot write None; a gamma above the
     # schedule's largest SNR, e.g. 1e5, weighs the same).
