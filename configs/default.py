@@ -81,6 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.eval_every = 500
     c.autoencoder.num_eval_batches = 4
 
+    # The optional "text_encoder" stage (add it before "ldm" in c.stages): pretrains the scratch text encoder
+    # of c.ldm.text_encoder to match each study's impression with its findings sentences, so that prompts
+    # worded unlike the impressions still carry their findings (cxr_ldm/training/text_encoder_stage.py).
+    c.text_pretrain = ml_collections.ConfigDict({
+        "batch_size": 128, "num_steps": 300, "learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 1e-2,
+        "projection_dim": 128, "num_eval_batches": 3,
+    })
+
     c.ldm = ml_collections.ConfigDict()
     c.ldm.init_from = placeholder(str)  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
     c.ldm.finetune = "unet+text_encoder"  # unet | unet+text_encoder | text_encoder | textual_inversion | lora

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.text_encoder.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "projection_dim": 32})
     c.ldm.update({"batch_size": 8, "num_steps": 20, "warmup_steps": 2})
+    c.text_pretrain.update({"batch_size": 8, "num_steps": 20, "warmup_steps": 2, "num_eval_batches": 1})
     c.log_every = 5
     c.checkpoint_every = 10
     c.sample_every = 20

@@ -186,14 +186,14 @@ def test_positive_findings_prompts_keep_the_sentences_stating_findings(tokenizer
     abnormal = ("FINDINGS:\nThere is a moderate right pleural effusion. No pneumothorax is seen. The heart size is "
                 "normal. Possible consolidation in the left lower lobe.\n\nIMPRESSION:\nRight pleural effusion.")
     normal = "FINDINGS:\nThe lungs are clear. There is no effusion.\n\nIMPRESSION:\nNormal chest radiograph."
-    positive = pipeline._FindingsPrompts(tokenizer, 48, "positive")
+    positive = pipeline.FindingsPrompts(tokenizer, 48, "positive")
     assert positive(abnormal) == ("There is a moderate right pleural effusion. "
                                   "Possible consolidation in the left lower lobe.")
     assert positive(normal) == "The lungs are clear. There is no effusion."  # no finding: the whole section
-    assert pipeline._FindingsPrompts(tokenizer, 48, "all")(abnormal).count(".") == 4
-    assert pipeline._FindingsPrompts(tokenizer, 12, "positive")(abnormal) == "There is a moderate right pleural effusion."
+    assert pipeline.FindingsPrompts(tokenizer, 48, "all")(abnormal).count(".") == 4
+    assert pipeline.FindingsPrompts(tokenizer, 12, "positive")(abnormal) == "There is a moderate right pleural effusion."
     with pytest.raises(ValueError, match="'some'"):
-        pipeline._FindingsPrompts(tokenizer, 48, "some")
+        pipeline.FindingsPrompts(tokenizer, 48, "some")
 
 
 @pytest.mark.parametrize("bad", [{"findings_prompt_rate": 1.5}, {"word_order_rate": -0.1}, {"word_order": "reverse"}])

@@ -40,7 +40,7 @@ _MAX_CACHED_PROMPTS = 500_000
 FINDINGS_PROMPT_SENTENCES = ("all", "positive")
 
 
-class _PromptIds:
+class PromptIds:
     """Text -> int32 (max_length,) CLIP token ids, cached per distinct text (max_length None: the
     tokenizer's `prompt_length`)."""
 
@@ -57,7 +57,7 @@ class _PromptIds:
         return ids
 
 
-class _FindingsPrompts:
+class FindingsPrompts:
     """Report text -> its FINDINGS section as prompt text, cut at a sentence end to fit the prompt
     length ("" when the report has none), cached per report.
 
@@ -155,7 +155,7 @@ class _TrainExample(grain.transforms.RandomMap):
     optional crop; with `include_image` False no "image" (it was not decoded either); with `include_index`
     its record index."""
 
-    def __init__(self, prompt_ids: _PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float, *,
+    def __init__(self, prompt_ids: PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float, *,
                  include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0,
                  findings_prompt_sentences: str = "all", word_order_rate: float = 0.0,
                  word_order: str = "shuffle"):
@@ -164,7 +164,7 @@ class _TrainExample(grain.transforms.RandomMap):
         self.include_image, self.include_index = include_image, include_index
         self.findings_prompt_rate = findings_prompt_rate
         self.word_order_rate, self.word_order = word_order_rate, word_order
-        self.findings_prompts = _FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length, findings_prompt_sentences)
+        self.findings_prompts = FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length, findings_prompt_sentences)
 
     def _prompt(self, element: dict, rng: np.random.Generator) -> str:
         # Source and word order are drawn only when their rates are > 0, so the defaults keep the random stream.
@@ -263,7 +263,7 @@ def corpus_token_ids(builder_or_name, split: str, data_dir: str | os.PathLike | 
 class _EvalExample(grain.transforms.Map):
     """TFDS example -> {"image", "input_ids", "labels", "mask"} (mask True: a real example)."""
 
-    def __init__(self, prompt_ids: _PromptIds):
+    def __init__(self, prompt_ids: PromptIds):
         self.prompt_ids = prompt_ids
 
     def map(self, element: dict) -> dict:
@@ -287,7 +287,7 @@ def data_source(builder_or_name, split: str, data_dir: str | os.PathLike | None 
     return builder_or_name.as_data_source(split=split, decoders=decoders)
 
 
-def _per_shard_batch_size(global_batch_size: int, shard_options: grain.sharding.ShardOptions) -> int:
+def per_shard_batch_size(global_batch_size: int, shard_options: grain.sharding.ShardOptions) -> int:
     if global_batch_size % shard_options.shard_count:
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the number of "
                          f"data shards (processes) {shard_options.shard_count}.")
@@ -324,7 +324,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
         sentence end to fit max_length) instead of its "prompt" feature (the impression); reports without
         findings keep the prompt. Findings sentences teach the text encoder other phrasings and negations.
       findings_prompt_sentences: "all" (the whole section) or "positive" (only the sentences stating a
-        finding present or uncertain; a normal study's whole section), see `_FindingsPrompts`.
+        finding present or uncertain; a normal study's whole section), see `FindingsPrompts`.
       word_order_rate: probability that a prompt (impression or findings) has its sentences shuffled and the
         words within each sentence reordered, by `word_order` "shuffle" or "rotate" (`reorder_prompt_words`).
       augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
@@ -351,7 +351,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
     if augment and not include_image:
         raise ValueError("augment=True crops the images, but include_image=False leaves them out.")
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    batch_size = _per_shard_batch_size(global_batch_size, shard_options)
+    batch_size = per_shard_batch_size(global_batch_size, shard_options)
     _allow_worker_processes(worker_count)
     source = data_source(builder_or_name, split, data_dir, decode_images=include_image)
     if oversample:
@@ -365,7 +365,7 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
     loader = grain.DataLoader(
         data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
         operations=[
-            _TrainExample(_PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
+            _TrainExample(PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
                           include_image=include_image, include_index=include_index,
                           findings_prompt_rate=findings_prompt_rate,
                           findings_prompt_sentences=findings_prompt_sentences,
@@ -387,7 +387,7 @@ def make_eval_batches(builder_or_name, *, split: str, data_dir: str | os.PathLik
     one shape and all processes step together.
     """
     shard_options = shard_options or grain.sharding.ShardByJaxProcess()
-    batch_size = _per_shard_batch_size(global_batch_size, shard_options)
+    batch_size = per_shard_batch_size(global_batch_size, shard_options)
     _allow_worker_processes(worker_count)
     source = data_source(builder_or_name, split, data_dir)
     total = len(source) if num_examples is None else min(num_examples, len(source))
@@ -400,7 +400,7 @@ def make_eval_batches(builder_or_name, *, split: str, data_dir: str | os.PathLik
     loader = grain.DataLoader(
         data_source=shard, sampler=grain.samplers.IndexSampler(len(shard), no_sharding, num_epochs=1),
         shard_options=no_sharding, worker_count=worker_count,
-        operations=[_EvalExample(_PromptIds(tokenizer, max_length)),
+        operations=[_EvalExample(PromptIds(tokenizer, max_length)),
                     grain.transforms.Batch(batch_size, drop_remainder=False)])
     num_batches = math.ceil(math.ceil(total / count) / batch_size)
     return _padded(iter(loader), batch_size, num_batches)

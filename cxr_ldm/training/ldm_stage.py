@@ -1,6 +1,7 @@
 """Stage 2: the text-conditioned latent diffusion model (UNet + CLIP text encoder over a frozen VAE).
 
-Starts from scratch (the VAE of stage 1) or from a diffusers StableDiffusionPipeline folder
+Starts from scratch (the VAE of stage 1, and the text encoder of the optional "text_encoder" stage when
+it ran) or from a diffusers StableDiffusionPipeline folder
 (`config.ldm.init_from`: SD 1.x/2.x, RoentGen), and trains what `config.ldm.finetune` selects.
 With `config.ldm.cache_latents` the training images are encoded once (<workdir>/ldm/latent_cache/,
 see `latent_cache`) rather than at every step. Writes <workdir>/ldm/checkpoints/, sample grids in <workdir>/samples/, ldm/done.json and, with
@@ -25,8 +26,6 @@ from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
 from cxr_ldm.io.checkpoints import Checkpointer
 from cxr_ldm.io.components import load_component
 from cxr_ldm.io.images import make_grid, save_png
-from cxr_ldm.models.text_encoder import CLIPTextConfig, CLIPTextModel
-from cxr_ldm.models.text_encoder import dummy_inputs as text_dummy_inputs
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
 from cxr_ldm.models.unet import dummy_inputs as unet_dummy_inputs
 from cxr_ldm.pipeline import EXPORT_DIRNAME, Pipeline
@@ -39,6 +38,7 @@ from cxr_ldm.training.logger import MetricsLogger
 from cxr_ldm.training.loop import run_steps
 from cxr_ldm.training.run_files import dataset_name, read_done, to_host, write_done, write_folder_atomically
 from cxr_ldm.training.state import init_train_state
+from cxr_ldm.training.text_encoder_stage import new_text_encoder, pretrained_text_encoder_dir
 
 STAGE = "ldm"
 
@@ -73,11 +73,14 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
         vae, vae_params = load_component(source, dtype=dtype)
         unet = UNet2DConditionModel(UNetConfig.from_dict(c.unet.to_dict(), source="config.ldm.unet"), dtype=dtype)
         unet_params = jax.jit(unet.init)(jax.random.fold_in(rng, 11), *unet_dummy_inputs(unet.config))["params"]
-        text_config = CLIPTextConfig.from_dict({"vocab_size": vocab_size, **c.text_encoder.to_dict()},
-                                               source="config.ldm.text_encoder")
-        text_encoder = CLIPTextModel(text_config, dtype=dtype)
-        text_params = jax.jit(text_encoder.init)(jax.random.fold_in(rng, 12),
-                                                 *text_dummy_inputs(text_config))["params"]
+        pretrained = pretrained_text_encoder_dir(workdir)
+        if os.path.isdir(pretrained):  # the "text_encoder" stage ran
+            text_encoder, text_params = load_component(pretrained, dtype=dtype)
+            if text_encoder.config.vocab_size != vocab_size:
+                raise ValueError(f"the pretrained text encoder in {pretrained} has {text_encoder.config.vocab_size} "
+                                 f"token rows but the tokenizer {vocab_size}: it was trained with another tokenizer")
+        else:
+            text_encoder, text_params = new_text_encoder(config, vocab_size)
         scheduler_file = c.scheduler.to_dict()
     if c.scaling_factor is not None:
         vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(c.scaling_factor)))

@@ -14,8 +14,9 @@ from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.training.autoencoder_stage import train_autoencoder
 from cxr_ldm.training.ldm_stage import train_ldm
 from cxr_ldm.training.sharding import make_mesh
+from cxr_ldm.training.text_encoder_stage import train_text_encoder
 
-STAGES = {"autoencoder": train_autoencoder, "ldm": train_ldm}
+STAGES = {"autoencoder": train_autoencoder, "text_encoder": train_text_encoder, "ldm": train_ldm}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
