@@ -85,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
     # of c.ldm.text_encoder to match each study's impression with its findings sentences, so that prompts
     # worded unlike the impressions still carry their findings (cxr_ldm/training/text_encoder_stage.py).
     # Off: before the default LDM stage it gave 0.759 vs 0.780 (seed 0), the LDM's text learning rate
-    # undoing it (docs/results/default_run.md).
+    # undoing it; with ldm.text_encoder_learning_rate 1e-4 0.772, and with that and ldm.oversample
+    # (("Fracture", 2), ("Support Devices", 2)) 0.811 (docs/results/default_run.md).
     c.text_pretrain = ml_collections.ConfigDict({
         "batch_size": 128, "num_steps": 300, "learning_rate": 1e-3, "warmup_steps": 100, "weight_decay": 1e-2,
         "projection_dim": 128, "num_eval_batches": 3,
