@@ -11,6 +11,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.workdir = "workdir/tiny"
+    c.stages = ("autoencoder", "ldm")  # the text_encoder stage has its own test (tests/test_text_encoder_stage.py)
     c.data.config, c.data.resolution = "tiny", 32
     c.autoencoder.model.update({"block_out_channels": (16, 32), "norm_num_groups": 8, "sample_size": 32,
                                 "down_block_types": ("DownEncoderBlock2D",) * 2,
