@@ -1,4 +1,4 @@
-"""Both stages in about a minute on a CPU: a smoke test of the whole recipe (images are not good).
+"""The three stages in about a minute on a CPU: a smoke test of the whole recipe (images are not good).
 
     python train.py --config configs/tiny.py --workdir /tmp/tiny
 Global batch 8: divisible by 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
@@ -11,7 +11,6 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.workdir = "workdir/tiny"
-    c.stages = ("autoencoder", "ldm")  # the text_encoder stage has its own test (tests/test_text_encoder_stage.py)
     c.data.config, c.data.resolution = "tiny", 32
     c.autoencoder.model.update({"block_out_channels": (16, 32), "norm_num_groups": 8, "sample_size": 32,
                                 "down_block_types": ("DownEncoderBlock2D",) * 2,

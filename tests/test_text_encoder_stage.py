@@ -1,5 +1,5 @@
-"""The "text_encoder" stage: section-pair batches, the matching loss, training, exact resume, and the
-LDM stage starting from its result."""
+"""The "text_encoder" stage: section-pair batches, the matching loss, training, and the LDM stage starting
+from its result (its exact resume after a preemption: tests/test_train.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,6 @@ from cxr_ldm.data.builders import common
 from cxr_ldm.data.pipeline import FindingsPrompts, data_source
 from cxr_ldm.data.report_pairs import label_group, make_report_pair_iterator
 from cxr_ldm.data.tokenizer import load_tokenizer
-from cxr_ldm.io import checkpoints
 from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from cxr_ldm.models.autoencoder import dummy_inputs as vae_dummy_inputs
@@ -129,30 +128,6 @@ def test_stage_learns_to_match_sections_and_the_ldm_stage_starts_from_it(data_di
     jax.tree_util.tree_map(np.testing.assert_array_equal, setup.params["text_encoder"], saved)
     changed = jax.tree_util.tree_map(lambda x, y: not np.array_equal(x, y), saved, text_params)
     assert all(jax.tree_util.tree_leaves(changed))
-
-
-def test_preempted_stage_resumes_to_the_same_losses(data_dir, tmp_path, monkeypatch):
-    config = _config(data_dir, batch_size=8, num_steps=6, warmup_steps=1, num_eval_batches=1)
-    config.update(log_every=1, checkpoint_every=2)
-
-    def losses(workdir):
-        lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"]) for r in lines if r.get("stage") == "text_encoder" and "loss" in r]
-
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert trainer.run(config, str(straight))
-    calls = {"n": 0}
-
-    def stop_after_step_3(self):
-        calls["n"] += 1
-        return calls["n"] == 3
-
-    with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopSignal, "requested", stop_after_step_3)
-        assert not trainer.run(config, str(interrupted))
-    assert [n for n, _ in losses(interrupted)] == [1, 2, 3]
-    assert trainer.run(config, str(interrupted))
-    assert losses(interrupted) == losses(straight)
 
 
 def test_stage_refuses_a_loaded_text_encoder(data_dir, tmp_path):

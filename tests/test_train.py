@@ -1,4 +1,4 @@
-"""train.py end to end on the tiny config: both stages, outputs, exact resume after a preemption."""
+"""train.py end to end on the tiny config: the three stages, outputs, exact resume after a preemption in each."""
 from __future__ import annotations
 
 import json
@@ -8,15 +8,20 @@ import pytest
 
 from cxr_ldm.data.tokenizer import prompt_length
 from cxr_ldm.io import checkpoints
+from cxr_ldm.training import logger as logger_lib
 from cxr_ldm.training import trainer
 from configs import tiny
+
+STAGES = ("autoencoder", "text_encoder", "ldm")
 
 
 def _config(data_dir):
     config = tiny.get_config()
+    assert tuple(config.stages) == STAGES
     config.data.data_dir = str(data_dir)
     config.autoencoder.update(num_steps=6, eval_every=6)
     config.ldm.update(num_steps=6, warmup_steps=1)
+    config.text_pretrain.update(num_steps=6, warmup_steps=1)
     config.autoencoder.warmup_steps = 1
     config.update(log_every=1, checkpoint_every=2, sample_every=6)
     config.sample.steps = 2
@@ -43,27 +48,38 @@ def straight(data_dir, tmp_path_factory):
 
 def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, monkeypatch):
     interrupted = tmp_path / "interrupted"
-    calls = {"n": 0}
+    stops = [("autoencoder", 3), ("text_encoder", 3), ("ldm", 3)]  # one SIGTERM after each of these steps
+    logged = []
+    log = logger_lib.MetricsLogger.log
 
-    def stop_at_autoencoder_step_3_then_ldm_step_3(self):
-        # Polled after steps 1..5 of each stage: calls 1-3 autoencoder; after the rerun 4-5 autoencoder, 6-8 ldm.
-        calls["n"] += 1
-        return calls["n"] in (3, 8)
+    def log_and_remember(self, step, metrics):
+        logged.append((self.stage, step))
+        return log(self, step, metrics)
+
+    def requested_after_the_next_stop(self):  # polled after each logged step (log_every = 1)
+        if stops and logged[-1] == stops[0]:
+            stops.pop(0)
+            return True
+        return False
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoints.StopSignal, "requested", stop_at_autoencoder_step_3_then_ldm_step_3)
+        m.setattr(logger_lib.MetricsLogger, "log", log_and_remember)
+        m.setattr(checkpoints.StopSignal, "requested", requested_after_the_next_stop)
         assert not trainer.run(_config(data_dir), str(interrupted))
         assert not (interrupted / "autoencoder" / "done.json").exists()
         assert [n for _, n, _ in _losses(interrupted)] == [1, 2, 3]
         assert not trainer.run(_config(data_dir), str(interrupted))
+        assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("text_encoder", 3)
+        assert not trainer.run(_config(data_dir), str(interrupted))
         assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("ldm", 3)
+    assert not stops
     cache = interrupted / "ldm" / "latent_cache" / "train-shard0of1.npy"
     stamp = cache.stat().st_mtime_ns
     assert trainer.run(_config(data_dir), str(interrupted))
     assert cache.stat().st_mtime_ns == stamp  # the resumed LDM stage read the latents cached before
 
     expected, got = _losses(straight), _losses(interrupted)
-    assert [(s, n) for s, n, _ in got] == [("autoencoder", n) for n in range(1, 7)] + [("ldm", n) for n in range(1, 7)]
+    assert [(s, n) for s, n, _ in got] == [(s, n) for s in STAGES for n in range(1, 7)]
     assert got == expected
     assert (interrupted / "samples" / "ldm_step_000006.png").exists()
 
@@ -71,7 +87,7 @@ def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, 
 def test_finished_run_is_skipped_and_exports_a_loadable_pipeline(data_dir, straight):
     import cxr_ldm
     before = (straight / "metrics.jsonl").read_text()
-    assert trainer.run(_config(data_dir), str(straight))  # both stages done: nothing is retrained
+    assert trainer.run(_config(data_dir), str(straight))  # all stages done: nothing is retrained
     assert (straight / "metrics.jsonl").read_text() == before
     pipe = cxr_ldm.Pipeline.from_pretrained(straight)
     images = pipe(["Large left pleural effusion."], num_inference_steps=2, seed=0)
