@@ -152,7 +152,9 @@ def get_config() -> ml_collections.ConfigDict:
     # As autoencoder.oversample, for the diffusion model's training studies. With the scratch text encoder
     # it took fractures from 0.23 to 0.50-0.62 and template prompts to 0.82-0.87 but rewordings from 0.78 to
     # 0.41-0.54 (four runs); with the pretrained encoder at text lr 1e-4 the rewordings held (0.70) and the
-    # template prompts kept 0.85: 0.811 overall (docs/results/default_run.md).
+    # template prompts kept 0.85: 0.811 overall. Fractures at 4x / 8x: fracture detection 0.30 / 0.42 and the
+    # clavicles no longer drawn as a device, but rewordings 0.67 / 0.66: 0.817 / 0.820, within a seed's spread
+    # (docs/results/default_run.md).
     c.ldm.oversample = (("Fracture", 2), ("Support Devices", 2))
     # Min-SNR-gamma loss weighting; None: plain MSE (the command line cannot write None; a gamma above the
     # schedule's largest SNR, e.g. 1e5, weighs the same).
