@@ -4,7 +4,7 @@
     python sample.py --checkpoint sd-folder --prompts-file prompts.txt --sampler dpmpp_2m --steps 25 --grid
 
 Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
-seed, sampler, steps, guidance and checkpoint in PNG text chunks and in a JSON sidecar next to it.
+seed, sampler, steps, guidance (and its rescale) and checkpoint in PNG text chunks and in a JSON sidecar next to it.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="diffusers' guidance_rescale in [0, 1] (0 = off), for zero-terminal-SNR models")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * num_images + j")
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
     prompts = read_prompts(args)
     if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
         raise SystemExit("error: --num-images, --batch-size and --steps must be >= 1")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise SystemExit(f"error: --guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     try:
         pipe = Pipeline.from_pretrained(args.checkpoint)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -73,13 +77,14 @@ def main(argv=None) -> int:
     for b in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", unit="batch"):
         batch = jobs[b:b + args.batch_size]
         generated = pipe([p for _, p, _ in batch], num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-                         sampler=args.sampler, eta=args.eta, seed=[s for _, _, s in batch],
-                         height=args.size, width=args.size)
+                         guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                         negative_prompt=args.negative_prompt, sampler=args.sampler, eta=args.eta,
+                         seed=[s for _, _, s in batch], height=args.size, width=args.size)
         for (index, prompt, seed), image in zip(batch, generated):
             meta = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
                     "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-                    "eta": args.eta, "checkpoint": str(Path(args.checkpoint).resolve())}
+                    "guidance_rescale": args.guidance_rescale, "eta": args.eta,
+                    "checkpoint": str(Path(args.checkpoint).resolve())}
             stem = out / f"{index:04d}_{seed}"
             save_png(stem.with_suffix(".png"), image, bits=bits, metadata=meta)
             stem.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")

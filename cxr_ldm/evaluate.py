@@ -69,6 +69,7 @@ class EvalSettings:
     num_fid: int = 300  # generated and real images per FID set (<= validation and test sizes)
     steps: int = 25
     guidance: float | None = None  # None: the workdir config's sample.guidance_scale, else 3.0
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Pipeline.__call__); 0 = off
     sampler: str = "ddim"
     seed: int = 0  # sample seeds of different values do not overlap (see `generation_seeds`)
     batch_size: int = 32
@@ -116,7 +117,7 @@ def _generator(pipe, settings: EvalSettings, size: int):
     """(texts, seeds) -> images (B, size, size, C) in [0, 1] from the pipeline at its own resolution."""
     def generate(texts, seeds):
         images = pipe(list(texts), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                      sampler=settings.sampler, seed=list(seeds))
+                      guidance_rescale=settings.guidance_rescale, sampler=settings.sampler, seed=list(seeds))
         if images.shape[1] != size:
             images = np.asarray(clf.resize(images, size))
         return images
@@ -311,6 +312,8 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance", type=float, default=None,
                         help=f"classifier-free guidance scale (default: the workdir config's sample.guidance_scale, "
                              f"else {DEFAULT_GUIDANCE})")
+    parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
+                        help="diffusers' guidance_rescale in [0, 1] (0 = off)")
     parser.add_argument("--sampler", default=defaults.sampler, choices=("ddim", "dpmpp_2m", "ddpm"))
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

@@ -125,7 +125,7 @@ class Pipeline:
     def __call__(self, prompts: str | Sequence[str], num_inference_steps: int = 50,
                  guidance_scale: float = 4.0, negative_prompt: str | Sequence[str] | None = None,
                  sampler: str = "ddim", eta: float = 0.0, seed: int | Sequence[int] = 0, latents: Any = None,
-                 height: int | None = None, width: int | None = None) -> np.ndarray:
+                 height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0) -> np.ndarray:
         """Generates one image per prompt.
 
         Args:
@@ -137,11 +137,15 @@ class Pipeline:
           seed: image i starts from the noise of seed + i (or of seed[i] for a list), so an image is
             reproducible alone (its DDPM / eta > 0 sampler noise comes from its own seed too).
           latents: optional initial noise (B, h, w, C) (NHWC), e.g. to reproduce another run.
+          guidance_rescale: diffusers' `guidance_rescale` (0 = off): blends the guided prediction with itself
+            rescaled to the conditional prediction's standard deviation (`samplers.guided_denoise_fn`).
         Returns:
           float32 numpy (B, H, W, C) in [0, 1].
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if negative_prompt is None or isinstance(negative_prompt, str):
             negative = [negative_prompt or ""] * len(prompts)
@@ -164,8 +168,10 @@ class Pipeline:
         ids = tokenize(self.tokenizer, prompts)
         neg_ids = tokenize(self.tokenizer, negative)
         args = _shard_batch((jnp.asarray(ids), jnp.asarray(neg_ids), jnp.asarray(latents, jnp.float32)))
+        use_cfg = guidance_scale > 1.0
         images = _generate(self, self._params(), *args, noise_keys, jnp.float32(guidance_scale),
-                           num_inference_steps=num_inference_steps, use_cfg=guidance_scale > 1.0,
+                           jnp.float32(guidance_rescale), num_inference_steps=num_inference_steps,
+                           use_cfg=use_cfg, use_rescale=use_cfg and guidance_rescale > 0.0,
                            sampler=sampler, eta=float(eta))
         return np.asarray(images, dtype=np.float32)
 
@@ -195,19 +201,20 @@ def _shard_batch(arrays: tuple) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("num_inference_steps", "use_cfg", "sampler", "eta"))
+                   static_argnames=("num_inference_steps", "use_cfg", "use_rescale", "sampler", "eta"))
 def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, latents: jax.Array,
-              noise_keys: jax.Array, guidance_scale: jax.Array, *, num_inference_steps: int, use_cfg: bool,
-              sampler: str, eta: float) -> jax.Array:
+              noise_keys: jax.Array, guidance_scale: jax.Array, guidance_rescale: jax.Array, *,
+              num_inference_steps: int, use_cfg: bool, use_rescale: bool, sampler: str, eta: float) -> jax.Array:
     """ids, neg_ids: int32 (B, L) token ids; latents: (B, h, w, C) -> images (B, H, W, C_img) in [0, 1].
 
-    Guidance runs (diffusers' rule) when `use_cfg` (guidance_scale > 1); the scale itself is traced,
-    so changing it does not recompile."""
+    Guidance runs (diffusers' rule) when `use_cfg` (guidance_scale > 1), its rescaling when `use_rescale`
+    (guidance_rescale > 0 as well); the two values are traced, so changing them does not recompile."""
     encode = lambda x: pipe.text_encoder.apply({"params": params["text"]}, x)
     unet = lambda x, t, states: pipe.unet.apply({"params": params["unet"]}, x, t, states)
     cond = encode(ids)
     uncond = encode(neg_ids) if use_cfg else None
-    denoise = samplers.guided_denoise_fn(unet, cond, uncond, guidance_scale)
+    denoise = samplers.guided_denoise_fn(unet, cond, uncond, guidance_scale,
+                                         guidance_rescale if use_rescale else None)
     latents = samplers.sample(denoise, latents, pipe.scheduler, num_inference_steps=num_inference_steps,
                               sampler=sampler, eta=eta, noise=_sampler_noise(pipe.scheduler, noise_keys, latents,
                                                                              num_inference_steps, sampler, eta))

@@ -62,24 +62,25 @@ def pipelines(request, tmp_path_factory):
     return reference, cxr_ldm.Pipeline.from_pretrained(folder), folder
 
 
-def _diffusers_images(reference, folder, sampler, latents, steps, guidance, negative=None):
+def _diffusers_images(reference, folder, sampler, latents, steps, guidance, negative=None, rescale=0.0):
     scheduler_class = getattr(diffusers, SAMPLER_CLASSES[sampler])
     reference.scheduler = scheduler_class.from_pretrained(folder, subfolder="scheduler")
     with torch.no_grad():
-        out = reference(PROMPTS, num_inference_steps=steps, guidance_scale=guidance,
+        out = reference(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=rescale,
                         negative_prompt=None if negative is None else [negative] * len(PROMPTS),
                         latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)), output_type="np")
     return out.images
 
 
-@pytest.mark.parametrize("sampler,steps,guidance,negative", [
-    ("ddim", 10, 4.0, None), ("dpmpp_2m", 8, 1.0, None), ("dpmpp_2m", 8, 3.0, "pneumothorax")])
-def test_same_images_as_diffusers(pipelines, sampler, steps, guidance, negative):
+@pytest.mark.parametrize("sampler,steps,guidance,negative,rescale", [
+    ("ddim", 10, 4.0, None, 0.0), ("dpmpp_2m", 8, 1.0, None, 0.0), ("dpmpp_2m", 8, 3.0, "pneumothorax", 0.0),
+    ("ddim", 10, 7.0, None, 0.7)])
+def test_same_images_as_diffusers(pipelines, sampler, steps, guidance, negative, rescale):
     reference, pipe, folder = pipelines
     latents = pipe.initial_latents([0, 1], 16, 16)
-    expected = _diffusers_images(reference, folder, sampler, latents, steps, guidance, negative)
-    got = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance,
-                        negative_prompt=None if negative is None else [negative] * len(PROMPTS),
+    expected = _diffusers_images(reference, folder, sampler, latents, steps, guidance, negative, rescale)
+    got = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, guidance_rescale=rescale,
+               negative_prompt=None if negative is None else [negative] * len(PROMPTS),
                sampler=sampler, latents=latents)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < 2e-3
@@ -99,7 +100,7 @@ def test_save_pretrained_round_trip(pipelines, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_seeds_are_per_image_and_guidance_scale_does_not_recompile(pipelines):
+def test_seeds_are_per_image_and_guidance_values_do_not_recompile(pipelines):
     _, pipe, _ = pipelines
     both = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=4.0)
     alone = pipe(PROMPTS[1:], num_inference_steps=10, seed=9, guidance_scale=4.0)
@@ -113,6 +114,12 @@ def test_seeds_are_per_image_and_guidance_scale_does_not_recompile(pipelines):
     stronger = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=7.0)
     assert _generate._cache_size() == compiled
     assert np.abs(stronger - both).max() > 1e-3
+    # The rescale is traced too: one compilation serves every value above 0, and the value matters.
+    half = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=7.0, guidance_rescale=0.5)
+    compiled = _generate._cache_size()
+    full = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=7.0, guidance_rescale=1.0)
+    assert _generate._cache_size() == compiled
+    assert np.abs(half - stronger).max() > 1e-3 and np.abs(full - half).max() > 1e-3
 
 
 def test_missing_folder_and_bad_arguments_are_named(pipelines, tmp_path):
@@ -123,5 +130,7 @@ def test_missing_folder_and_bad_arguments_are_named(pipelines, tmp_path):
         cxr_ldm.Pipeline.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="sampler"):
         pipe(PROMPTS, sampler="euler")
+    with pytest.raises(ValueError, match="guidance_rescale must be in"):
+        pipe(PROMPTS, guidance_rescale=1.5)
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe(PROMPTS, latents=np.zeros((2, 4, 4, 4), np.float32))

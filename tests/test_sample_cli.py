@@ -108,7 +108,8 @@ def test_writes_pngs_sidecars_and_grid(full_run, checkpoint):
     for stem, (prompt, seed) in expected.items():
         sidecar = json.loads((full_run / f"{stem}.json").read_text())
         assert sidecar == {"prompt": prompt, "negative_prompt": "", "seed": seed, "sampler": "ddim",
-                           "steps": 3, "guidance": 4.0, "eta": 0.0, "checkpoint": str(checkpoint.resolve())}
+                           "steps": 3, "guidance": 4.0, "guidance_rescale": 0.0, "eta": 0.0,
+                           "checkpoint": str(checkpoint.resolve())}
         with Image.open(full_run / f"{stem}.png") as image:
             assert image.text == {key: str(value) for key, value in sidecar.items()}
             assert image.size == (16, 16)

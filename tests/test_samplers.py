@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import scheduling_ddpm
 
 from cxr_ldm.diffusion import samplers
@@ -182,3 +183,20 @@ def test_classifier_free_guidance():
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(c))
     with pytest.raises(ValueError, match="uncond context shapes"):
         samplers.guided_denoise_fn(_context_model, cond, uncond[:1], 7.5)
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(phi):
+    rng = np.random.default_rng(6)
+    cond = jnp.asarray(rng.standard_normal((2, 7, 3)), jnp.float32)
+    uncond = jnp.asarray(rng.standard_normal((2, 7, 3)), jnp.float32)
+    x, t = jnp.asarray(LATENTS), jnp.array([999, 10], jnp.int32)
+    c, u = _context_model(x, t, cond), _context_model(x, t, uncond)
+    guided = u + 7.5 * (c - u)
+    expected = rescale_noise_cfg(torch.from_numpy(np.asarray(guided)), torch.from_numpy(np.asarray(c)), phi)
+    got = samplers.guided_denoise_fn(_context_model, cond, uncond, 7.5, jnp.float32(phi))(x, t)
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-5, atol=1e-6)
+    per_image_std = np.asarray(got).reshape(2, -1).std(axis=1)
+    if phi == 1.0:  # fully rescaled: each image has the conditional prediction's spread, not the guided one's
+        np.testing.assert_allclose(per_image_std, np.asarray(c).reshape(2, -1).std(axis=1), rtol=1e-5)
+        assert not np.allclose(per_image_std, np.asarray(guided).reshape(2, -1).std(axis=1), rtol=1e-2)

@@ -196,13 +196,18 @@ def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *
 
 
 def guided_denoise_fn(model_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, uncond: Any,
-                      guidance_scale: float | jax.Array) -> DenoiseFn:
+                      guidance_scale: float | jax.Array, guidance_rescale: float | jax.Array | None = None
+                      ) -> DenoiseFn:
     """Classifier-free guidance: output = u + guidance_scale * (c - u), u and c the model outputs with
     `uncond` and `cond` context, computed as one doubled batch [uncond; cond] (diffusers' order).
 
     model_fn(x (B, ...), t int (B,), context) -> output (B, ...); cond, uncond: contexts with batch B
     (arrays (B, L, D) or pytrees of them), uncond None -> plain model_fn with cond (no guidance).
     guidance_scale: a float or a traced scalar. The guided output is float32.
+    guidance_rescale: None for none; else phi (float or traced scalar): the guided output g of each image is
+      blended with g rescaled to the standard deviation of c, phi * g * std(c) / std(g) + (1 - phi) * g, as
+      diffusers' `guidance_rescale` (Lin et al. 2023, sec. 3.4), against the over-exposure that strong
+      guidance gives zero-terminal-SNR models.
     """
     if uncond is None:
         return lambda x, t: model_fn(x, t, cond)
@@ -215,6 +220,11 @@ def guided_denoise_fn(model_fn: Callable[[jax.Array, jax.Array, Any], jax.Array]
     def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), context).astype(jnp.float32)
         u, c = jnp.split(out, 2)
-        return u + guidance_scale * (c - u)
+        guided = u + guidance_scale * (c - u)
+        if guidance_rescale is None:
+            return guided
+        image_axes = tuple(range(1, guided.ndim))
+        ratio = jnp.std(c, axis=image_axes, keepdims=True) / jnp.std(guided, axis=image_axes, keepdims=True)
+        return guidance_rescale * guided * ratio + (1.0 - guidance_rescale) * guided
 
     return denoise
