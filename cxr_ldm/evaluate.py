@@ -22,6 +22,11 @@ and a Markdown report beside it (r.md, with PNG grids in r_assets/):
   reconstruction  VAE round trip PSNR / SSIM / RMSE on the real test split
   memorization    nearest training image of each generated image (evaluation/memorization.py)
   augmentation    (--augmentation-experiment) classifier on a small real set vs plus synthetic images
+
+`--vae-only` judges an autoencoder alone (a train.py workdir's, a pipeline folder's `vae/`, or an
+AutoencoderKL folder), with no diffusion model: the classifier, the reconstruction section and, for
+phantom_cxr, the two conditioning ceilings above; r.md then holds those and a grid of test images beside
+their reconstructions.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ import numpy as np
 
 from cxr_ldm.data.builders import BUILDERS, prepare
 from cxr_ldm.evaluation import classifier as clf
-from cxr_ldm.evaluation import conditioning, memorization, report
+from cxr_ldm.evaluation import conditioning, memorization, metrics, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
 from cxr_ldm.evaluation.data import load_split
 from cxr_ldm.evaluation.metrics import fid_from_features
@@ -173,16 +178,12 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
     settings = resolve_guidance(resolve_data(settings, pipe.default_size()))
     config_name = settings.dataset_config
-    builder = prepare(settings.dataset, settings.data_dir, config_name,
-                      settings.manual_dir and os.path.expanduser(settings.manual_dir))
-    train, validation, test = (load_split(builder, split) for split in ("train", "validation", "test"))
+    train, validation, test = _load_splits(settings)
     size = train.data.images.shape[1]
     lap("data")
 
     classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
-    classifier_dir = Path(settings.classifier_dir or Path(settings.data_dir) / "cxr_ldm_eval" /
-                          f"classifier-{settings.dataset}-{config_name}")
-    classifier, cached = clf.load_or_train(classifier_dir, train.data, validation.data, classifier_config)
+    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
     classifier_test = clf.evaluate_classifier(classifier, test.data)
     lap("classifier")
 
@@ -192,15 +193,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
                                                  seeds["conditioning"], settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
-    ceiling = vae_ceiling = None
-    if settings.dataset == DEFAULT_DATASET:  # real studies of each prompt, scored the same way
-        studies = conditioning.phantom_studies(usable, settings.num_samples, size)
-        ceiling = conditioning.evaluate_conditioning(classifier, studies, usable)[0]
-        # The same studies through the pipeline's VAE: what a diffusion model that is perfect in latent
-        # space could reach with this autoencoder.
-        reconstructed = np.split(reconstruct(pipe.vae, pipe.vae_params, np.concatenate(studies), settings.batch_size),
-                                 np.cumsum([len(x) for x in studies])[:-1])
-        vae_ceiling = conditioning.evaluate_conditioning(classifier, reconstructed, usable)[0]
+    ceiling, vae_ceiling = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
     lap("conditioning")
 
     n = min(settings.num_fid, len(validation), len(test))
@@ -257,10 +250,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "conditioning_accuracy_vae_reconstructed": vae_ceiling["conditioning_accuracy"] if vae_ceiling else None,
         "conditioning_vae_reconstructed": vae_ceiling,
         "skipped_prompts": [p.text for p in skipped],
-        "classifier": {"dir": str(classifier_dir), "cached": cached, "observations": list(classifier.observations),
-                       "side_observations": list(classifier.side_observations),
-                       "thresholds": classifier.thresholds.tolist(), "config": classifier.config.to_dict(),
-                       "training": classifier.training_report, "test": classifier_test},
+        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
         "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
         "augmentation": augmentation,
         "settings": {**dataclasses.asdict(settings), "dataset_config": config_name, "image_size": size},
@@ -270,6 +260,100 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     _write_report(out, results, [p.text for p in usable], prompt_images, prompt_results, generated_all,
                   train.data.images)
     return results
+
+
+def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, prompts=conditioning.PROMPTS,
+                         classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+    """`--vae-only`: what an autoencoder allows a diffusion model on it, with no diffusion model. Writes `out`
+    (JSON: classifier_accuracy_real, reconstruction, and for phantom_cxr conditioning_accuracy_real_studies and
+    conditioning_accuracy_vae_reconstructed with their sections, as `evaluate` names them) and a Markdown
+    report beside it. options: the fields of EvalSettings (the sampling ones are unused)."""
+    settings = EvalSettings(checkpoint=str(checkpoint), **options)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    vae, vae_params = load_autoencoder(settings.checkpoint)
+    settings = resolve_data(settings, vae.config.sample_size)
+    train, validation, test = _load_splits(settings)
+    size = train.data.images.shape[1]
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
+    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
+    classifier_test = clf.evaluate_classifier(classifier, test.data)
+    usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    ceiling, vae_ceiling = _ceilings(settings, classifier, usable, vae, vae_params, size)
+    results = {
+        "classifier_accuracy_real": classifier_test["major_accuracy"],
+        "conditioning_accuracy_real_studies": ceiling["conditioning_accuracy"] if ceiling else None,
+        "conditioning_accuracy_vae_reconstructed": vae_ceiling["conditioning_accuracy"] if vae_ceiling else None,
+        "conditioning_real_studies": ceiling,
+        "conditioning_vae_reconstructed": vae_ceiling,
+        "skipped_prompts": [p.text for p in skipped],
+        "reconstruction": reconstruction_metrics(vae, vae_params, test.data.images, settings.batch_size),
+        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
+        "settings": {**dataclasses.asdict(settings), "dataset_config": settings.dataset_config, "image_size": size},
+        "timings_s": {"total": round(time.perf_counter() - start, 1)},
+    }
+    write_json(out, results)
+    assets = out.with_name(out.stem + "_assets")
+    assets.mkdir(exist_ok=True)
+    shown = clf.as_float_images(test.data.images[:8])
+    reconstructed = reconstruct(vae, vae_params, shown, settings.batch_size)
+    report.save_pair_grid(assets / "reconstructions.png", shown, reconstructed, ["test image"] * len(shown),
+                          [f"VAE, {v:.1f} dB" for v in np.asarray(metrics.psnr(shown, reconstructed))])
+    report.write_autoencoder_markdown(out.with_suffix(".md"), results, assets / "reconstructions.png")
+    return results
+
+
+def load_autoencoder(checkpoint: str | os.PathLike):
+    """(AutoencoderKL module, params) of a train.py workdir (its autoencoder stage's VAE), a diffusers pipeline
+    folder (or a workdir's export) or an AutoencoderKL folder itself."""
+    from cxr_ldm.io.components import load_component
+    from cxr_ldm.training.autoencoder_stage import vae_dir
+
+    path = Path(checkpoint)
+    candidates = [Path(vae_dir(str(path))), path / "vae", path / "pipeline" / "vae", path]
+    for folder in candidates:
+        config_file = folder / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "AutoencoderKL":
+            return load_component(folder)
+    raise FileNotFoundError(f"no AutoencoderKL folder (config.json with _class_name AutoencoderKL) in "
+                            f"{', '.join(str(c) for c in candidates)}")
+
+
+def _load_splits(settings: EvalSettings):
+    builder = prepare(settings.dataset, settings.data_dir, settings.dataset_config,
+                      settings.manual_dir and os.path.expanduser(settings.manual_dir))
+    return tuple(load_split(builder, split) for split in ("train", "validation", "test"))
+
+
+def _classifier(settings: EvalSettings, train, validation, classifier_config: clf.TrainConfig):
+    """(cache folder, classifier, whether it came from the cache)."""
+    classifier_dir = Path(settings.classifier_dir or Path(settings.data_dir) / "cxr_ldm_eval" /
+                          f"classifier-{settings.dataset}-{settings.dataset_config}")
+    classifier, cached = clf.load_or_train(classifier_dir, train.data, validation.data, classifier_config)
+    return classifier_dir, classifier, cached
+
+
+def _classifier_section(classifier_dir: Path, classifier, cached: bool, classifier_test: dict) -> dict:
+    return {"dir": str(classifier_dir), "cached": cached, "observations": list(classifier.observations),
+            "side_observations": list(classifier.side_observations),
+            "thresholds": classifier.thresholds.tolist(), "config": classifier.config.to_dict(),
+            "training": classifier.training_report, "test": classifier_test}
+
+
+def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int):
+    """(real studies, the same through the VAE) conditioning summaries; (None, None) unless phantom_cxr.
+
+    Real phantom studies of each prompt, scored as generated images are: what a perfect generator would get.
+    The same studies through the VAE: what a diffusion model that is perfect in latent space could reach
+    with this autoencoder."""
+    if settings.dataset != DEFAULT_DATASET:
+        return None, None
+    studies = conditioning.phantom_studies(usable, settings.num_samples, size)
+    ceiling = conditioning.evaluate_conditioning(classifier, studies, usable)[0]
+    reconstructed = np.split(reconstruct(vae, vae_params, np.concatenate(studies), settings.batch_size),
+                             np.cumsum([len(x) for x in studies])[:-1])
+    return ceiling, conditioning.evaluate_conditioning(classifier, reconstructed, usable)[0]
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:
@@ -291,7 +375,8 @@ def _write_report(out: Path, results: dict, prompts: list[str], prompt_images, p
         pairs_file = "memorization_pairs.png"
         report.save_pair_grid(assets / pairs_file, generated_all[[p["generated"] for p in pairs]],
                               clf.as_float_images(train_images[[p["train"] for p in pairs]]),
-                              [p["ssim"] for p in pairs])
+                              [f"generated, SSIM {p['ssim']:.3f}" for p in pairs],
+                              ["nearest training image"] * len(pairs))
     report.write_markdown(out.with_suffix(".md"), results, assets, grids, pairs_file)
 
 
@@ -323,9 +408,16 @@ def main(argv=None) -> None:
                         help="classifier cache (default: <data-dir>/cxr_ldm_eval/classifier-<dataset>-<config>)")
     parser.add_argument("--copy-threshold", type=float, default=defaults.copy_threshold)
     parser.add_argument("--augmentation-experiment", action="store_true")
+    parser.add_argument("--vae-only", action="store_true",
+                        help="judge the checkpoint's autoencoder alone: reconstruction and conditioning ceilings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    options = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")}
+    options = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "vae_only")}
+    if args.vae_only:
+        results = evaluate_autoencoder(args.checkpoint, args.out, **options)
+        headline = ("conditioning_accuracy_vae_reconstructed", "classifier_accuracy_real")
+        print(json.dumps({**{k: results[k] for k in headline}, **results["reconstruction"]}, indent=2))
+        return
     results = evaluate(args.checkpoint, args.out, **options)
     print(json.dumps({k: results[k] for k in ("conditioning_accuracy", "classifier_accuracy_real")}, indent=2))
 

@@ -49,3 +49,34 @@ def test_evaluation_seeds_draw_disjoint_sample_seeds():
     starts = sorted(blocks)
     assert all(end <= next_start for (_, end), (next_start, _) in zip(starts, starts[1:]))
     assert evaluate.generation_seeds(0) == {"conditioning": 0, "fid": 1_000_000, "augmentation": 2_000_000}
+
+
+@pytest.mark.parametrize("layout", ["workdir", "pipeline", "workdir_export", "bare"])
+def test_vae_only_finds_the_autoencoder_in_each_layout(tmp_path, layout):
+    import jax
+    import numpy as np
+
+    from cxr_ldm.io.components import save_component
+    from cxr_ldm.models import autoencoder
+
+    config = autoencoder.AutoencoderConfig.from_dict(dict(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        sample_size=16))
+    model = autoencoder.AutoencoderKL(config)
+    params = jax.jit(model.init)(jax.random.key(3), *autoencoder.dummy_inputs(config))["params"]
+    folder = {"workdir": tmp_path / "autoencoder" / "vae", "pipeline": tmp_path / "vae",
+              "workdir_export": tmp_path / "pipeline" / "vae", "bare": tmp_path}[layout]
+    (tmp_path / "autoencoder").mkdir()  # a workdir's stage folder without its VAE yet is skipped
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 0}))  # a train.py config is not a VAE's
+    save_component(model, params, folder)
+    loaded, loaded_params = evaluate.load_autoencoder(tmp_path)
+    assert loaded.config.sample_size == 16
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+    np.testing.assert_array_equal(flat(loaded_params), flat(params))
+
+
+def test_vae_only_names_where_it_looked(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(FileNotFoundError, match="no AutoencoderKL folder .*autoencoder/vae"):
+        evaluate.load_autoencoder(tmp_path)

@@ -1,6 +1,6 @@
 """evaluate(): the whole evaluation on a tiny random pipeline and the phantom "tiny" data set (32 px):
-every section is present and consistent, the report and grids are written, and the classifier cache
-is reused on a second run."""
+every section is present and consistent, the report and grids are written, the classifier cache
+is reused on a second run, and the autoencoder-only evaluation agrees with the full one."""
 import json
 
 import jax
@@ -83,3 +83,20 @@ def test_evaluate_end_to_end(tmp_path):
                                      classifier_config=recipe, **options)
     assert again["classifier"]["cached"] is True
     assert again["classifier_accuracy_real"] == saved["classifier_accuracy_real"]
+
+
+    # --vae-only on the same folder: the same VAE gives the same reconstruction and ceilings, with no sampling.
+    vae_out = tmp_path / "vae_only" / "v.json"
+    vae_only = evaluate_module.evaluate_autoencoder(checkpoint, vae_out, prompts=prompts, classifier_config=recipe,
+                                                    **options)
+    assert json.loads(vae_out.read_text()) == vae_only
+    assert "conditioning_accuracy" not in vae_only and vae_only["classifier"]["cached"] is True
+    assert vae_only["reconstruction"] == saved["reconstruction"]
+    for key in ("conditioning_accuracy_real_studies", "conditioning_accuracy_vae_reconstructed",
+                "classifier_accuracy_real"):
+        assert vae_only[key] == saved[key]
+    report = vae_out.with_suffix(".md").read_text()
+    assert f"| VAE PSNR / SSIM / RMSE | {saved['reconstruction']['psnr']:.3f} / " in report
+    assert (vae_out.parent / "v_assets" / "reconstructions.png").is_file()
+    with pytest.raises(FileNotFoundError, match="no AutoencoderKL folder"):
+        evaluate_module.load_autoencoder(tmp_path / "eval")

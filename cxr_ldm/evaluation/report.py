@@ -44,13 +44,14 @@ def save_prompt_grids(assets: Path, prompts: Sequence[str], images: Sequence[np.
     return names
 
 
-def save_pair_grid(path: Path, generated: np.ndarray, nearest: np.ndarray, scores: Sequence[float]) -> None:
-    """Rows of (generated, nearest training image) pairs, labelled with their SSIM."""
+def save_pair_grid(path: Path, left: np.ndarray, right: np.ndarray, left_labels: Sequence[str],
+                   right_labels: Sequence[str]) -> None:
+    """Rows of (left, right) image pairs (N, H, W, C) in [0, 1], each image under its label."""
     tiles, labels = [], []
-    for g, n, s in zip(generated, nearest, scores):
-        tiles += [g, n]
-        labels += [f"generated, SSIM {s:.3f}", "nearest training image"]
-    save_png(path, make_grid(np.stack(tiles), labels, ncols=2, label_height=24, scale=_scale(generated)))
+    for a, b, label_a, label_b in zip(left, right, left_labels, right_labels):
+        tiles += [a, b]
+        labels += [label_a, label_b]
+    save_png(path, make_grid(np.stack(tiles), labels, ncols=2, label_height=24, scale=_scale(left)))
 
 
 def unprompted_section(unprompted: dict[str, dict[str, float]]) -> list[str]:
@@ -140,6 +141,34 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
         lines += ["## Augmentation experiment", ""]
         lines += _table(["training set", "images", "mean AUROC (real test)", "exact match"],
                         [[name, v["num_train"], v["mean_auroc"], v["exact_match"]] for name, v in aug.items()])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def write_autoencoder_markdown(path: Path, results: dict, grid: Path) -> None:
+    """Writes the Markdown report of an autoencoder-only evaluation (`evaluate --vae-only`) atomically."""
+    settings, recon = results["settings"], results["reconstruction"]
+    lines = [f"# Autoencoder evaluation of `{settings['checkpoint']}`", "",
+             f"Data set `{settings['dataset']}/{settings['dataset_config']}`; no diffusion model.", "",
+             "## Headline", ""]
+    lines += _table(["metric", "value", "note"], [
+        ["VAE PSNR / SSIM / RMSE", " / ".join(_fmt(recon[k]) for k in ("psnr", "ssim", "rmse")),
+         f"{recon['num_images']} real test images through the VAE and back"],
+        ["real phantom studies of the evaluation prompts", results["conditioning_accuracy_real_studies"],
+         "conditioning accuracy of real studies: what a perfect generator gets under this classifier"],
+        ["  the same studies through the VAE", results["conditioning_accuracy_vae_reconstructed"],
+         "the ceiling for a diffusion model that is perfect in this autoencoder's latent space"],
+        ["classifier_accuracy_real", results["classifier_accuracy_real"], "on the real test split"],
+    ])
+    real = (results["conditioning_real_studies"] or {}).get("detection_rate", {})
+    through = (results["conditioning_vae_reconstructed"] or {}).get("detection_rate", {})
+    if real:
+        lines += ["## Per finding", ""]
+        lines += _table(["finding", "detection rate (real studies)", "detection rate (through the VAE)"],
+                        [[name, real[name], through.get(name)] for name in real])
+    lines += ["## Test images and their reconstructions", "",
+              f"![reconstructions]({os.path.relpath(grid, path.parent)})", ""]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
