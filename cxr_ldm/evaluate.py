@@ -321,6 +321,7 @@ def load_autoencoder(checkpoint: str | os.PathLike):
 
 
 def _load_splits(settings: EvalSettings):
+    """(train, validation, test) of the data set the settings name, built first if it is not there."""
     builder = prepare(settings.dataset, settings.data_dir, settings.dataset_config,
                       settings.manual_dir and os.path.expanduser(settings.manual_dir))
     return tuple(load_split(builder, split) for split in ("train", "validation", "test"))
