@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Paired on seed 0 (docs/results/default_run.md): 0.3 positive took prompts worded unlike the impressions
     # from 0.20 to 0.51 and conditioning accuracy from 0.51 to 0.55 (impressions 0.62 -> 0.57, within the
     # seed spread); the whole section at 0.5 had cost 0.15 on seed 1.
+    # 0.5 on the 4000-step VAE: 0.820 against 0.807 (templates 0.871, rewordings unchanged), within the spread.
     c.data.findings_prompt_rate = 0.3
     c.data.findings_prompt_sentences = "positive"
     # Probability that a training prompt has its sentences shuffled and the words within each sentence
@@ -97,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm = ml_collections.ConfigDict()
     c.ldm.init_from = placeholder(str)  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
     c.ldm.finetune = "unet+text_encoder"  # unet | unet+text_encoder | text_encoder | textual_inversion | lora
+    # "unet" after the text_encoder stage (that encoder frozen) gave 0.809 against 0.807 on the 4000-step VAE, with
+    # side accuracy 0.99 vs 0.97 and 1.18x the images/s; one run, so not yet the default (docs/results/default_run.md).
     # False freezes the 49408-row token table (a step ~15 % faster), but measured on the default run it cost
     # conditioning accuracy: 0.49 frozen vs 0.60 trained, prompts unlike the reports 0.12 vs 0.41.
     c.ldm.train_token_embedding = True
