@@ -3,6 +3,7 @@ from its result (its exact resume after a preemption: tests/test_train.py)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,18 @@ def test_stage_refuses_a_loaded_text_encoder(data_dir, tmp_path):
     config.ldm.init_from = "/models/sd15"
     with pytest.raises(ValueError, match="init_from"):
         trainer.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("finetune", ["unet", "unet+text_encoder"])
+def test_a_frozen_text_encoder_without_its_stage_is_warned_about(data_dir, tmp_path, tokenizer, finetune):
+    config = _config(data_dir)
+    config.ldm.finetune = finetune
+    vae_config = AutoencoderConfig.from_dict(config.autoencoder.model.to_dict())
+    vae = AutoencoderKL(vae_config)
+    save_component(vae, vae.init(jax.random.PRNGKey(0), *vae_dummy_inputs(vae_config))["params"],
+                   tmp_path / "autoencoder" / "vae")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ldm_stage.build_models(config, str(tmp_path), vocab_size=len(tokenizer))
+    random_text = [w for w in caught if "random text encoder" in str(w.message)]
+    assert len(random_text) == (1 if finetune == "unet" else 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -81,6 +82,11 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
                                  f"token rows but the tokenizer {vocab_size}: it was trained with another tokenizer")
         else:
             text_encoder, text_params = new_text_encoder(config, vocab_size)
+            if c.finetune not in ("unet+text_encoder", "text_encoder"):
+                warnings.warn(f"config.ldm.finetune = {c.finetune!r} keeps the text encoder as it starts, and no "
+                              f"text_encoder stage ran in {workdir}: the LDM is conditioned on a random text "
+                              "encoder. Add 'text_encoder' to config.stages or train it ('unet+text_encoder').",
+                              stacklevel=2)
         scheduler_file = c.scheduler.to_dict()
     if c.scaling_factor is not None:
         vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(c.scaling_factor)))
