@@ -193,7 +193,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
                                                  seeds["conditioning"], settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
-    ceiling, vae_ceiling = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
+    ceilings = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
     lap("conditioning")
 
     n = min(settings.num_fid, len(validation), len(test))
@@ -244,11 +244,8 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "classifier_accuracy_real": classifier_test["major_accuracy"],
         "classifier_exact_match_real": classifier_test["exact_match"],
         "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
-        "conditioning_accuracy_real_studies": ceiling["conditioning_accuracy"] if ceiling else None,
         "conditioning": conditioning_summary,
-        "conditioning_real_studies": ceiling,
-        "conditioning_accuracy_vae_reconstructed": vae_ceiling["conditioning_accuracy"] if vae_ceiling else None,
-        "conditioning_vae_reconstructed": vae_ceiling,
+        **ceilings,
         "skipped_prompts": [p.text for p in skipped],
         "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
         "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
@@ -280,13 +277,9 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
     classifier_test = clf.evaluate_classifier(classifier, test.data)
     usable, skipped = conditioning.usable_prompts(prompts, classifier)
-    ceiling, vae_ceiling = _ceilings(settings, classifier, usable, vae, vae_params, size)
     results = {
         "classifier_accuracy_real": classifier_test["major_accuracy"],
-        "conditioning_accuracy_real_studies": ceiling["conditioning_accuracy"] if ceiling else None,
-        "conditioning_accuracy_vae_reconstructed": vae_ceiling["conditioning_accuracy"] if vae_ceiling else None,
-        "conditioning_real_studies": ceiling,
-        "conditioning_vae_reconstructed": vae_ceiling,
+        **_ceilings(settings, classifier, usable, vae, vae_params, size),
         "skipped_prompts": [p.text for p in skipped],
         "reconstruction": reconstruction_metrics(vae, vae_params, test.data.images, settings.batch_size),
         "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
@@ -342,19 +335,21 @@ def _classifier_section(classifier_dir: Path, classifier, cached: bool, classifi
             "training": classifier.training_report, "test": classifier_test}
 
 
-def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int):
-    """(real studies, the same through the VAE) conditioning summaries; (None, None) unless phantom_cxr.
-
-    Real phantom studies of each prompt, scored as generated images are: what a perfect generator would get.
-    The same studies through the VAE: what a diffusion model that is perfect in latent space could reach
-    with this autoencoder."""
-    if settings.dataset != DEFAULT_DATASET:
-        return None, None
-    studies = conditioning.phantom_studies(usable, settings.num_samples, size)
-    ceiling = conditioning.evaluate_conditioning(classifier, studies, usable)[0]
-    reconstructed = np.split(reconstruct(vae, vae_params, np.concatenate(studies), settings.batch_size),
-                             np.cumsum([len(x) for x in studies])[:-1])
-    return ceiling, conditioning.evaluate_conditioning(classifier, reconstructed, usable)[0]
+def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int) -> dict:
+    """The results' ceiling fields: conditioning_real_studies (real phantom studies of each prompt, scored as
+    generated images are: what a perfect generator would get), conditioning_vae_reconstructed (the same studies
+    through the VAE: what a diffusion model that is perfect in latent space could reach with this autoencoder),
+    each with its conditioning_accuracy_* headline; all None unless phantom_cxr."""
+    summaries = {"real_studies": None, "vae_reconstructed": None}
+    if settings.dataset == DEFAULT_DATASET:
+        studies = conditioning.phantom_studies(usable, settings.num_samples, size)
+        reconstructed = np.split(reconstruct(vae, vae_params, np.concatenate(studies), settings.batch_size),
+                                 np.cumsum([len(x) for x in studies])[:-1])
+        summaries = {name: conditioning.evaluate_conditioning(classifier, images, usable)[0]
+                     for name, images in (("real_studies", studies), ("vae_reconstructed", reconstructed))}
+    return {**{f"conditioning_accuracy_{name}": summary and summary["conditioning_accuracy"]
+               for name, summary in summaries.items()},
+            **{f"conditioning_{name}": summary for name, summary in summaries.items()}}
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:
