@@ -1,7 +1,8 @@
 """Evaluates a text-to-CXR checkpoint: does the generated image show what the prompt says?
 
     python -m cxr_ldm.evaluate --checkpoint workdir/default --out r.json [--dataset phantom_cxr]
-        [--num-samples 10] [--steps 25] [--guidance G] [--inception-weights pt_inception.safetensors]
+        [--num-samples 10] [--steps 25] [--guidance G] [--guidance-sweep 2,3,4]
+        [--inception-weights pt_inception.safetensors]
 
 Writes the JSON (top level: conditioning_accuracy, classifier_accuracy_real and the sections below)
 and a Markdown report beside it (r.md, with PNG grids in r_assets/):
@@ -22,6 +23,8 @@ and a Markdown report beside it (r.md, with PNG grids in r_assets/):
   reconstruction  VAE round trip PSNR / SSIM / RMSE on the real test split
   memorization    nearest training image of each generated image (evaluation/memorization.py)
   augmentation    (--augmentation-experiment) classifier on a small real set vs plus synthetic images
+  guidance_sweep  (--guidance-sweep) conditioning accuracy and domain FID at other guidance scales, on the
+                  headline's prompts and seeds: the trade-off a recipe's guidance scale is chosen on
 
 `--vae-only` judges an autoencoder alone (a train.py workdir's, a pipeline folder's `vae/`, or an
 AutoencoderKL folder), with no diffusion model: the classifier, the reconstruction section and, for
@@ -75,6 +78,7 @@ class EvalSettings:
     steps: int = 25
     guidance: float | None = None  # None: the workdir config's sample.guidance_scale, else 3.0
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Pipeline.__call__); 0 = off
+    guidance_sweep: tuple[float, ...] = ()  # more guidance scales to score (`guidance_sweep`); () = none
     sampler: str = "ddim"
     seed: int = 0  # sample seeds of different values do not overlap (see `generation_seeds`)
     batch_size: int = 32
@@ -177,7 +181,6 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
     settings = resolve_guidance(resolve_data(settings, pipe.default_size()))
-    config_name = settings.dataset_config
     train, validation, test = _load_splits(settings)
     size = train.data.images.shape[1]
     lap("data")
@@ -239,6 +242,16 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
             seed=seeds["augmentation"], batch_size=settings.batch_size)
         lap("augmentation")
 
+    sweep = None
+    if settings.guidance_sweep:
+        at_headline = sweep_row(settings.guidance, conditioning_summary, fid["domain"]["generated_vs_real"])
+        others = [scale for scale in dict.fromkeys(settings.guidance_sweep) if scale != settings.guidance]
+        sweep = sorted([at_headline] + guidance_sweep(
+            lambda scale: _generator(pipe, dataclasses.replace(settings, guidance=scale), size), classifier, usable,
+            others, settings.num_samples, seeds, settings.batch_size, test.prompts[:n], features["test"]),
+            key=lambda row: row["guidance"])
+        lap("guidance_sweep")
+
     results = {
         "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
         "classifier_accuracy_real": classifier_test["major_accuracy"],
@@ -249,14 +262,47 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "skipped_prompts": [p.text for p in skipped],
         "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
         "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
-        "augmentation": augmentation,
-        "settings": {**dataclasses.asdict(settings), "dataset_config": config_name, "image_size": size},
+        "augmentation": augmentation, "guidance_sweep": sweep,
+        "settings": _settings_record(settings, size),
         "timings_s": timings,
     }
     write_json(out, results)
     _write_report(out, results, [p.text for p in usable], prompt_images, prompt_results, generated_all,
                   train.data.images)
     return results
+
+
+def sweep_row(guidance: float, summary: dict, domain_fid: float) -> dict:
+    """One row of the guidance sweep: a conditioning summary's headline figures and the domain FID."""
+    false_positive = summary["normal_false_positive_rate"] or {}
+    return {"guidance": float(guidance), "conditioning_accuracy": summary["conditioning_accuracy"],
+            "conditioning_accuracy_by_style": summary["conditioning_accuracy_by_style"],
+            "side_accuracy_overall": summary["side_accuracy_overall"],
+            "normal_false_positive_rate_any": false_positive.get("any"),
+            "detection_rate": summary["detection_rate"], "domain_fid": domain_fid}
+
+
+def guidance_sweep(generator_at, classifier, prompts, scales, num_samples: int, seeds: dict[str, int],
+                   batch_size: int, fid_prompts, real_features: np.ndarray) -> list[dict]:
+    """Conditioning accuracy and domain FID at each classifier-free guidance scale in `scales`.
+
+    generator_at(scale) -> generate(texts, seeds) -> images (B, H, W, C) in [0, 1]. At every scale the
+    conditioning prompts and the FID prompts are drawn with the seeds the headline uses
+    (`generation_seeds`), so rows differ by the guidance alone and the row at the headline's scale would
+    repeat the headline. real_features: the classifier features (N, D) of the real images the FID compares
+    against, N = len(fid_prompts). Returns one `sweep_row` per scale, in the order given.
+    """
+    rows = []
+    for scale in scales:
+        generate = generator_at(scale)
+        images = conditioning.generate_images(generate, [p.text for p in prompts], num_samples,
+                                              seeds["conditioning"], batch_size)
+        summary, _ = conditioning.evaluate_conditioning(classifier, images, prompts)
+        fid_images = np.concatenate(conditioning.generate_images(generate, list(fid_prompts), 1, seeds["fid"],
+                                                                 batch_size))
+        rows.append(sweep_row(scale, summary,
+                              fid_from_features(classifier.predict(fid_images).features, real_features)))
+    return rows
 
 
 def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, prompts=conditioning.PROMPTS,
@@ -283,7 +329,7 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
         "skipped_prompts": [p.text for p in skipped],
         "reconstruction": reconstruction_metrics(vae, vae_params, test.data.images, settings.batch_size),
         "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
-        "settings": {**dataclasses.asdict(settings), "dataset_config": settings.dataset_config, "image_size": size},
+        "settings": _settings_record(settings, size),
         "timings_s": {"total": round(time.perf_counter() - start, 1)},
     }
     write_json(out, results)
@@ -311,6 +357,12 @@ def load_autoencoder(checkpoint: str | os.PathLike):
             return load_component(folder)
     raise FileNotFoundError(f"no AutoencoderKL folder (config.json with _class_name AutoencoderKL) in "
                             f"{', '.join(str(c) for c in candidates)}")
+
+
+def _settings_record(settings: EvalSettings, image_size: int) -> dict:
+    """The settings as the results JSON holds them (tuples as lists, so that the JSON reads back equal)."""
+    record = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    return {**record, "image_size": image_size}
 
 
 def _load_splits(settings: EvalSettings):
@@ -376,6 +428,17 @@ def _write_report(out: Path, results: dict, prompts: list[str], prompt_images, p
     report.write_markdown(out.with_suffix(".md"), results, assets, grids, pairs_file)
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    """"2,3,4.5" -> (2.0, 3.0, 4.5), for --guidance-sweep."""
+    try:
+        scales = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,3,4, got {text!r}") from None
+    if any(scale < 1.0 for scale in scales):
+        raise argparse.ArgumentTypeError(f"guidance scales must be >= 1 (1 = no guidance), got {text!r}")
+    return scales
+
+
 def main(argv=None) -> None:
     defaults = EvalSettings(checkpoint="")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -395,6 +458,9 @@ def main(argv=None) -> None:
                              f"else {DEFAULT_GUIDANCE})")
     parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
                         help="diffusers' guidance_rescale in [0, 1] (0 = off)")
+    parser.add_argument("--guidance-sweep", type=_scales, default=defaults.guidance_sweep,
+                        help="comma-separated guidance scales (e.g. 2,3,4,6) also scored on the headline's prompts "
+                             "and seeds: conditioning accuracy and domain FID each (the guidance_sweep section)")
     parser.add_argument("--sampler", default=defaults.sampler, choices=("ddim", "dpmpp_2m", "ddpm"))
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

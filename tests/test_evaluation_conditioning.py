@@ -1,5 +1,7 @@
 """Conditioning accuracy arithmetic: a fake generator draws exactly the findings a rule says, a fake
 classifier reads them back, and every rate must equal the rule's count."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,67 @@ def test_report_tabulates_unprompted_findings_by_prompted_finding():
     assert lines[header + 2] == "| Pleural Effusion | 0.400 | 0.100 |  |"
     assert lines[header + 3] == "| Consolidation |  |  | 0.600 |"
     assert report.unprompted_section({}) == [] and report.unprompted_section({"Edema": {}}) == []
+
+
+class FeatureClassifier(FakeClassifier):
+    """FakeClassifier whose features are the shown-observation flags plus fixed noise (a domain FID)."""
+
+    def predict(self, images):
+        noise = np.random.default_rng(0).normal(0, 0.1, (len(images), len(OBSERVATIONS)))
+        return dataclasses.replace(super().predict(images), features=images[:, 0, :, 0] + noise)
+
+
+def test_guidance_sweep_scores_each_scale_on_the_headline_seeds():
+    """A fake generator that misses the prompted findings (seed % 4 == 0) only below guidance 3: each row's
+    rates follow that rule on the conditioning seeds, and its FID is the one of the FID seeds' images."""
+    from cxr_ldm.evaluate import guidance_sweep
+    from cxr_ldm.evaluation.metrics import fid_from_features
+
+    def generator_at(scale):
+        def generate(texts, seeds):
+            images = fake_generator(texts, seeds)
+            if scale >= 3:  # redraw the misses with a seed of the same other rules (15 = 3 x 5), not % 4 == 0
+                full = fake_generator(texts, [s + 15 if s % 4 == 0 else s for s in seeds])
+                misses = np.array([s % 4 == 0 for s in seeds])
+                images[misses] = full[misses]
+            return images
+        return generate
+
+    classifier, seeds = FeatureClassifier(), {"conditioning": 7, "fid": 101}  # residues unlike seed 0's
+    fid_prompts = [p.text for p in PROMPTS] * 3
+    real = np.random.default_rng(1).normal(0.5, 0.3, (len(fid_prompts), len(OBSERVATIONS)))
+    rows = guidance_sweep(generator_at, classifier, PROMPTS, (4.0, 2.0), N, seeds, 5, fid_prompts, real)
+
+    assert [row["guidance"] for row in rows] == [4.0, 2.0]
+    first = seeds["conditioning"]
+    prompt_seeds = {p: [first + p * N + i for i in range(N)] for p in range(len(PROMPTS))}
+    for row, misses in ((rows[0], False), (rows[1], True)):
+        expected = [np.mean([(not prompt.findings or not misses or s % 4 != 0) and s % 5 != 0 for s in prompt_seeds[p]])
+                    for p, prompt in enumerate(PROMPTS)]
+        assert row["conditioning_accuracy"] == pytest.approx(np.mean(expected))
+        assert row["conditioning_accuracy_by_style"]["alternate"] == pytest.approx(expected[2])
+        effusion = prompt_seeds[1] + prompt_seeds[3]
+        assert row["detection_rate"]["Pleural Effusion"] == pytest.approx(
+            np.mean([not misses or s % 4 != 0 for s in effusion]))
+        assert row["normal_false_positive_rate_any"] == pytest.approx(np.mean([s % 5 == 0 for s in prompt_seeds[0]]))
+        fid_images = generator_at(row["guidance"])(fid_prompts, [seeds["fid"] + i for i in range(len(fid_prompts))])
+        assert row["domain_fid"] == pytest.approx(fid_from_features(classifier.predict(fid_images).features, real))
+    assert rows[0]["conditioning_accuracy"] > rows[1]["conditioning_accuracy"]
+
+
+def test_report_tabulates_the_guidance_sweep():
+    row = {"guidance": 3.0, "conditioning_accuracy": 0.8, "conditioning_accuracy_by_style": {"template": 0.9, "alternate": 0.5},
+           "side_accuracy_overall": 0.95, "normal_false_positive_rate_any": 0.0, "domain_fid": 12.5}
+    lines = report.guidance_sweep_section([{**row, "guidance": 2.0}, row], 3.0)
+    assert "| 2 | 0.800 | 0.900 / 0.500 | 0.950 | 0.000 | 12.500 |" in lines
+    assert "| 3 * | 0.800 | 0.900 / 0.500 | 0.950 | 0.000 | 12.500 |" in lines
+    assert report.guidance_sweep_section(None, 3.0) == []
+
+
+def test_guidance_sweep_option_parses_scales():
+    from cxr_ldm.evaluate import _scales
+
+    assert _scales("2,3,4.5") == (2.0, 3.0, 4.5)
+    for bad in ("2,x", "0.5,2"):
+        with pytest.raises(Exception, match="guidance|numbers"):
+            _scales(bad)

@@ -1,6 +1,6 @@
 """evaluate(): the whole evaluation on a tiny random pipeline and the phantom "tiny" data set (32 px):
 every section is present and consistent, the report and grids are written, the classifier cache
-is reused on a second run, and the autoencoder-only evaluation agrees with the full one."""
+is reused on a second run, the guidance sweep agrees with single-scale runs, and the autoencoder-only evaluation agrees with the full one."""
 import json
 
 import jax
@@ -52,7 +52,8 @@ def test_evaluate_end_to_end(tmp_path):
                              batch_size=32, warmup_steps=2)
     prompts = PROMPTS[:2] + PROMPTS[3:5] + PROMPTS[30:32]  # normal, effusion, cardiomegaly
 
-    results = evaluate_module.evaluate(checkpoint, out, prompts=prompts, classifier_config=recipe, **options)
+    results = evaluate_module.evaluate(checkpoint, out, prompts=prompts, classifier_config=recipe,
+                                       guidance_sweep=(evaluate_module.DEFAULT_GUIDANCE, 1.5), **options)
     saved = json.loads(out.read_text())
     assert saved["conditioning_accuracy"] == results["conditioning_accuracy"]
     assert 0.0 <= saved["conditioning_accuracy"] <= 1.0
@@ -79,10 +80,20 @@ def test_evaluate_end_to_end(tmp_path):
     assert "conditioning_accuracy" in report and "r_assets/prompt_00.png" in report
     assert f"| VAE PSNR / SSIM / RMSE | {saved['reconstruction']['psnr']:.3f} / " in report
     assert (out.parent / "r_assets" / "memorization_pairs.png").is_file()
-    again = evaluate_module.evaluate(checkpoint, tmp_path / "r2.json", prompts=prompts[:1],
-                                     classifier_config=recipe, **options)
+    # The guidance sweep: its row at the headline's scale is the headline; its other row is what an evaluation
+    # at that scale gives (same prompts and seeds), here the second run, which also reuses the cached classifier.
+    sweep = {row["guidance"]: row for row in saved["guidance_sweep"]}
+    assert list(sweep) == [1.5, evaluate_module.DEFAULT_GUIDANCE] and "## Guidance sweep" in report
+    assert sweep[evaluate_module.DEFAULT_GUIDANCE]["conditioning_accuracy"] == saved["conditioning_accuracy"]
+    assert sweep[evaluate_module.DEFAULT_GUIDANCE]["domain_fid"] == saved["fid"]["domain"]["generated_vs_real"]
+    again = evaluate_module.evaluate(checkpoint, tmp_path / "r2.json", prompts=prompts, classifier_config=recipe,
+                                     guidance=1.5, **options)
     assert again["classifier"]["cached"] is True
     assert again["classifier_accuracy_real"] == saved["classifier_accuracy_real"]
+    assert sweep[1.5]["conditioning_accuracy"] == again["conditioning_accuracy"]
+    assert sweep[1.5]["detection_rate"] == again["conditioning"]["detection_rate"]
+    assert sweep[1.5]["domain_fid"] == pytest.approx(again["fid"]["domain"]["generated_vs_real"])
+    assert sweep[1.5]["domain_fid"] != sweep[evaluate_module.DEFAULT_GUIDANCE]["domain_fid"]
 
 
     # --vae-only on the same folder: the same VAE gives the same reconstruction and ceilings, with no sampling.

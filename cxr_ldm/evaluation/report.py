@@ -67,6 +67,21 @@ def unprompted_section(unprompted: dict[str, dict[str, float]]) -> list[str]:
                           [[name] + [others.get(other, "") for other in added] for name, others in unprompted.items()])
 
 
+def guidance_sweep_section(rows: Sequence[dict] | None, headline_guidance: float) -> list[str]:
+    """The guidance sweep's table (evaluate --guidance-sweep), [] without one."""
+    if not rows:
+        return []
+    lines = ["## Guidance sweep", "",
+             "The headline's prompts and seeds at each classifier-free guidance scale (* marks the headline's).", ""]
+    return lines + _table(
+        ["guidance", "conditioning_accuracy", "template / alternate", "side accuracy", "false positives (normal)",
+         "domain FID"],
+        [[f"{row['guidance']:g}" + (" *" if row["guidance"] == headline_guidance else ""),
+          row["conditioning_accuracy"],
+          " / ".join(_fmt(row["conditioning_accuracy_by_style"][style]) for style in ("template", "alternate")),
+          row["side_accuracy_overall"], row["normal_false_positive_rate_any"], row["domain_fid"]] for row in rows])
+
+
 def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence[str], pairs_file: str | None) -> None:
     """Writes the Markdown report of `results` (the evaluation JSON object) atomically."""
     rel = os.path.relpath(assets, path.parent)
@@ -102,6 +117,7 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
          f"threshold {results['memorization']['copy_threshold']}; held-out real: "
          f"{_fmt(results['memorization']['heldout_real']['copy_fraction'])}"],
     ])
+    lines += guidance_sweep_section(results.get("guidance_sweep"), settings["guidance"])
     lines += ["## Per finding", ""]
     normal_fp = cond["normal_false_positive_rate"] or {}
     per_obs = clf["test"]["per_observation"]
