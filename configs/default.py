@@ -4,7 +4,7 @@ from scratch on the procedural `phantom_cxr` data set at 64 px.
     python train.py                                  # this config, workdir ./workdir/default
     python train.py --config.ldm.num_steps=20000     # any field can be overridden
 
-On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 1 to 1.5 hours.
+On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 1.5 hours.
 With accelerators the batch and the models grow (see `scale_for_accelerators`): the same recipe then
 trains longer and wider for a better model.
 
@@ -61,12 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
         "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
         "sample_size": 64,
     })
-    # 2000 x 8 at 2e-3 with the gradient term, device and fracture studies 8x as often: validation PSNR
-    # 38.1 dB and a conditioning ceiling of 0.90 (1000 steps, no oversampling: 35.2 dB, 0.79, the tubes and
-    # lines lost; docs/results/default_run.md). 4000 steps raised the ceiling to 0.92 (39.6 dB), but the default
-    # LDM on it scored 0.807 against 0.811, for 16 min more.
+    # 4000 x 8 at 2e-3 with the gradient term, device and fracture studies 8x as often: validation PSNR
+    # 39.6 dB and a conditioning ceiling of 0.92 (2000 steps: 38.1 dB, 0.90; 1000 steps, no oversampling:
+    # 35.2 dB, 0.79, the tubes and lines lost; docs/results/default_run.md). The LDM scored the same on the
+    # 2000-step VAE; 4000 is the VAE of the measured default run, and its extra ~16 min are about what the
+    # frozen text encoder (ldm.finetune) saves.
     c.autoencoder.batch_size = 8
-    c.autoencoder.num_steps = 2000
+    c.autoencoder.num_steps = 4000
     c.autoencoder.learning_rate = 2e-3
     c.autoencoder.warmup_steps = 100
     c.autoencoder.kl_weight = 1e-6
@@ -97,9 +98,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.ldm = ml_collections.ConfigDict()
     c.ldm.init_from = placeholder(str)  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
-    c.ldm.finetune = "unet+text_encoder"  # unet | unet+text_encoder | text_encoder | textual_inversion | lora
-    # "unet" after the text_encoder stage (that encoder frozen) gave 0.809 against 0.807 on the 4000-step VAE, with
-    # side accuracy 0.99 vs 0.97 and 1.18x the images/s; one run, so not yet the default (docs/results/default_run.md).
+    # unet | unet+text_encoder | text_encoder | textual_inversion | lora. "unet": the text encoder stays as the
+    # text_encoder stage left it. Against "unet+text_encoder" (text lr 1e-4) on the same VAE and seed: conditioning
+    # accuracy 0.809 vs 0.807 at guidance 4 and 0.828 vs 0.802 at 3, side accuracy 0.99 vs 0.97, domain FID 65 vs
+    # 73, and 1.17x the images/s (docs/results/default_run.md).
+    c.ldm.finetune = "unet"
     # False freezes the 49408-row token table (a step ~15 % faster), but measured on the default run it cost
     # conditioning accuracy: 0.49 frozen vs 0.60 trained, prompts unlike the reports 0.12 vs 0.41.
     c.ldm.train_token_embedding = True
@@ -149,7 +152,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.batch_size = 8
     c.ldm.num_steps = 13_000
     c.ldm.learning_rate = 1e-3
-    # 1e-4, not the UNet's 1e-3: keeps part of the text_encoder stage's pretraining (see c.text_pretrain)
+    # With finetune "unet+text_encoder": 1e-4, not the UNet's 1e-3, keeps part of the text_encoder stage's
+    # pretraining (see c.text_pretrain)
     c.ldm.text_encoder_learning_rate = 1e-4
     c.ldm.warmup_steps = 100
     c.ldm.weight_decay = 1e-2
@@ -179,10 +183,11 @@ def get_config() -> ml_collections.ConfigDict:
                     "Moderate cardiomegaly.", "Right apical pneumothorax.",
                     "Right lower lobe consolidation.", "Left upper lobe mass.",
                     "Mild pulmonary edema.", "Endotracheal tube and right central line in place."),
-        # `python -m cxr_ldm.evaluate` uses this scale too. On two default runs guidance 4 scored as well as 6 or
-        # better (conditioning accuracy 0.607 / 0.596 vs 0.602 / 0.563) with a lower domain FID (106 / 123 vs
-        # 125 / 152); 3 and 8 did worse (docs/results/default_run.md).
-        "steps": 25, "guidance_scale": 4.0, "sampler": "ddim", "seed": 0,
+        # `python -m cxr_ldm.evaluate` uses this scale too. On five checkpoints of the 0.80-0.82 recipes, 3 against
+        # 4 scored +0.009 conditioning accuracy on average (-0.005 to +0.019) with a lower domain FID where
+        # measured; 2 did worse on three of four, 1 far worse (`evaluate --guidance-sweep`,
+        # docs/results/default_run.md). The earlier, weaker runs had preferred 4 to 3, 6 and 8.
+        "steps": 25, "guidance_scale": 3.0, "sampler": "ddim", "seed": 0,
     })
     scale_for_accelerators(c)
     return c

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
                        "cross_attention_dim": 256, "attention_head_dim": 8, "norm_num_groups": 32})
     c.ldm.text_encoder.update({"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
                                "num_attention_heads": 4, "projection_dim": 256})
-    c.ldm.update({"batch_size": 64, "num_steps": 40_000, "learning_rate": 2e-4,
+    c.ldm.update({"batch_size": 64, "num_steps": 40_000, "learning_rate": 2e-4, "finetune": "unet+text_encoder",
                   "text_encoder_learning_rate": 2e-4, "warmup_steps": 1000, "ema_decay": 0.9995})
     c.checkpoint_every = 2000
     c.sample_every = 5000
