@@ -64,8 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
     # 4000 x 8 at 2e-3 with the gradient term, device and fracture studies 8x as often: validation PSNR
     # 39.6 dB and a conditioning ceiling of 0.92 (2000 steps: 38.1 dB, 0.90; 1000 steps, no oversampling:
     # 35.2 dB, 0.79, the tubes and lines lost; docs/results/default_run.md). The LDM scored the same on the
-    # 2000-step VAE; 4000 is the VAE of the measured default run, and its extra ~16 min are about what the
-    # frozen text encoder (ldm.finetune) saves.
+    # 2000-step VAE; 4000 is the VAE of the measured default run. Its extra ~15 min: the frozen text encoder
+    # (ldm.finetune) wins back about 8.
     c.autoencoder.batch_size = 8
     c.autoencoder.num_steps = 4000
     c.autoencoder.learning_rate = 2e-3
