@@ -68,7 +68,7 @@ class FinetuneConfig:
     @property
     def trains_token_table(self) -> bool:
         """Whether the text encoder's token table trains (full text-encoder modes, not frozen)."""
-        return "text_encoder" in _FULL_MODES.get(self.mode, ()) and self.train_token_embedding
+        return trains_text_encoder(self.mode) and self.train_token_embedding
 
     @property
     def trains_token_rows(self) -> bool:
@@ -78,6 +78,11 @@ class FinetuneConfig:
     @property
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank
+
+
+def trains_text_encoder(mode: str) -> bool:
+    """Whether finetune `mode` trains the whole text encoder ("unet+text_encoder", "text_encoder")."""
+    return "text_encoder" in _FULL_MODES.get(mode, ())
 
 
 def split_params(config: FinetuneConfig, params: dict, *, rng: jax.Array | None = None,

@@ -82,7 +82,7 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
                                  f"token rows but the tokenizer {vocab_size}: it was trained with another tokenizer")
         else:
             text_encoder, text_params = new_text_encoder(config, vocab_size)
-            if c.finetune not in ("unet+text_encoder", "text_encoder"):
+            if not finetune_lib.trains_text_encoder(c.finetune):
                 warnings.warn(f"config.ldm.finetune = {c.finetune!r} keeps the text encoder as it starts, and no "
                               f"text_encoder stage ran in {workdir}: the LDM is conditioned on a random text "
                               "encoder. Add 'text_encoder' to config.stages or train it ('unet+text_encoder').",
