@@ -104,6 +104,17 @@ def test_small_effusion_blunts_the_costophrenic_angle(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_small_effusion_shows_under_a_lower_lobe_consolidation(seed):
+    """The report states both, so the film must differ from the consolidation alone at that base."""
+    consolidation = {"Consolidation": {"side": "right", "kind": "lower"}}
+    _, alone, _ = _pair(seed, consolidation)
+    _, both, _ = _pair(seed, {**consolidation, "Pleural Effusion": {"side": "right", "severity": "small"}})
+    brighter = (both - alone) > 10
+    row, col = _centroid(brighter.astype(float))
+    assert brighter.sum() >= 25 and row > 0.6 and col < 0.3      # the lateral base on the image left
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_pneumothorax_darkens_the_apex(seed, side):
     normal, image, _ = _pair(seed, {"Pneumothorax": {"side": side, "severity": "small"}})

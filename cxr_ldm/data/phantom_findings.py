@@ -18,6 +18,9 @@ from cxr_ldm.data.phantom_reports import Finding
 CARDIOTHORACIC_RATIO = {"mild": (0.53, 0.56), "moderate": (0.58, 0.62), "severe": (0.64, 0.69)}
 UNCERTAIN_CARDIOTHORACIC_RATIO = (0.5, 0.52)
 EFFUSION_HEIGHT = {"small": (0.18, 0.24), "moderate": (0.32, 0.42), "large": (0.6, 0.72)}
+# Pleural fluid's own water thickness at full depth, beyond the lung air it replaces: without it an effusion
+# under an opacified lower lobe (consolidation) left the film unchanged, though the report stated it.
+FLUID_ATTENUATION = 0.3
 COLLAPSED_LUNG_SCALE = {"small": (0.78, 0.82), "moderate": (0.64, 0.7), "large": (0.46, 0.52)}
 EDEMA_OPACITY = {"mild": 0.55, "moderate": 0.72, "severe": 0.9}
 LESION_RADIUS = {"small": (0.065, 0.085), "large": (0.12, 0.17)}
@@ -55,14 +58,17 @@ def _hemithorax(canvas: Canvas, thorax: Thorax, layers: Layers, sign: float) -> 
 
 
 def effusion(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:
-    """Basal fluid with a meniscus rising along the lateral wall; blunts the costophrenic angle."""
+    """Basal fluid with a meniscus rising along the lateral wall; blunts the costophrenic angle and, being
+    denser than consolidated lung, still shows under a lower-lobe consolidation."""
     for sign in sides(finding):
         sub, lung = _hemithorax(canvas, thorax, layers, sign)
         height = rng.uniform(*EFFUSION_HEIGHT[finding.severity])
         lateral = np.clip((sign * sub.x - 0.1) / (thorax.lateral_u - 0.1), 0.0, 1.0)
         surface = thorax.dome_y(sign, thorax.lateral_u) - height - (0.06 + 0.25 * height) * lateral ** 2
         depth = np.clip((sub.y - surface) / 0.25, 0.0, 1.0)
-        _opacify(layers, sub, ramp(surface - sub.y, 0.05) * (0.85 + 0.15 * depth) * lung)
+        fluid = ramp(surface - sub.y, 0.05) * lung
+        _opacify(layers, sub, fluid * (0.85 + 0.15 * depth))
+        layers.tissue[sub.rows, sub.cols] += FLUID_ATTENUATION * fluid * depth
 
 
 def pneumothorax(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Finding, rng: np.random.Generator) -> None:

@@ -101,8 +101,10 @@ def generate_examples(seeds: range, resolution: int, num_workers: int) -> Iterat
 class PhantomCxr(tfds.core.GeneratorBasedBuilder):
     """Synthetic chest radiographs with their reports, prompts and CheXpert-style labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Pleural fluid adds its own attenuation: an effusion under a lower-lobe "
+                              "consolidation is visible (it was not, though the report stated it)."}
     BUILDER_CONFIGS = [
         PhantomCxrConfig(name="64", resolution=64),
         PhantomCxrConfig(name="128", resolution=128),
