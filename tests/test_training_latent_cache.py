@@ -1,5 +1,6 @@
 """Latent cache: the moments equal the VAE's encoding, the cached LDM loss equals the encoding one,
 shards, reuse and invalidation of the files, and record indices from the input pipeline."""
+import json
 import os
 
 import grain
@@ -80,6 +81,27 @@ def test_cache_is_reused_for_the_same_vae_and_rebuilt_for_another(builder, vae, 
     other_params = common.tiny_params(models, seed=5)["vae"]
     rebuilt = _encode(models, other_params, builder, tmp_path)
     assert np.abs(rebuilt.lookup(np.arange(5)) - first.lookup(np.arange(5))).max() > 1e-3
+
+
+def test_a_named_data_set_is_cached_under_its_version_and_another_version_is_encoded_again(
+        builder, vae, tmp_path, monkeypatch):
+    """A data set given by name ("phantom_cxr/64", as the LDM stage does) is keyed by its builder's full
+    name, version included: a cache of an earlier version of the same data set is not reused."""
+    models, vae_params = vae
+    monkeypatch.setattr(latent_cache.builders, "prepare", lambda name, data_dir: builder)
+    first = latent_cache.load_or_encode(models.vae, vae_params, "toy/default", split="train", data_dir="unused",
+                                        cache_dir=str(tmp_path), batch_size=16,
+                                        shard_options=grain.sharding.NoSharding())
+    meta_path = first.where[:-len(".npy")] + ".json"
+    with open(meta_path) as f:
+        meta = json.load(f)
+    assert meta["dataset"] == builder.info.full_name and str(builder.info.version) in meta["dataset"]
+    meta["dataset"] = meta["dataset"].replace(str(builder.info.version), "0.9.0")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    stamp = os.stat(first.where).st_mtime_ns
+    _encode(models, vae_params, builder, tmp_path)
+    assert os.stat(first.where).st_mtime_ns != stamp
 
 
 def test_train_batches_carry_record_indices_and_get_their_latents(builder, vae, tmp_path):

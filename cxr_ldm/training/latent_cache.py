@@ -9,7 +9,7 @@ full resolution costs about as much as the small UNet's forward pass).
 Each process caches the records its Grain shard reads (consecutive record indices, see
 `shard_range`) in <workdir>/ldm/latent_cache/: a float32 .npy file of shape
 (num_records_in_shard, h, w, 2 * latent_channels) = [mean, logvar] and a JSON file naming the data
-set, split, shard range and a fingerprint of the VAE weights. A cache written for other data or
+set (with its version), split, shard range and a fingerprint of the VAE weights. A cache written for other data or
 another VAE is recomputed, never reused. The .npy file is memory-mapped, so a large data set's cache
 lives on disk rather than in RAM (SD's VAE at 512 px: 128 KiB per image).
 """
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cxr_ldm.data import builders
 from cxr_ldm.data.pipeline import data_source, to_model_range
 from cxr_ldm.training.steps import match_channels
 
@@ -78,17 +79,17 @@ class LatentCache:
 def load_or_encode(vae, vae_params: Any, dataset, *, split: str, data_dir: str | None, cache_dir: str,
                    batch_size: int, shard_options: grain.sharding.ShardOptions | None = None) -> LatentCache:
     """The cache of this process's shard of `split`: read from `cache_dir` if it was written for the same
-    data set, split, shard and VAE weights, else encoded now (in batches of `batch_size` over this
+    data set and version, split, shard and VAE weights, else encoded now (in batches of `batch_size` over this
     process's devices) and written there atomically. `dataset`: "name/config" (prepared in data_dir if
     absent) or a TFDS builder."""
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    source = data_source(dataset, split, data_dir)
+    builder = builders.prepare(dataset, data_dir) if isinstance(dataset, str) else dataset
+    source = data_source(builder, split)
     start, end = shard_range(len(source), shard_options)
     if end <= start:
         raise ValueError(f"{dataset} {split!r} has {len(source)} records: none for shard "
                          f"{shard_options.shard_index} of {shard_options.shard_count}")
-    name = dataset if isinstance(dataset, str) else dataset.info.full_name
-    meta = {"dataset": name, "split": split, "num_records": len(source), "start": start, "end": end,
+    meta = {"dataset": builder.info.full_name, "split": split, "num_records": len(source), "start": start, "end": end,
             "vae_sha256": vae_fingerprint(vae_params), "format": "float32 [mean, logvar] on the last axis"}
     name = f"{split.replace('/', '_').replace(':', '_')}-shard{shard_options.shard_index}of{shard_options.shard_count}"
     array_path, meta_path = (os.path.join(cache_dir, name + ext) for ext in (".npy", ".json"))
