@@ -8,6 +8,7 @@ finding on a seed changes only that finding's pixels.
 CLI:
   python -m cxr_ldm.data.phantom --grid out.png [--resolution 128]   labelled contact sheet
   python -m cxr_ldm.data.phantom --reports 5 [--seed 0]              print reports
+  python -m cxr_ldm.data.phantom --audit 3000 --resolution 64        stated findings the film does not show
 """
 from __future__ import annotations
 
@@ -45,6 +46,44 @@ def render_image(seed: int, findings: tuple[Finding, ...], resolution: int) -> n
         else:
             intensity = np.asarray(Image.fromarray(intensity).resize((resolution, resolution), Image.BOX))
     return np.round(intensity * 255.0).astype(np.uint8)[:, :, None]
+
+
+def hidden_findings(seed: int, findings: tuple[Finding, ...], resolution: int, *, min_pixels: int = 15,
+                    min_change: int = 10) -> tuple[Finding, ...]:
+    """The findings of a case that its film does not show: those whose removal (the same patient, the
+    other findings kept) changes fewer than `min_pixels` pixels by more than `min_change` gray levels at
+    `resolution`, e.g. a lesion behind an enlarged heart. The report states them all the same."""
+    film = render_image(seed, findings, resolution).astype(np.int16)
+    hidden = []
+    for finding in findings:
+        without = render_image(seed, tuple(f for f in findings if f is not finding), resolution)
+        if np.count_nonzero(np.abs(film - without) > min_change) < min_pixels:
+            hidden.append(finding)
+    return tuple(hidden)
+
+
+def audit_visibility(num_studies: int, resolution: int, first_seed: int = 0, **thresholds) -> dict:
+    """`hidden_findings` over the random studies of seeds [first_seed, first_seed + num_studies).
+
+    Returns {"studies", "findings": findings stated, "hidden": findings not shown, "studies_with_hidden",
+    "by_finding": {name: [stated, hidden]}, "hidden_cases": [(seed, name, kind, severity, side,
+    (names of the other findings))]}.
+    """
+    stated = {name: [0, 0] for name in FINDING_NAMES}
+    cases, studies_with_hidden = [], 0
+    for seed in range(first_seed, first_seed + num_studies):
+        findings = draw_findings(seed)
+        hidden = hidden_findings(seed, findings, resolution, **thresholds) if findings else ()
+        studies_with_hidden += bool(hidden)
+        for finding in findings:
+            stated[finding.name][0] += 1
+        for finding in hidden:
+            stated[finding.name][1] += 1
+            others = tuple(f.name for f in findings if f is not finding)
+            cases.append((seed, finding.name, finding.kind, finding.severity, finding.side, others))
+    return {"studies": num_studies, "findings": sum(n for n, _ in stated.values()), "hidden": len(cases),
+            "studies_with_hidden": studies_with_hidden,
+            "by_finding": {name: counts for name, counts in stated.items() if counts[0]}, "hidden_cases": cases}
 
 
 def _sides_and_severities(findings: tuple[Finding, ...], labels: Mapping) -> tuple[dict, dict]:
@@ -139,18 +178,32 @@ def contact_sheet(resolution: int = 128, first_seed: int = 0) -> Image.Image:
     return sheet
 
 
+def _print_audit(audit: dict, resolution: int) -> None:
+    print(f"{audit['studies']} studies at {resolution} px: {audit['hidden']} of {audit['findings']} stated findings "
+          f"not shown, in {audit['studies_with_hidden']} studies")
+    for name, (stated, hidden) in audit["by_finding"].items():
+        print(f"  {name}: {hidden} of {stated}")
+    for seed, name, kind, severity, side, others in audit["hidden_cases"]:
+        detail = " ".join(str(v) for v in (side, severity, kind) if v)
+        print(f"  seed {seed}: {name} ({detail}) under {', '.join(others) or 'nothing'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", help="write a labelled contact sheet (PNG) to this path")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--reports", type=int, default=0, help="print this many random reports")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--audit", type=int, default=0,
+                        help="count the stated findings that this many random studies' films do not show")
     args = parser.parse_args(argv)
-    if not args.grid and not args.reports:
-        parser.error("nothing to do: pass --grid PATH and/or --reports N")
+    if not args.grid and not args.reports and not args.audit:
+        parser.error("nothing to do: pass --grid PATH, --reports N and/or --audit N")
     if args.grid:
         contact_sheet(args.resolution, args.seed).save(args.grid)
         print(f"wrote {args.grid}")
+    if args.audit:
+        _print_audit(audit_visibility(args.audit, args.resolution, args.seed), args.resolution)
     for seed in range(args.seed, args.seed + args.reports):
         study = generate(seed, args.resolution)
         positives = {name: value for name, value in study["labels"].items() if value is not None}
