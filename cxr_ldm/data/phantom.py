@@ -70,11 +70,10 @@ def audit_visibility(num_studies: int, resolution: int, first_seed: int = 0, **t
     (names of the other findings))]}.
     """
     stated = {name: [0, 0] for name in FINDING_NAMES}
-    cases, studies_with_hidden = [], 0
+    cases = []
     for seed in range(first_seed, first_seed + num_studies):
         findings = draw_findings(seed)
         hidden = hidden_findings(seed, findings, resolution, **thresholds) if findings else ()
-        studies_with_hidden += bool(hidden)
         for finding in findings:
             stated[finding.name][0] += 1
         for finding in hidden:
@@ -82,7 +81,7 @@ def audit_visibility(num_studies: int, resolution: int, first_seed: int = 0, **t
             others = tuple(f.name for f in findings if f is not finding)
             cases.append((seed, finding.name, finding.kind, finding.severity, finding.side, others))
     return {"studies": num_studies, "findings": sum(n for n, _ in stated.values()), "hidden": len(cases),
-            "studies_with_hidden": studies_with_hidden,
+            "studies_with_hidden": len({case[0] for case in cases}),
             "by_finding": {name: counts for name, counts in stated.items() if counts[0]}, "hidden_cases": cases}
 
 
