@@ -12,7 +12,7 @@ import pytest
 
 from cxr_ldm.data.builders import common
 from cxr_ldm.data.pipeline import FindingsPrompts, data_source
-from cxr_ldm.data.report_pairs import label_group, make_report_pair_iterator
+from cxr_ldm.data.report_pairs import finding_group, make_report_pair_iterator
 from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -72,12 +72,30 @@ def test_matching_loss_matches_a_row_by_row_reference():
     assert float(alone) > float(loss)
 
 
-def test_label_groups_are_equal_exactly_for_equal_label_vectors():
-    labels = np.array([[-2, 0, 1, -1] * 3 + [0, 1], [-2, 0, 1, -1] * 3 + [1, 0], [-2, 0, 1, -1] * 3 + [0, 1]])
-    groups = [int(label_group(row)) for row in labels]
-    assert groups[0] == groups[2] != groups[1]
+def test_finding_groups_join_studies_that_show_the_same_and_part_other_sides_and_grades():
+    normal_negated = np.array([-2] * 14)
+    normal_negated[[1, 9, 10]] = 0  # "No pleural effusion or pneumothorax. Heart size normal."
+    effusion = np.full(14, -2)
+    effusion[9] = 1
+    effusion_with_negatives = effusion.copy()
+    effusion_with_negatives[[1, 10]] = 0
+    left, right = np.zeros(14, np.int8), np.zeros(14, np.int8)
+    left[9], right[9] = 1, 2
+    small, large = np.array([""] * 14, object), np.array([""] * 14, object)
+    small[9], large[9] = b"small", b"large"
+    group = lambda *args: int(finding_group(*args))
+    assert group(np.full(14, -2)) == group(normal_negated)
+    assert group(effusion, left, small) == group(effusion_with_negatives, left, small)
+    assert group(effusion, left, small) != group(effusion, right, small)
+    assert group(effusion, left, small) != group(effusion, left, large)
+    assert group(effusion) != group(np.where(effusion == 1, -1, effusion))  # stated uncertain
+    assert group(effusion) != group(normal_negated)
+    # Sides and grades of findings not stated do not count.
+    other_side = left.copy()
+    other_side[3] = 2
+    assert group(effusion, left, small) == group(effusion, other_side, small)
     with pytest.raises(ValueError, match="-2..1"):
-        label_group(np.array([3] + [0] * 13))
+        finding_group(np.array([3] + [0] * 13))
 
 
 def test_pairs_hold_each_study_s_impression_and_findings_sentences(data_dir, tokenizer):
@@ -97,7 +115,7 @@ def test_pairs_hold_each_study_s_impression_and_findings_sentences(data_dir, tok
         partner = [r for r in candidates
                    if _same_text(findings_prompts(common.as_text(r["report"])) or common.as_text(r["prompt"]), findings)]
         assert partner, impression
-        assert any(int(label_group(r["labels"])) == int(group) for r in partner)
+        assert any(int(finding_group(r["labels"], r["side"], r["severity"])) == int(group) for r in partner)
 
 
 def _same_text(a: str, b: str) -> bool:

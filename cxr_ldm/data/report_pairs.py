@@ -3,11 +3,13 @@
 Each training study gives two descriptions of the same image: its impression (the "prompt" feature)
 and the sentences of its FINDINGS section that state a finding (`pipeline.FindingsPrompts`, "positive";
 a normal study's whole section). Matching one to the other teaches a text encoder that different
-phrasings of the same findings mean the same thing. Studies with equal CheXpert label vectors share a
-`label_group`, so the loss does not treat them as each other's negatives. Reads no images.
+phrasings of the same findings mean the same thing. Studies whose films show the same thing share a
+`label_group` (`finding_group`: the same findings positive or uncertain, with the same sides and grades
+where the data set stores them), so the loss does not treat them as each other's negatives. Reads no images.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import grain
@@ -19,12 +21,32 @@ from cxr_ldm.data.pipeline import FindingsPrompts, PromptIds, data_source, per_s
 PAIR_KEYS = ("impression_ids", "findings_ids", "label_group")
 
 
-def label_group(labels: np.ndarray) -> np.int64:
-    """int8 (14,) CheXpert labels (-2 unmentioned, -1, 0, 1) -> an int64 equal exactly for equal vectors."""
-    digits = np.asarray(labels, np.int64) + 2
-    if digits.min(initial=0) < 0 or digits.max(initial=0) > 3:
-        raise ValueError(f"labels {np.asarray(labels).tolist()}: expected values in -2..1")
-    return np.int64(np.sum(digits * 4 ** np.arange(len(digits), dtype=np.int64)))
+def finding_group(labels: np.ndarray, sides: np.ndarray | None = None,
+                  severities: np.ndarray | None = None) -> np.int64:
+    """A study's findings -> an int64 equal exactly for studies whose films show the same thing.
+
+    labels: int8 (14,) CheXpert labels (-2 unmentioned, -1 uncertain, 0 negative, 1 positive). Only what
+    is stated positive or uncertain counts: a negation ("No pleural effusion.") and silence mean the same
+    film, so two normal studies are one group however their reports word the negatives.
+    sides: int8 (14,) side codes, severities: (14,) grade texts (phantom_cxr stores both; None where the
+    data set does not): the side and grade of each counted finding are part of the group, so "Left
+    clavicle fracture." and "Right rib fractures." are each other's negatives.
+    """
+    labels = np.asarray(labels, np.int64)
+    if labels.min(initial=0) < -2 or labels.max(initial=0) > 1:
+        raise ValueError(f"labels {labels.tolist()}: expected values in -2..1")
+    counted = (labels == 1) | (labels == -1)
+    parts = []
+    for i in np.flatnonzero(counted):
+        side = "" if sides is None else str(int(sides[i]))
+        severity = "" if severities is None else _text(severities[i])
+        parts.append(f"{i}:{int(labels[i])}:{side}:{severity}")
+    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest()
+    return np.int64(int.from_bytes(digest, "little", signed=True))
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _ReportPair(grain.transforms.Map):
@@ -38,7 +60,7 @@ class _ReportPair(grain.transforms.Map):
         impression = common.as_text(element["prompt"])
         findings = self.findings_prompts(common.as_text(element["report"])) or impression
         return {"impression_ids": self.prompt_ids(impression), "findings_ids": self.prompt_ids(findings),
-                "label_group": label_group(element["labels"])}
+                "label_group": finding_group(element["labels"], element.get("side"), element.get("severity"))}
 
 
 def make_report_pair_iterator(builder_or_name, *, split: str, data_dir: str | os.PathLike | None,
