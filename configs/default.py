@@ -126,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "cross_attention_dim": 128, "attention_head_dim": 8, "num_attention_heads": placeholder(int),
         "norm_num_groups": 8, "use_linear_projection": True,
+        # "text": the prompt, attention-pooled, is added to the timestep embedding of every resnet (the
+        # 16 x 16 level has no attention of its own); None: off, as in SD.
+        "addition_embed_type": placeholder(str), "addition_embed_type_num_heads": 64,
     })
     # 8 groups, not SD's 32: with 32 the 32-channel blocks normalize each channel alone, and norm2 removes the
     # timestep embedding their resnets add (UNetConfig warns). With 8 (13000 steps) the training loss ended 8 %

@@ -36,6 +36,11 @@ CONFIGS = {
     "mixed": dict(TINY, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=(1, 2),
                   attention_head_dim=(4, 2)),
+    # The prompt pooled into the timestep embedding (addition_embed_type "text"), so the plain block's
+    # resnets see it too.
+    "pooled_text": dict(TINY, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+                        addition_embed_type="text", addition_embed_type_num_heads=4),
 }
 MAX_ABS_ERR = 2e-4
 # The test programs are tiny; skipping LLVM's expensive passes halves their compile time on CPU.
@@ -111,7 +116,7 @@ def test_scalar_timestep_matches_diffusers(unets):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_heads_follow_diffusers_naming_quirk(unets, name):
     _, module, _ = unets(name)
-    expected = {"sd1": (8, 8), "sd2": (2, 4), "mixed": (4, 2)}[name]
+    expected = {"sd1": (8, 8), "sd2": (2, 4), "mixed": (4, 2), "pooled_text": (4, 4)}[name]
     assert module.config.heads_per_block == expected
 
 

@@ -28,15 +28,16 @@ _BOOKKEEPING_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_pa
 _FIXED_VALUES = {
     "mid_block_type": "UNetMidBlock2DCrossAttn", "dropout": 0.0, "only_cross_attention": False,
     "dual_cross_attention": False, "class_embed_type": None, "num_class_embeds": None,
-    "addition_embed_type": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "attention_type": "default",
     "class_embeddings_concat": False, "reverse_transformer_layers_per_block": None,
 }
 # diffusers options that only affect block or embedding types rejected above, so any value is harmless.
 _INERT_KEYS = frozenset({"resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
-                         "mid_block_only_cross_attention", "addition_embed_type_num_heads",
-                         "addition_time_embed_dim", "projection_class_embeddings_input_dim"})
+                         "mid_block_only_cross_attention", "addition_time_embed_dim",
+                         "projection_class_embeddings_input_dim"})
+ADDITION_EMBED_TYPES = (None, "text")
 
 
 def _tuple(value: Any) -> Any:
@@ -91,6 +92,10 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     time_embedding_dim: int | None = None
+    # "text": the text states, attention-pooled (`TextTimeEmbedding`), are added to the timestep embedding,
+    # so every resnet, including those of blocks without attention, sees the prompt.
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -147,6 +152,12 @@ class UNetConfig:
         for heads, channels in zip(self.heads_per_block, self.block_out_channels):
             if heads < 1 or channels // heads < 1:
                 raise ValueError(f"{heads} attention heads do not fit {channels} channels")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not supported; expected one "
+                             f"of {ADDITION_EMBED_TYPES}")
+        if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ValueError(f"addition_embed_type_num_heads={self.addition_embed_type_num_heads} does not divide "
+                             f"cross_attention_dim={self.cross_attention_dim}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "UNet config") -> "UNetConfig":
@@ -211,6 +222,49 @@ class TimestepEmbedding(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class AttentionPooling(nn.Module):
+    """diffusers `AttentionPooling`: (B, L, D) states -> (B, D). One query, the mean state plus a learned
+    offset, attends with `heads` heads over itself and the L states."""
+
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, _, width = x.shape
+        offset = self.param("positional_embedding", nn.initializers.normal(width ** -0.5), (1, width),
+                            self.param_dtype)
+        query_state = x.mean(axis=1, keepdims=True) + offset.astype(x.dtype)
+        x = jnp.concatenate([query_state, x], axis=1)
+        dense = lambda name: nn.Dense(width, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+        split = lambda t: t.reshape(batch, t.shape[1], self.heads, width // self.heads)
+        q, k, v = split(dense("q_proj")(query_state)), split(dense("k_proj")(x)), split(dense("v_proj")(x))
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(width // self.heads)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(batch, width)
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers `TextTimeEmbedding`: (B, L, D) text states -> (B, features), added to the timestep embedding.
+    LayerNorm, attention pooling, linear map, LayerNorm."""
+
+    features: int
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm1 = nn.LayerNorm(epsilon=1e-5, **dtypes)
+        self.pool = AttentionPooling(self.heads, **dtypes)
+        self.proj = nn.Dense(self.features, **dtypes)
+        self.norm2 = nn.LayerNorm(epsilon=1e-5, **dtypes)
+
+    def __call__(self, states: jax.Array) -> jax.Array:
+        return self.norm2(self.proj(self.pool(self.norm1(states))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +397,8 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_in = conv(channels[0], cfg.conv_in_kernel, name=None, padding=_same(cfg.conv_in_kernel), **dtypes)
         self.time_embedding = TimestepEmbedding(cfg.time_embed_dim, **dtypes)
+        if cfg.addition_embed_type == "text":
+            self.add_embedding = TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads, **dtypes)
         self.down_blocks = [
             DownBlock(BlockSpec(channels[i], layers[i], heads[i], depth[i]), add_downsample=i < n - 1, **common)
             for i in range(n)]
