@@ -4,8 +4,9 @@ A text encoder trained from scratch only through the diffusion loss learns the t
 wording; prompts phrased otherwise land near "no finding". This stage first trains it contrastively:
 each study's impression and the finding-stating sentences of its FINDINGS section (`report_pairs`) are
 embedded (mean over all token states, a linear projection, unit length) and each must pick its partner
-out of the batch (symmetric InfoNCE; studies with equal label vectors are not negatives). The LDM stage
-then starts its text encoder from the result instead of a random one.
+out of the batch (symmetric InfoNCE; studies whose films show the same findings, sides and grades,
+`report_pairs.finding_group`, are not each other's negatives). The LDM stage then starts its text encoder
+from the result instead of a random one.
 
 Writes <workdir>/text_encoder/: checkpoints/, text_encoder/ (a transformers CLIPTextModel folder; the
 projection head is dropped) and done.json (validation matching accuracy).
