@@ -430,6 +430,8 @@ class UNet2DConditionModel(nn.Module):
         temb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(temb.astype(self.dtype))
         context = encoder_hidden_states.astype(self.dtype)
+        if cfg.addition_embed_type == "text":
+            temb = temb + self.add_embedding(context)
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
 
