@@ -39,14 +39,10 @@ def finding_group(labels: np.ndarray, sides: np.ndarray | None = None,
     parts = []
     for i in np.flatnonzero(counted):
         side = "" if sides is None else str(int(sides[i]))
-        severity = "" if severities is None else _text(severities[i])
+        severity = "" if severities is None else common.as_text(severities[i])
         parts.append(f"{i}:{int(labels[i])}:{side}:{severity}")
     digest = hashlib.blake2b("|".join(parts).encode(), digest_size=8).digest()
     return np.int64(int.from_bytes(digest, "little", signed=True))
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _ReportPair(grain.transforms.Map):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxr_ldm.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
+from cxr_ldm.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, dot_product_attention, group_norm
 from cxr_ldm.models.transformer import Transformer2DModel
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -242,9 +242,7 @@ class AttentionPooling(nn.Module):
         dense = lambda name: nn.Dense(width, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
         split = lambda t: t.reshape(batch, t.shape[1], self.heads, width // self.heads)
         q, k, v = split(dense("q_proj")(query_state)), split(dense("k_proj")(x)), split(dense("v_proj")(x))
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(width // self.heads)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(batch, width)
+        return dot_product_attention(q, k, v).reshape(batch, width)
 
 
 class TextTimeEmbedding(nn.Module):
