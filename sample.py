@@ -4,7 +4,8 @@
     python sample.py --checkpoint sd-folder --prompts-file prompts.txt --sampler dpmpp_2m --steps 25 --grid
 
 Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
-seed, sampler, steps, guidance (and its rescale) and checkpoint in PNG text chunks and in a JSON sidecar next to it.
+seed, sampler, steps, guidance (its rescale, and the projected-guidance settings when used) and checkpoint in PNG
+text chunks and in a JSON sidecar next to it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="diffusers' guidance_rescale in [0, 1] (0 = off), for zero-terminal-SNR models")
+    p.add_argument("--apg-eta", type=float, default=None,
+                   help="adaptive projected guidance: weight in [0, 1] of the guidance update's part parallel to "
+                        "the conditional prediction, 0 against saturation at strong guidance (default: plain "
+                        "classifier-free guidance)")
+    p.add_argument("--apg-norm-threshold", type=float, default=0.0,
+                   help="with --apg-eta: cap on the guidance update's L2 norm per image (0 = none)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * num_images + j")
@@ -63,6 +70,9 @@ def main(argv=None) -> int:
         raise SystemExit("error: --num-images, --batch-size and --steps must be >= 1")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         raise SystemExit(f"error: --guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.apg_eta is not None and not 0.0 <= args.apg_eta <= 1.0 or args.apg_norm_threshold < 0.0:
+        raise SystemExit(f"error: --apg-eta must be in [0, 1] and --apg-norm-threshold >= 0, got "
+                         f"{args.apg_eta} and {args.apg_norm_threshold}")
     try:
         pipe = Pipeline.from_pretrained(args.checkpoint)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -78,6 +88,7 @@ def main(argv=None) -> int:
         batch = jobs[b:b + args.batch_size]
         generated = pipe([p for _, p, _ in batch], num_inference_steps=args.steps,
                          guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                         apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
                          negative_prompt=args.negative_prompt, sampler=args.sampler, eta=args.eta,
                          seed=[s for _, _, s in batch], height=args.size, width=args.size)
         for (index, prompt, seed), image in zip(batch, generated):
@@ -85,6 +96,8 @@ def main(argv=None) -> int:
                     "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
                     "guidance_rescale": args.guidance_rescale, "eta": args.eta,
                     "checkpoint": str(Path(args.checkpoint).resolve())}
+            if args.apg_eta is not None:
+                meta.update(apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold)
             stem = out / f"{index:04d}_{seed}"
             save_png(stem.with_suffix(".png"), image, bits=bits, metadata=meta)
             stem.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")

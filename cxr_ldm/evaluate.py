@@ -78,6 +78,8 @@ class EvalSettings:
     steps: int = 25
     guidance: float | None = None  # None: the workdir config's sample.guidance_scale, else 3.0
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Pipeline.__call__); 0 = off
+    apg_eta: float | None = None  # adaptive projected guidance (Pipeline.__call__); None = plain guidance
+    apg_norm_threshold: float = 0.0
     guidance_sweep: tuple[float, ...] = ()  # more guidance scales to score (`guidance_sweep`); () = none
     sampler: str = "ddim"
     seed: int = 0  # sample seeds of different values do not overlap (see `generation_seeds`)
@@ -126,7 +128,8 @@ def _generator(pipe, settings: EvalSettings, size: int):
     """(texts, seeds) -> images (B, size, size, C) in [0, 1] from the pipeline at its own resolution."""
     def generate(texts, seeds):
         images = pipe(list(texts), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                      guidance_rescale=settings.guidance_rescale, sampler=settings.sampler, seed=list(seeds))
+                      guidance_rescale=settings.guidance_rescale, apg_eta=settings.apg_eta,
+                      apg_norm_threshold=settings.apg_norm_threshold, sampler=settings.sampler, seed=list(seeds))
         if images.shape[1] != size:
             images = np.asarray(clf.resize(images, size))
         return images
@@ -458,6 +461,11 @@ def main(argv=None) -> None:
                              f"else {DEFAULT_GUIDANCE})")
     parser.add_argument("--guidance-rescale", type=float, default=defaults.guidance_rescale,
                         help="diffusers' guidance_rescale in [0, 1] (0 = off)")
+    parser.add_argument("--apg-eta", type=float, default=defaults.apg_eta,
+                        help="adaptive projected guidance: weight in [0, 1] of the guidance update's part parallel "
+                             "to the conditional prediction (default: plain classifier-free guidance)")
+    parser.add_argument("--apg-norm-threshold", type=float, default=defaults.apg_norm_threshold,
+                        help="with --apg-eta: cap on the guidance update's L2 norm per image (0 = none)")
     parser.add_argument("--guidance-sweep", type=_scales, default=defaults.guidance_sweep,
                         help="comma-separated guidance scales (e.g. 2,3,4,6) also scored on the headline's prompts "
                              "and seeds: conditioning accuracy and domain FID each (the guidance_sweep section)")

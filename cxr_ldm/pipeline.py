@@ -125,7 +125,8 @@ class Pipeline:
     def __call__(self, prompts: str | Sequence[str], num_inference_steps: int = 50,
                  guidance_scale: float = 4.0, negative_prompt: str | Sequence[str] | None = None,
                  sampler: str = "ddim", eta: float = 0.0, seed: int | Sequence[int] = 0, latents: Any = None,
-                 height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0) -> np.ndarray:
+                 height: int | None = None, width: int | None = None, guidance_rescale: float = 0.0,
+                 apg_eta: float | None = None, apg_norm_threshold: float = 0.0) -> np.ndarray:
         """Generates one image per prompt.
 
         Args:
@@ -139,6 +140,10 @@ class Pipeline:
           latents: optional initial noise (B, h, w, C) (NHWC), e.g. to reproduce another run.
           guidance_rescale: diffusers' `guidance_rescale` (0 = off): blends the guided prediction with itself
             rescaled to the conditional prediction's standard deviation (`samplers.guided_denoise_fn`).
+          apg_eta: None for classifier-free guidance as diffusers' pipeline does it; else adaptive projected
+            guidance (`samplers.projected_guidance` on the x0 estimates): the part of the guidance update
+            parallel to the conditional x0 is scaled by apg_eta (0 drops it), which keeps strong guidance from
+            saturating the image. apg_norm_threshold > 0 also caps the update's L2 norm per image.
         Returns:
           float32 numpy (B, H, W, C) in [0, 1].
         """
@@ -146,6 +151,10 @@ class Pipeline:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        if apg_eta is not None and not 0.0 <= apg_eta <= 1.0:
+            raise ValueError(f"apg_eta must be None or in [0, 1], got {apg_eta}")
+        if apg_norm_threshold < 0.0:
+            raise ValueError(f"apg_norm_threshold must be >= 0, got {apg_norm_threshold}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if negative_prompt is None or isinstance(negative_prompt, str):
             negative = [negative_prompt or ""] * len(prompts)
@@ -169,10 +178,11 @@ class Pipeline:
         neg_ids = tokenize(self.tokenizer, negative)
         args = _shard_batch((jnp.asarray(ids), jnp.asarray(neg_ids), jnp.asarray(latents, jnp.float32)))
         use_cfg = guidance_scale > 1.0
+        projection = jnp.float32([0.0 if apg_eta is None else apg_eta, apg_norm_threshold])
         images = _generate(self, self._params(), *args, noise_keys, jnp.float32(guidance_scale),
-                           jnp.float32(guidance_rescale), num_inference_steps=num_inference_steps,
+                           jnp.float32(guidance_rescale), projection, num_inference_steps=num_inference_steps,
                            use_cfg=use_cfg, use_rescale=use_cfg and guidance_rescale > 0.0,
-                           sampler=sampler, eta=float(eta))
+                           use_projection=use_cfg and apg_eta is not None, sampler=sampler, eta=float(eta))
         return np.asarray(images, dtype=np.float32)
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
@@ -201,20 +211,24 @@ def _shard_batch(arrays: tuple) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("num_inference_steps", "use_cfg", "use_rescale", "sampler", "eta"))
+                   static_argnames=("num_inference_steps", "use_cfg", "use_rescale", "use_projection", "sampler",
+                                    "eta"))
 def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, latents: jax.Array,
-              noise_keys: jax.Array, guidance_scale: jax.Array, guidance_rescale: jax.Array, *,
-              num_inference_steps: int, use_cfg: bool, use_rescale: bool, sampler: str, eta: float) -> jax.Array:
+              noise_keys: jax.Array, guidance_scale: jax.Array, guidance_rescale: jax.Array,
+              projection: jax.Array, *, num_inference_steps: int, use_cfg: bool, use_rescale: bool,
+              use_projection: bool, sampler: str, eta: float) -> jax.Array:
     """ids, neg_ids: int32 (B, L) token ids; latents: (B, h, w, C) -> images (B, H, W, C_img) in [0, 1].
 
     Guidance runs (diffusers' rule) when `use_cfg` (guidance_scale > 1), its rescaling when `use_rescale`
-    (guidance_rescale > 0 as well); the two values are traced, so changing them does not recompile."""
+    (guidance_rescale > 0 as well), adaptive projected guidance instead of the plain rule when `use_projection`
+    (projection = float32 [eta, norm_threshold]); the values are traced, so changing them does not recompile."""
     encode = lambda x: pipe.text_encoder.apply({"params": params["text"]}, x)
     unet = lambda x, t, states: pipe.unet.apply({"params": params["unet"]}, x, t, states)
     cond = encode(ids)
     uncond = encode(neg_ids) if use_cfg else None
+    apg = samplers.ProjectedGuidance(projection[0], projection[1], pipe.scheduler) if use_projection else None
     denoise = samplers.guided_denoise_fn(unet, cond, uncond, guidance_scale,
-                                         guidance_rescale if use_rescale else None)
+                                         guidance_rescale if use_rescale else None, apg)
     latents = samplers.sample(denoise, latents, pipe.scheduler, num_inference_steps=num_inference_steps,
                               sampler=sampler, eta=eta, noise=_sampler_noise(pipe.scheduler, noise_keys, latents,
                                                                              num_inference_steps, sampler, eta))

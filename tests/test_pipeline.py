@@ -122,6 +122,24 @@ def test_seeds_are_per_image_and_guidance_values_do_not_recompile(pipelines):
     assert np.abs(half - stronger).max() > 1e-3 and np.abs(full - half).max() > 1e-3
 
 
+def test_projected_guidance_is_plain_guidance_at_eta_1_and_its_values_are_traced(pipelines):
+    _, pipe, _ = pipelines
+    from cxr_ldm.pipeline import _generate
+    plain = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=7.0)
+    # eta 1 without a cap is classifier-free guidance, here through the x0 estimates and back.
+    full = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=7.0, apg_eta=1.0)
+    np.testing.assert_allclose(full, plain, atol=1e-3)
+    compiled = _generate._cache_size()
+    capped = pipe(PROMPTS, num_inference_steps=10, seed=[7, 9], guidance_scale=7.0, apg_eta=1.0,
+                  apg_norm_threshold=0.01)
+    assert _generate._cache_size() == compiled
+    assert np.abs(capped - plain).max() > 1e-3
+    with pytest.raises(ValueError, match="apg_eta must be None or in"):
+        pipe(PROMPTS, apg_eta=1.5)
+    with pytest.raises(ValueError, match="apg_norm_threshold must be >= 0"):
+        pipe(PROMPTS, apg_eta=0.0, apg_norm_threshold=-1.0)
+
+
 def test_missing_folder_and_bad_arguments_are_named(pipelines, tmp_path):
     _, pipe, _ = pipelines
     with pytest.raises(FileNotFoundError, match="does not exist"):

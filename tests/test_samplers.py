@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers.guiders.adaptive_projected_guidance import normalized_guidance
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import scheduling_ddpm
 
 from cxr_ldm.diffusion import samplers
-from cxr_ldm.diffusion.schedules import SchedulerConfig
+from cxr_ldm.diffusion.schedules import SchedulerConfig, alpha_sigma_tables, compute_alphas_cumprod
+from cxr_ldm.diffusion.targets import model_output_from_x0, predicted_x0_and_eps
 
 SHAPE = (2, 4, 6, 6)  # elementwise model: the layout does not matter
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
@@ -200,3 +202,53 @@ def test_guidance_rescale_matches_diffusers(phi):
     if phi == 1.0:  # fully rescaled: each image has the conditional prediction's spread, not the guided one's
         np.testing.assert_allclose(per_image_std, np.asarray(c).reshape(2, -1).std(axis=1), rtol=1e-5)
         assert not np.allclose(per_image_std, np.asarray(guided).reshape(2, -1).std(axis=1), rtol=1e-2)
+
+
+@pytest.mark.parametrize("eta,norm_threshold", [(0.0, 0.0), (0.4, 0.0), (0.0, 2.0), (1.0, 0.0)])
+def test_projected_guidance_matches_diffusers(eta, norm_threshold):
+    rng = np.random.default_rng(7)
+    cond = rng.standard_normal(SHAPE).astype(np.float32)
+    uncond = (cond + 0.5 * rng.standard_normal(SHAPE)).astype(np.float32)
+    expected = normalized_guidance(torch.from_numpy(cond), torch.from_numpy(uncond), 5.0, None, eta, norm_threshold)
+    got = samplers.projected_guidance(jnp.asarray(cond), jnp.asarray(uncond), 5.0, eta, norm_threshold)
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-5, atol=1e-5)
+    plain = uncond + 5.0 * (cond - uncond)
+    if (eta, norm_threshold) == (1.0, 0.0):
+        np.testing.assert_allclose(np.asarray(got), plain, rtol=1e-5, atol=1e-5)
+    else:
+        assert np.abs(np.asarray(got) - plain).max() > 0.1
+    if eta == 0.0:  # the update (got - uncond) has no part along cond, image by image
+        along = (np.asarray(got) - uncond).reshape(2, -1) @ cond.reshape(2, -1).T
+        np.testing.assert_allclose(np.diag(along), 0.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_model_output_from_x0_inverts_the_x0_estimate(prediction_type):
+    rng = np.random.default_rng(8)
+    output, x = (jnp.asarray(rng.standard_normal(SHAPE), jnp.float32) for _ in range(2))
+    alpha, sigma = (jnp.asarray(v, jnp.float32) for v in (0.6, 0.8))
+    x0, _ = predicted_x0_and_eps(prediction_type, output, x, alpha, sigma)
+    np.testing.assert_allclose(np.asarray(model_output_from_x0(prediction_type, x0, x, alpha, sigma)),
+                               np.asarray(output), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_projected_guidance_in_the_denoiser_acts_on_the_x0_estimates(prediction_type):
+    config = SchedulerConfig(**{**SD15, "prediction_type": prediction_type})
+    rng = np.random.default_rng(9)
+    cond = jnp.asarray(rng.standard_normal((2, 7, 3)), jnp.float32)
+    uncond = jnp.asarray(rng.standard_normal((2, 7, 3)), jnp.float32)
+    x, t = jnp.asarray(LATENTS), jnp.array([901, 21], jnp.int32)
+    projection = samplers.ProjectedGuidance(jnp.float32(0.0), jnp.float32(0.0), config)
+    _context_model.batches = []
+    got = samplers.guided_denoise_fn(_context_model, cond, uncond, 4.0, None, projection)(x, t)
+    alphas, sigmas = alpha_sigma_tables(compute_alphas_cumprod(config))
+    alpha, sigma = alphas[t][:, None, None, None], sigmas[t][:, None, None, None]
+    x0_c, _ = predicted_x0_and_eps(prediction_type, _context_model(x, t, cond), x, alpha, sigma)
+    x0_u, _ = predicted_x0_and_eps(prediction_type, _context_model(x, t, uncond), x, alpha, sigma)
+    x0_got, _ = predicted_x0_and_eps(prediction_type, got, x, alpha, sigma)
+    expected = normalized_guidance(torch.from_numpy(np.asarray(x0_c)), torch.from_numpy(np.asarray(x0_u)), 4.0,
+                                   None, 0.0, 0.0)
+    np.testing.assert_allclose(np.asarray(x0_got), expected.numpy(), rtol=1e-4, atol=1e-4)
+    plain = samplers.guided_denoise_fn(_context_model, cond, uncond, 4.0)(x, t)
+    assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-2

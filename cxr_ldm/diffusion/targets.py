@@ -58,3 +58,17 @@ def predicted_x0_and_eps(prediction_type: str, model_output: jnp.ndarray, x_t: j
     if prediction_type == "sample":
         return model_output, (x_t - alpha * model_output) / sigma
     raise ValueError(f"prediction_type = {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
+def model_output_from_x0(prediction_type: str, x0: jnp.ndarray, x_t: jnp.ndarray, alpha: jnp.ndarray,
+                         sigma: jnp.ndarray) -> jnp.ndarray:
+    """The model output at x_t whose x0 estimate is `x0`: the inverse of `predicted_x0_and_eps` for a fixed
+    x_t (needs sigma > 0 for "epsilon" and "v_prediction")."""
+    if prediction_type == "sample":
+        return x0
+    eps = (x_t - alpha * x0) / sigma
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    raise ValueError(f"prediction_type = {prediction_type!r}: expected one of {PREDICTION_TYPES}")
