@@ -4,7 +4,7 @@ from scratch on the procedural `phantom_cxr` data set at 64 px.
     python train.py                                  # this config, workdir ./workdir/default
     python train.py --config.ldm.num_steps=20000     # any field can be overridden
 
-On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 1.5 hours.
+On a 2-core CPU the whole job (data build, VAE, latent cache, LDM, export) takes about 2.5 hours.
 With accelerators the batch and the models grow (see `scale_for_accelerators`): the same recipe then
 trains longer and wider for a better model.
 
@@ -151,9 +151,12 @@ def get_config() -> ml_collections.ConfigDict:
     # 4x the conditioning accuracy of 1000 x 32); with the latent cache a batch-8 step takes about 0.2 s.
     # The LDM is compute-bound here: on one host and seed, 6500 x 8 gave conditioning accuracy 0.55,
     # 6500 x 16 gave 0.70 and 13000 x 8 gave 0.78 (domain FID 128 / 89 / 67); 20000 x 8 gave only 0.79
-    # (docs/results/default_run.md).
+    # then, with the text encoder trained in this stage. With the encoder pretrained and frozen and fractures
+    # 4x, 20000 x 8 gave 0.861 / 0.887 on seeds 0 / 1 against 0.837 / 0.837 at 13000 (fractures found 0.75 /
+    # 0.65 against 0.30 / 0.55, domain FID 46 against 55-65), for 89 min of LDM pinned to one core instead of
+    # 57 (docs/results/default_run.md).
     c.ldm.batch_size = 8
-    c.ldm.num_steps = 13_000
+    c.ldm.num_steps = 20_000
     c.ldm.learning_rate = 1e-3
     # With finetune "unet+text_encoder": 1e-4, not the UNet's 1e-3, keeps part of the text_encoder stage's
     # pretraining (see c.text_pretrain)
