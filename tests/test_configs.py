@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import shlex
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
+
+from configs import default
+from cxr_ldm.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
@@ -79,3 +84,35 @@ def test_optional_fields_take_values_and_none_fields_take_numbers(monkeypatch):
     # mimic_sd15 turns min-SNR weighting off; the command line can turn it back on.
     assert _parse(["--config=configs/mimic_sd15.py"]).ldm.snr_gamma is None
     assert _parse(["--config=configs/mimic_sd15.py", "--config.ldm.snr_gamma=5"]).ldm.snr_gamma == 5.0
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_shipped_configs_build_models_that_fit_together(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    trainer.check_models_fit(_parse([f"--config=configs/{name}"]))
+
+
+def test_models_scaled_for_accelerators_fit_together(monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = _parse([])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    default.scale_for_accelerators(config)
+    assert (config.data.resolution, config.ldm.unet.sample_size) == (128, 32)
+    trainer.check_models_fit(config)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.ldm.text_encoder.hidden_size=64",
+     "config.ldm.text_encoder.hidden_size=64 differs from config.ldm.unet.cross_attention_dim=128"),
+    ("--config.ldm.unet.sample_size=32", "config.ldm.unet.sample_size=32 is not config.data.resolution=64 / 4"),
+    ("--config.autoencoder.model.latent_channels=8",
+     "config.ldm.unet.in_channels=4 differs from config.autoencoder.model.latent_channels=8"),
+])
+def test_models_that_do_not_fit_are_named_before_anything_is_written(flag, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = _parse([flag, f"--config.data.data_dir={tmp_path / 'tfds'}"])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer.run(config, str(tmp_path / "run"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # Models loaded from a pipeline folder are not the config's: nothing to check.
+    trainer.check_models_fit(_parse([flag, "--config.ldm.init_from=/models/sd15"]))

@@ -199,6 +199,19 @@ def test_config_round_trip_and_param_names():
         assert key in ours
 
 
+def test_text_states_of_another_width_are_refused():
+    """Dense layers would size to_k / to_v from whatever states come in: a UNet whose params then
+    contradict its own cross_attention_dim (and diffusers' reading of it). It must refuse instead."""
+    config = UNetConfig.from_dict(CONFIGS["sd1"])
+    sample, timesteps, states = dummy_inputs(config)
+    module = UNet2DConditionModel(config)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), sample, timesteps, states))["params"]
+    assert params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"]["to_k"]["kernel"].shape[0] == 32
+    wide = jnp.zeros((*states.shape[:-1], 64))
+    with pytest.raises(ValueError, match=r"64 wide; this UNet's cross_attention_dim is 32"):
+        jax.eval_shape(lambda: module.init(jax.random.key(0), sample, timesteps, wide))
+
+
 @pytest.mark.parametrize("key, value", [("class_embed_type", "timestep"), ("resnet_time_scale_shift", "scale_shift"),
                                         ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("dropout", 0.1),
                                         ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"]),

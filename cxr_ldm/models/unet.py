@@ -423,6 +423,10 @@ class UNet2DConditionModel(nn.Module):
         """
         del train
         cfg = self.config
+        if encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"encoder_hidden_states {encoder_hidden_states.shape} are "
+                             f"{encoder_hidden_states.shape[-1]} wide; this UNet's cross_attention_dim is "
+                             f"{cfg.cross_attention_dim} (its text encoder must output that width)")
         batch = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (batch,))
         temb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
