@@ -1,4 +1,6 @@
-"""The long phantom recipe: 128 px, wider models, many more steps (hours on a CPU, minutes on a GPU).
+"""The long phantom recipe: 128 px, wider models, many more steps. Sized for an accelerator: on a 2-core CPU
+one VAE step (batch 32 at 128 px) takes about a minute, so the recipe would take weeks there. Not yet
+measured on a GPU.
 
     python train.py --config configs/phantom_full.py
 """
