@@ -3,7 +3,7 @@
 import pytest
 
 from cxr_ldm.data.reports import (
-    SECTION_KEYS, clean_prompt_text, extract_sections, prompt_from_report, split_sentences)
+    SECTION_KEYS, clean_prompt_text, extract_sections, fit_sentences, prompt_from_report, split_sentences)
 
 MIMIC_REPORT = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -153,3 +153,20 @@ def test_prompt_cap_with_clip_tokenizer():
     prompt = prompt_from_report(text, max_tokens=75, tokenizer=tokenizer)
     assert prompt == " ".join([sentence] * (75 // per_sentence))
     assert len(tokenizer(prompt)["input_ids"]) <= 77
+
+
+
+def test_long_texts_are_counted_exactly_without_the_too_long_warning():
+    """fit_sentences counts CLIP tokens word by word: the count of the whole text, without transformers'
+    warning that a text is longer than the model's prompt length (the very length being measured)."""
+    from cxr_ldm.data.tokenizer import load_tokenizer, set_prompt_length
+    key = "sequence-length-is-longer-than-the-specified-maximum"
+    sentence = "Moderate right pleural effusion with adjacent compressive atelectasis."
+    measured, fitted = load_tokenizer(), load_tokenizer()
+    for tokenizer in (measured, fitted):
+        set_prompt_length(tokenizer, 48)
+    per_sentence = len(measured.tokenize(sentence))
+    assert len(measured.tokenize(" ".join([sentence] * 6))) == 6 * per_sentence > 48
+    assert key in measured.deprecation_warnings  # the whole text warned
+    assert fit_sentences([sentence] * 6, 48, fitted) == " ".join([sentence] * (48 // per_sentence))
+    assert key not in fitted.deprecation_warnings

@@ -199,7 +199,9 @@ def fit_sentences(sentences: list[str], max_tokens: int, tokenizer: Tokenizer | 
     if tokenizer is None:
         count: Callable[[str], int] = lambda s: len(s.split())
     else:
-        count = lambda s: len(tokenizer.tokenize(s))
+        # Word by word: CLIP's BPE never joins across whitespace, and transformers' tokenize() warns about
+        # any text longer than the model's prompt length, which is what is being measured here.
+        count = lambda s: sum(len(tokenizer.tokenize(word)) for word in s.split())
     kept: list[str] = []
     for sentence in sentences:
         if count(" ".join(kept + [sentence])) > max_tokens:
