@@ -203,8 +203,10 @@ def fit_sentences(sentences: list[str], max_tokens: int, tokenizer: Tokenizer | 
         # any text longer than the model's prompt length, which is what is being measured here.
         count = lambda s: sum(len(tokenizer.tokenize(word)) for word in s.split())
     kept: list[str] = []
+    used = 0  # both counts add up word by word, so the joined text's count is the sum of its sentences'
     for sentence in sentences:
-        if count(" ".join(kept + [sentence])) > max_tokens:
+        used += count(sentence)
+        if used > max_tokens:
             break
         kept.append(sentence)
     if kept or not sentences:
