@@ -6,7 +6,8 @@ twice as long.
 On a CPU that is 64 px, 8000 VAE steps and 40000 LDM steps: about twice the default's 1.5 to 2.5 hours on 2
 cores (the VAE stage took 54 min on one core beside another run, for validation PSNR 40.8 dB against the
 default's 39.7). With accelerators it is the default's wider 128 px recipe (`default.scale_for_accelerators`),
-again with twice the steps. What it gives: docs/results/default_run.md.
+again with twice the steps. On a CPU it gave conditioning accuracy 0.909 (the default 0.902) and domain FID
+35 (45): better images, the same three failing prompts; docs/results/default_run.md has the measurements.
 """
 import ml_collections
 
