@@ -44,9 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_ldm import imaging
 from cxr_ldm.data.builders import BUILDERS, prepare
 from cxr_ldm.evaluation import classifier as clf
-from cxr_ldm.evaluation import conditioning, memorization, metrics, report
+from cxr_ldm.evaluation import conditioning, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
 from cxr_ldm.evaluation.data import load_split
 from cxr_ldm.evaluation.metrics import fid_from_features
@@ -131,7 +132,7 @@ def _generator(pipe, settings: EvalSettings, size: int):
                       guidance_rescale=settings.guidance_rescale, apg_eta=settings.apg_eta,
                       apg_norm_threshold=settings.apg_norm_threshold, sampler=settings.sampler, seed=list(seeds))
         if images.shape[1] != size:
-            images = np.asarray(clf.resize(images, size))
+            images = np.asarray(imaging.resize(images, size))
         return images
     return generate
 
@@ -212,7 +213,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         from cxr_ldm.evaluation.inception import InceptionFeatures
 
         inception = InceptionFeatures.from_file(settings.inception_weights)
-        pool3 = {name: inception(clf.as_float_images(x)) for name, x in fid_sets.items()}
+        pool3 = {name: inception(imaging.as_float_images(x)) for name, x in fid_sets.items()}
         fid["inception"] = {**_fid(pool3), "weights": settings.inception_weights}
     lap("fid")
 
@@ -230,7 +231,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     generated_all = np.concatenate(prompt_images + [fid_images])
     train_features = classifier.predict(train.data.images).features
     generated_nn = memorization.nearest_training_images(classifier.predict(generated_all).features,
-                                                        clf.as_float_images(generated_all), train_features,
+                                                        imaging.as_float_images(generated_all), train_features,
                                                         train.data.images)
     heldout_nn = memorization.nearest_training_images(features["test"], fid_sets["test"], train_features,
                                                       train.data.images)
@@ -338,10 +339,10 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     write_json(out, results)
     assets = out.with_name(out.stem + "_assets")
     assets.mkdir(exist_ok=True)
-    shown = clf.as_float_images(test.data.images[:8])
+    shown = imaging.as_float_images(test.data.images[:8])
     reconstructed = reconstruct(vae, vae_params, shown, settings.batch_size)
     report.save_pair_grid(assets / "reconstructions.png", shown, reconstructed, ["test image"] * len(shown),
-                          [f"VAE, {v:.1f} dB" for v in np.asarray(metrics.psnr(shown, reconstructed))])
+                          [f"VAE, {v:.1f} dB" for v in np.asarray(imaging.psnr(shown, reconstructed))])
     report.write_autoencoder_markdown(out.with_suffix(".md"), results, assets / "reconstructions.png")
     return results
 
@@ -425,7 +426,7 @@ def _write_report(out: Path, results: dict, prompts: list[str], prompt_images, p
     if pairs:
         pairs_file = "memorization_pairs.png"
         report.save_pair_grid(assets / pairs_file, generated_all[[p["generated"] for p in pairs]],
-                              clf.as_float_images(train_images[[p["train"] for p in pairs]]),
+                              imaging.as_float_images(train_images[[p["train"] for p in pairs]]),
                               [f"generated, SSIM {p['ssim']:.3f}" for p in pairs],
                               ["nearest training image"] * len(pairs))
     report.write_markdown(out.with_suffix(".md"), results, assets, grids, pairs_file)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cxr_ldm import imaging
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation.conditioning import generate_images
 
@@ -36,7 +37,7 @@ def augmentation_experiment(train: clf.LabelledImages, train_prompts: list[str],
     prompts = train_prompts[num_real:num_real + num_synthetic]
     images = np.concatenate(generate_images(generate, prompts, 1, seed, batch_size))
     size = real.images.shape[1]
-    images = np.asarray(clf.resize(clf.as_float_images(images), size))
+    images = np.asarray(imaging.resize(imaging.as_float_images(images), size))
     synthetic = clf.LabelledImages(np.round(images * 255).astype(np.uint8), source.labels, source.sides)
     out = {}
     for name, data in (("real_only", real), ("real_plus_synthetic", _concat(real, synthetic))):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from cxr_ldm.data.labeler import CHEXPERT_LABELS
 from cxr_ldm.evaluation import metrics
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
+from cxr_ldm.imaging import as_float_images, resize
 from cxr_ldm.io.weights import read_safetensors, write_json, write_safetensors
 
 FORMAT_VERSION = 1
@@ -66,14 +67,6 @@ class LabelledImages:
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
-
-def as_float_images(images: np.ndarray) -> np.ndarray:
-    """uint8 or float images (N, H, W, C) -> float32 (N, H, W, 1) in [0, 1]; RGB is averaged to gray."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"expected images (N, H, W, 1|3), got shape {images.shape}")
-    images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
-    return images.mean(axis=-1, keepdims=True) if images.shape[-1] == 3 else images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,12 +226,6 @@ def make_net(config: TrainConfig, num_findings: int, num_sided: int) -> Classifi
     return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim, config.norm,
                          config.stem_layers, config.downsample)
 
-
-def resize(images: jnp.ndarray, size: int) -> jnp.ndarray:
-    """(B, H, W, C) -> (B, size, size, C), antialiased linear resampling; a no-op at the same size."""
-    if images.shape[1:3] == (size, size):
-        return images
-    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear")
 
 
 def select_observations(labels: np.ndarray, min_positives: int) -> tuple[str, ...]:

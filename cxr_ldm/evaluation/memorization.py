@@ -17,8 +17,8 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 
-from cxr_ldm.evaluation import metrics
-from cxr_ldm.evaluation.classifier import as_float_images, resize
+from cxr_ldm import imaging
+from cxr_ldm.imaging import as_float_images, resize
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ def nearest_training_images(query_features: np.ndarray, query_images: np.ndarray
     position = {index: i for i, index in enumerate(np.unique(candidates))}
     pairs_a = np.repeat(query_pixels, top_k, axis=0)
     pairs_b = train_pixels[[position[i] for i in candidates.reshape(-1)]]
-    scores = paired(metrics.ssim, pairs_a, pairs_b, chunk).reshape(-1, top_k)
+    scores = paired(imaging.ssim, pairs_a, pairs_b, chunk).reshape(-1, top_k)
     pick = scores.argmax(axis=1)
     rows = np.arange(len(scores))
     return NearestNeighbours(candidates[rows, pick], scores[rows, pick], cosines[rows, pick])
@@ -115,4 +115,4 @@ def mean_pairwise_ms_ssim(images: np.ndarray, max_pairs: int = 256, seed: int = 
         chosen = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
         pairs = [pairs[i] for i in np.sort(chosen)]
     a, b = (np.stack([images[p[k]] for p in pairs]) for k in (0, 1))
-    return float(np.mean(paired(metrics.ms_ssim, a, b)))
+    return float(np.mean(paired(imaging.ms_ssim, a, b)))

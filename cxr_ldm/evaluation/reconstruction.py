@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxr_ldm.evaluation import metrics
-from cxr_ldm.evaluation.classifier import as_float_images
+from cxr_ldm import imaging
+from cxr_ldm.imaging import as_float_images
 
 
 def reconstruct(vae, vae_params, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -37,7 +37,7 @@ def reconstruction_metrics(vae, vae_params, images: np.ndarray, batch_size: int 
     """Mean PSNR (dB), SSIM and RMSE (in [0, 1] units) of the VAE round trip over `images`."""
     originals = as_float_images(images)
     reconstructions = reconstruct(vae, vae_params, originals, batch_size)
-    return {"psnr": float(np.mean(metrics.psnr(originals, reconstructions))),
-            "ssim": float(np.mean(metrics.ssim(originals, reconstructions))),
-            "rmse": float(np.mean(metrics.rmse(originals, reconstructions))),
+    return {"psnr": float(np.mean(imaging.psnr(originals, reconstructions))),
+            "ssim": float(np.mean(imaging.ssim(originals, reconstructions))),
+            "rmse": float(np.mean(imaging.rmse(originals, reconstructions))),
             "num_images": len(originals)}

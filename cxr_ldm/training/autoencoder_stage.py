@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from cxr_ldm.data.pipeline import make_eval_batches, make_train_iterator
+from cxr_ldm.imaging import match_channels
 from cxr_ldm.io.checkpoints import Checkpointer
 from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, dummy_inputs
@@ -141,7 +142,7 @@ def training_latents(vae, params, config, tokenizer, mesh, num_batches: int = 8)
                                    seed=config.seed + 1, num_epochs=1)
     latents = []
     for _, batch in zip(range(num_batches), iterator):
-        images = steps_lib.match_channels(
+        images = match_channels(
             sharding_lib.global_batch_from_process(batch["image"], mesh), vae.config.in_channels)
         latents.append(np.asarray(to_host(encode(params, images)), np.float64))
     return np.concatenate(latents)

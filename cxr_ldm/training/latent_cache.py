@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cxr_ldm.data import builders
 from cxr_ldm.data.pipeline import data_source, to_model_range
-from cxr_ldm.training.steps import match_channels
+from cxr_ldm.imaging import match_channels
 
 CACHE_DIRNAME = "latent_cache"
 

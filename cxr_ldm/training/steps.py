@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from cxr_ldm.diffusion.losses import diffusion_loss
 from cxr_ldm.diffusion.schedules import PREDICTION_TYPES
 from cxr_ldm.diffusion.targets import add_noise, training_target
-from cxr_ldm.evaluation.metrics import psnr, ssim
+from cxr_ldm.imaging import match_channels, psnr, ssim
 from cxr_ldm.training import finetune as finetune_lib
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import sharding as sharding_lib
@@ -104,14 +104,6 @@ class LDMLossConfig:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type = {self.prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
-
-def match_channels(images: jax.Array, channels: int) -> jax.Array:
-    """Grayscale (B, H, W, 1) repeated to `channels` (e.g. 3 for an SD VAE); other counts must match."""
-    if images.shape[-1] == channels:
-        return images
-    if images.shape[-1] != 1:
-        raise ValueError(f"images have {images.shape[-1]} channels: expected {channels} or 1 (grayscale)")
-    return jnp.repeat(images, channels, axis=-1)
 
 
 def encode_latents(vae: nn.Module, vae_params: Any, images: jax.Array, rng: jax.Array | None,
