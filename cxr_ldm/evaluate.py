@@ -46,12 +46,15 @@ import numpy as np
 
 from cxr_ldm import imaging
 from cxr_ldm.data.builders import BUILDERS, prepare
+from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation import conditioning, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
 from cxr_ldm.evaluation.data import load_split
 from cxr_ldm.evaluation.metrics import fid_from_features
 from cxr_ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics
+from cxr_ldm.io.components import load_component
+from cxr_ldm.io.run_folder import export_dir, vae_dir
 from cxr_ldm.io.weights import write_json
 
 DEFAULT_DATASET = "phantom_cxr"
@@ -350,11 +353,8 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
 def load_autoencoder(checkpoint: str | os.PathLike):
     """(AutoencoderKL module, params) of a train.py workdir (its autoencoder stage's VAE), a diffusers pipeline
     folder (or a workdir's export) or an AutoencoderKL folder itself."""
-    from cxr_ldm.io.components import load_component
-    from cxr_ldm.training.autoencoder_stage import vae_dir
-
     path = Path(checkpoint)
-    candidates = [Path(vae_dir(str(path))), path / "vae", path / "pipeline" / "vae", path]
+    candidates = [Path(vae_dir(str(path))), path / "vae", Path(export_dir(str(path))) / "vae", path]
     for folder in candidates:
         config_file = folder / "config.json"
         if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "AutoencoderKL":
@@ -470,7 +470,7 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance-sweep", type=_scales, default=defaults.guidance_sweep,
                         help="comma-separated guidance scales (e.g. 2,3,4,6) also scored on the headline's prompts "
                              "and seeds: conditioning accuracy and domain FID each (the guidance_sweep section)")
-    parser.add_argument("--sampler", default=defaults.sampler, choices=("ddim", "dpmpp_2m", "ddpm"))
+    parser.add_argument("--sampler", default=defaults.sampler, choices=SAMPLERS)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--inception-weights", default=None,

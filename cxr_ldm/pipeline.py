@@ -24,12 +24,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cxr_ldm.data.tokenizer import load_tokenizer, tokenize
 from cxr_ldm.diffusion import samplers
+from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.diffusion.schedules import SchedulerConfig
 from cxr_ldm.io.components import load_component, save_component
+from cxr_ldm.io.run_folder import EXPORT_DIRNAME
 from cxr_ldm.io.weights import write_json
-
-SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
-EXPORT_DIRNAME = "pipeline"  # where train.py writes the diffusers-format export inside a workdir
 
 
 def _resolve_folder(path: Path) -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cxr_ldm.data.tokenizer import prompt_length
-from cxr_ldm.io import checkpoints
+from cxr_ldm.training import checkpoints
 from cxr_ldm.training import logger as logger_lib
 from cxr_ldm.training import trainer
 from configs import tiny

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cxr_ldm.io.checkpoints import Checkpointer, StopSignal
+from cxr_ldm.training.checkpoints import Checkpointer, StopSignal
 from cxr_ldm.training import optimizer, sharding, state, steps
 
 

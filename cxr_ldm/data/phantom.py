@@ -21,8 +21,15 @@ from PIL import Image
 from cxr_ldm.data import phantom_anatomy as anatomy
 from cxr_ldm.data import phantom_findings
 from cxr_ldm.data.labeler import CHEXPERT_LABELS
-from cxr_ldm.data.phantom_reports import (FINDING_NAMES, PARENCHYMAL, Finding, draw_findings, parse_findings,
-                                          random_stream, write_report)
+from cxr_ldm.data.phantom_reports import (
+    FINDING_NAMES,
+    PARENCHYMAL,
+    Finding,
+    draw_findings,
+    parse_findings,
+    random_stream,
+    write_report,
+)
 
 
 def render_image(seed: int, findings: tuple[Finding, ...], resolution: int) -> np.ndarray:

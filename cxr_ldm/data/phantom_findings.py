@@ -11,8 +11,18 @@ import math
 
 import numpy as np
 
-from cxr_ldm.data.phantom_anatomy import (SIDE_SIGN, Canvas, Layers, Patient, Thorax, radial_lines, ramp,
-                                          segment_distance, smooth_curve, smooth_noise)
+from cxr_ldm.data.phantom_anatomy import (
+    SIDE_SIGN,
+    Canvas,
+    Layers,
+    Patient,
+    Thorax,
+    radial_lines,
+    ramp,
+    segment_distance,
+    smooth_curve,
+    smooth_noise,
+)
 from cxr_ldm.data.phantom_reports import Finding
 
 CARDIOTHORACIC_RATIO = {"mild": (0.53, 0.56), "moderate": (0.58, 0.62), "severe": (0.64, 0.69)}

@@ -28,9 +28,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from cxr_ldm.data import builders
-from cxr_ldm.data import labeler
-from cxr_ldm.data import reports
+from cxr_ldm.data import builders, labeler, reports
 from cxr_ldm.data.builders import common
 from cxr_ldm.data.labeler import CHEXPERT_LABELS
 from cxr_ldm.data.tokenizer import prompt_length, tokenize

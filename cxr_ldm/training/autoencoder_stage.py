@@ -16,23 +16,21 @@ import numpy as np
 
 from cxr_ldm.data.pipeline import make_eval_batches, make_train_iterator
 from cxr_ldm.imaging import match_channels
-from cxr_ldm.io.checkpoints import Checkpointer
 from cxr_ldm.io.components import load_component, save_component
+from cxr_ldm.io.run_folder import AUTOENCODER_STAGE, read_done, vae_dir, write_done, write_folder_atomically
 from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, dummy_inputs
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import sharding as sharding_lib
 from cxr_ldm.training import steps as steps_lib
+from cxr_ldm.training.checkpoints import Checkpointer
 from cxr_ldm.training.discriminator import PatchDiscriminator
 from cxr_ldm.training.logger import MetricsLogger
 from cxr_ldm.training.loop import run_steps
-from cxr_ldm.training.run_files import dataset_name, read_done, to_host, write_done, write_folder_atomically
+from cxr_ldm.training.sharding import to_host
+from cxr_ldm.training.stage import dataset_name
 from cxr_ldm.training.state import init_train_state
 
-STAGE = "autoencoder"
-
-
-def vae_dir(workdir: str) -> str:
-    return os.path.join(workdir, STAGE, "vae")
+STAGE = AUTOENCODER_STAGE
 
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:

@@ -24,24 +24,33 @@ import numpy as np
 from cxr_ldm.data.pipeline import corpus_token_ids, make_train_iterator
 from cxr_ldm.data.tokenizer import set_prompt_length
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
-from cxr_ldm.io.checkpoints import Checkpointer
 from cxr_ldm.io.components import load_component
 from cxr_ldm.io.images import make_grid, save_png
+from cxr_ldm.io.run_folder import (
+    LDM_STAGE,
+    export_dir,
+    pretrained_text_encoder_dir,
+    read_done,
+    vae_dir,
+    write_done,
+    write_folder_atomically,
+)
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
 from cxr_ldm.models.unet import dummy_inputs as unet_dummy_inputs
-from cxr_ldm.pipeline import EXPORT_DIRNAME, Pipeline
+from cxr_ldm.pipeline import Pipeline
 from cxr_ldm.training import finetune as finetune_lib
 from cxr_ldm.training import latent_cache
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import steps as steps_lib
-from cxr_ldm.training.autoencoder_stage import vae_dir
+from cxr_ldm.training.checkpoints import Checkpointer
 from cxr_ldm.training.logger import MetricsLogger
 from cxr_ldm.training.loop import run_steps
-from cxr_ldm.training.run_files import dataset_name, read_done, to_host, write_done, write_folder_atomically
+from cxr_ldm.training.sharding import to_host
+from cxr_ldm.training.stage import dataset_name
 from cxr_ldm.training.state import init_train_state
-from cxr_ldm.training.text_encoder_stage import new_text_encoder, pretrained_text_encoder_dir
+from cxr_ldm.training.text_encoder_stage import new_text_encoder
 
-STAGE = "ldm"
+STAGE = LDM_STAGE
 
 
 @dataclasses.dataclass
@@ -175,7 +184,7 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
         return False
     if config.export and jax.process_index() == 0:
         pipe = pipeline_of(state)
-        write_folder_atomically(os.path.join(workdir, EXPORT_DIRNAME), pipe.save_pretrained)
+        write_folder_atomically(export_dir(workdir), pipe.save_pretrained)
     if jax.process_index() == 0:
         write_done(workdir, STAGE, {"step": c.num_steps, "nonfinite_count": int(to_host(state.nonfinite_count))})
     return True

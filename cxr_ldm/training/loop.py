@@ -7,8 +7,8 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import Mesh
 
-from cxr_ldm.io.checkpoints import Checkpointer, StopSignal
 from cxr_ldm.training import sharding as sharding_lib
+from cxr_ldm.training.checkpoints import Checkpointer, StopSignal
 from cxr_ldm.training.logger import MetricsLogger
 from cxr_ldm.training.state import TrainState
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp")
@@ -143,3 +144,10 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int) -> np.ndarray:
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
     rows = {r for (s,) in index_map.values() for r in range(*s.indices(global_batch_size))}
     return np.array(sorted(rows))
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly sharded, multi-process) arrays, the same on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -24,23 +24,27 @@ import numpy as np
 import optax
 
 from cxr_ldm.data.report_pairs import PAIR_KEYS, make_report_pair_iterator
-from cxr_ldm.io.checkpoints import Checkpointer
 from cxr_ldm.io.components import save_component
+from cxr_ldm.io.run_folder import (
+    TEXT_ENCODER_STAGE,
+    pretrained_text_encoder_dir,
+    read_done,
+    write_done,
+    write_folder_atomically,
+)
 from cxr_ldm.models.text_encoder import CLIPTextConfig, CLIPTextModel
 from cxr_ldm.models.text_encoder import dummy_inputs as text_dummy_inputs
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import sharding as sharding_lib
 from cxr_ldm.training import steps as steps_lib
+from cxr_ldm.training.checkpoints import Checkpointer
 from cxr_ldm.training.logger import MetricsLogger
 from cxr_ldm.training.loop import run_steps
-from cxr_ldm.training.run_files import dataset_name, read_done, to_host, write_done, write_folder_atomically
+from cxr_ldm.training.sharding import to_host
+from cxr_ldm.training.stage import dataset_name
 from cxr_ldm.training.state import init_train_state
 
-STAGE = "text_encoder"
-
-
-def pretrained_text_encoder_dir(workdir: str) -> str:
-    return os.path.join(workdir, STAGE, "text_encoder")
+STAGE = TEXT_ENCODER_STAGE
 
 
 def new_text_encoder(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[CLIPTextModel, dict]:
