@@ -20,7 +20,8 @@ from PIL import Image
 
 from cxr_ldm.data import phantom
 from cxr_ldm.data.builders import common, openi_cxr, phantom_cxr, prepare
-from cxr_ldm.data.labeler import CHEXPERT_LABELS, label_report
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.labeler import label_report
 
 
 def _text(value) -> str:

@@ -3,7 +3,7 @@ labels, picks thresholds, round-trips through save/load and the cache."""
 import numpy as np
 import pytest
 
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation import metrics
 

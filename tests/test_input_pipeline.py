@@ -10,9 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cxr_ldm.data import pipeline
+from cxr_ldm.data import input_pipeline
 from cxr_ldm.data.builders import common
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.tokenizer import load_tokenizer, tokenize
 
 NUM_EXAMPLES = 40
@@ -86,7 +86,7 @@ def _train(builder, tokenizer, **overrides):
     kwargs = dict(split="train", data_dir=None, global_batch_size=8, tokenizer=tokenizer, seed=3,
                   shard_options=grain.sharding.NoSharding())
     kwargs.update(overrides)
-    return pipeline.make_train_iterator(builder, **kwargs)
+    return input_pipeline.make_train_iterator(builder, **kwargs)
 
 
 def _file_order(builder) -> list[int]:
@@ -156,10 +156,10 @@ def test_findings_prompts_replace_the_impression_at_their_rate(builder, tokenize
 
 
 def test_corpus_token_ids_hold_every_token_a_training_prompt_can_have(builder, tokenizer):
-    corpus = pipeline.corpus_token_ids(builder, "train", None, tokenizer)
+    corpus = input_pipeline.corpus_token_ids(builder, "train", None, tokenizer)
     assert corpus.dtype == np.int64 and list(corpus) == sorted(set(corpus.tolist()))
     seen = set()
-    for sentences, order in zip(pipeline.FINDINGS_PROMPT_SENTENCES, pipeline.WORD_ORDERS):
+    for sentences, order in zip(input_pipeline.FINDINGS_PROMPT_SENTENCES, input_pipeline.WORD_ORDERS):
         for rate in (0.0, 0.5, 1.0):
             batches = _train(builder, tokenizer, findings_prompt_rate=rate, findings_prompt_sentences=sentences,
                              prompt_dropout=0.2, word_order_rate=rate, word_order=order, num_epochs=2)
@@ -186,14 +186,14 @@ def test_positive_findings_prompts_keep_the_sentences_stating_findings(tokenizer
     abnormal = ("FINDINGS:\nThere is a moderate right pleural effusion. No pneumothorax is seen. The heart size is "
                 "normal. Possible consolidation in the left lower lobe.\n\nIMPRESSION:\nRight pleural effusion.")
     normal = "FINDINGS:\nThe lungs are clear. There is no effusion.\n\nIMPRESSION:\nNormal chest radiograph."
-    positive = pipeline.FindingsPrompts(tokenizer, 48, "positive")
+    positive = input_pipeline.FindingsPrompts(tokenizer, 48, "positive")
     assert positive(abnormal) == ("There is a moderate right pleural effusion. "
                                   "Possible consolidation in the left lower lobe.")
     assert positive(normal) == "The lungs are clear. There is no effusion."  # no finding: the whole section
-    assert pipeline.FindingsPrompts(tokenizer, 48, "all")(abnormal).count(".") == 4
-    assert pipeline.FindingsPrompts(tokenizer, 12, "positive")(abnormal) == "There is a moderate right pleural effusion."
+    assert input_pipeline.FindingsPrompts(tokenizer, 48, "all")(abnormal).count(".") == 4
+    assert input_pipeline.FindingsPrompts(tokenizer, 12, "positive")(abnormal) == "There is a moderate right pleural effusion."
     with pytest.raises(ValueError, match="'some'"):
-        pipeline.FindingsPrompts(tokenizer, 48, "some")
+        input_pipeline.FindingsPrompts(tokenizer, 48, "some")
 
 
 @pytest.mark.parametrize("bad", [{"findings_prompt_rate": 1.5}, {"word_order_rate": -0.1}, {"word_order": "reverse"}])
@@ -209,12 +209,12 @@ def _words(sentence: str) -> list[str]:
 _TWO_SENTENCES = ("Right lower lobe consolidation, consistent with pneumonia.", "Small right pleural effusion; loculated.")
 
 
-@pytest.mark.parametrize("order", pipeline.WORD_ORDERS)
+@pytest.mark.parametrize("order", input_pipeline.WORD_ORDERS)
 def test_reordered_prompts_keep_each_sentence_s_words_together(order):
     originals = [_words(s) for s in _TWO_SENTENCES]
     orders, firsts, seams = set(), set(), set()
     for seed in range(40):
-        reordered = pipeline.reorder_prompt_words(" ".join(_TWO_SENTENCES), np.random.default_rng(seed), order)
+        reordered = input_pipeline.reorder_prompt_words(" ".join(_TWO_SENTENCES), np.random.default_rng(seed), order)
         sentences = reordered[:-1].split(". ")
         assert reordered.endswith(".") and ";" not in reordered
         assert sorted(sorted(_words(s)) for s in sentences) == sorted(sorted(w) for w in originals)  # none moved
@@ -229,11 +229,11 @@ def test_reordered_prompts_keep_each_sentence_s_words_together(order):
     assert firsts == {True, False} and len(orders) > 10  # sentence order and word order both vary
     if order == "rotate":
         assert seams == set(range(1, 7))  # every cut of the 7-word sentence
-    assert pipeline.reorder_prompt_words("", np.random.default_rng(0), order) == ""
-    assert pipeline.reorder_prompt_words("Cardiomegaly.", np.random.default_rng(0), order) == "Cardiomegaly."
+    assert input_pipeline.reorder_prompt_words("", np.random.default_rng(0), order) == ""
+    assert input_pipeline.reorder_prompt_words("Cardiomegaly.", np.random.default_rng(0), order) == "Cardiomegaly."
 
 
-@pytest.mark.parametrize("order", pipeline.WORD_ORDERS)
+@pytest.mark.parametrize("order", input_pipeline.WORD_ORDERS)
 def test_word_order_rate_reorders_that_share_of_prompts(builder, tokenizer, order):
     batches = list(_train(builder, tokenizer, word_order_rate=0.5, word_order=order, num_epochs=10))
     ids = np.concatenate([batch["input_ids"] for batch in batches])
@@ -345,7 +345,7 @@ def test_orbax_checkpoint_of_iterator_state(builder, tokenizer, tmp_path):
 
 
 def test_eval_batches_ordered_padded_and_equal_per_process(builder, tokenizer):
-    batches = list(pipeline.make_eval_batches(builder, split="train", data_dir=None, global_batch_size=16,
+    batches = list(input_pipeline.make_eval_batches(builder, split="train", data_dir=None, global_batch_size=16,
                                               tokenizer=tokenizer, shard_options=grain.sharding.NoSharding()))
     assert [batch["image"].shape[0] for batch in batches] == [16, 16, 16]
     mask = np.concatenate([batch["mask"] for batch in batches])
@@ -358,7 +358,7 @@ def test_eval_batches_ordered_padded_and_equal_per_process(builder, tokenizer):
     per_process = []
     for index in range(3):  # 13 examples over 3 processes: 4, 4, 5 -> 3 batches of 2 each
         shard = grain.sharding.ShardOptions(shard_index=index, shard_count=3, drop_remainder=False)
-        per_process.append(list(pipeline.make_eval_batches(
+        per_process.append(list(input_pipeline.make_eval_batches(
             builder, split="train", data_dir=None, global_batch_size=6, tokenizer=tokenizer,
             num_examples=13, shard_options=shard)))
     assert [len(batches) for batches in per_process] == [3, 3, 3]

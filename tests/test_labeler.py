@@ -2,7 +2,8 @@
 
 import pytest
 
-from cxr_ldm.data.labeler import CHEXPERT_LABELS, label_report, label_report_details
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.labeler import label_report, label_report_details
 
 NF, ECM, CM, LO, LL, ED = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
                            "Lung Lesion", "Edema")

@@ -6,8 +6,12 @@ import pytest
 from PIL import Image
 
 from cxr_ldm.data import phantom
-from cxr_ldm.data.labeler import CHEXPERT_LABELS, label_report
-from cxr_ldm.data.phantom_reports import FINDING_NAMES, FINDING_SPECS, draw_findings, parse_findings, write_report
+from cxr_ldm.data.phantom import findings as phantom_findings
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.labeler import label_report
+from cxr_ldm.data.phantom.cases import FINDING_NAMES, FINDING_SPECS, draw_findings, parse_findings
+from cxr_ldm.data.phantom.cli import GRID_ROWS, main
+from cxr_ldm.data.phantom.reports import write_report
 from cxr_ldm.data.reports import extract_sections, prompt_from_report
 
 RES = 64   # the default training resolution: findings must show here
@@ -281,9 +285,9 @@ def test_parse_findings_fills_unspecified_fields_per_seed():
 
 def test_cli_writes_labelled_contact_sheet(tmp_path, capsys):
     path = tmp_path / "grid.png"
-    phantom.main(["--grid", str(path), "--resolution", "32", "--reports", "1"])
+    main(["--grid", str(path), "--resolution", "32", "--reports", "1"])
     sheet = Image.open(path)
-    assert sheet.size == (6 * 128, len(phantom.GRID_ROWS) * 128)
+    assert sheet.size == (6 * 128, len(GRID_ROWS) * 128)
     assert "IMPRESSION:" in capsys.readouterr().out
 
 
@@ -291,16 +295,16 @@ def test_hidden_findings_names_what_the_film_does_not_show(monkeypatch):
     """A finding that draws nothing is hidden; drawn findings of the same case are not."""
     case = parse_findings(4, {"Edema": {"severity": "moderate"}, "Pleural Effusion": {"side": "right"}})
     assert phantom.hidden_findings(4, case, RES) == ()
-    monkeypatch.setitem(phantom.phantom_findings.DRAW, "Edema", lambda *args: None)
+    monkeypatch.setitem(phantom_findings.DRAW, "Edema", lambda *args: None)
     assert [f.name for f in phantom.hidden_findings(4, case, RES)] == ["Edema"]
 
 
 def test_audit_counts_every_stated_finding_the_film_does_not_show(monkeypatch, capsys):
-    monkeypatch.setitem(phantom.phantom_findings.DRAW, "Lung Lesion", lambda *args: None)
+    monkeypatch.setitem(phantom_findings.DRAW, "Lung Lesion", lambda *args: None)
     audit = phantom.audit_visibility(40, RES)
     lesions = sum(f.name == "Lung Lesion" for seed in range(40) for f in draw_findings(seed))
     assert lesions > 0 and audit["by_finding"]["Lung Lesion"] == [lesions, lesions]
     assert audit["hidden"] == len(audit["hidden_cases"]) == sum(h for _, h in audit["by_finding"].values())
     assert audit["findings"] == sum(len(draw_findings(seed)) for seed in range(40))
-    phantom.main(["--audit", "40", "--resolution", str(RES)])
+    main(["--audit", "40", "--resolution", str(RES)])
     assert f"{audit['hidden']} of {audit['findings']} stated findings not shown" in capsys.readouterr().out

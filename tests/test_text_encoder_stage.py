@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cxr_ldm.data.builders import common
-from cxr_ldm.data.pipeline import FindingsPrompts, data_source
+from cxr_ldm.data.input_pipeline import FindingsPrompts, data_source
 from cxr_ldm.data.report_pairs import finding_group, make_report_pair_iterator
 from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.io.components import load_component, save_component

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import test_training_common as common
-from cxr_ldm.data import pipeline
+from cxr_ldm.data import input_pipeline
 from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.training import latent_cache, steps
 from test_input_pipeline import NUM_EXAMPLES, builder, toy_image  # noqa: F401 (builder: the toy data set fixture)
@@ -36,7 +36,7 @@ def test_moments_equal_the_vae_encoding_of_each_record(builder, vae, tmp_path):
     cache = _encode(models, vae_params, builder, tmp_path)
     assert len(cache) == NUM_EXAMPLES
     records = np.array([0, 7, 39, 21])
-    images = np.stack([pipeline.to_model_range(toy_image(_example_index(builder, r))) for r in records])
+    images = np.stack([input_pipeline.to_model_range(toy_image(_example_index(builder, r))) for r in records])
     mean, logvar = models.vae.apply({"params": vae_params}, images, method=models.vae.encode)
     np.testing.assert_allclose(cache.lookup(records), np.concatenate([mean, logvar], -1), atol=1e-5)
 
@@ -107,7 +107,7 @@ def test_a_named_data_set_is_cached_under_its_version_and_another_version_is_enc
 def test_train_batches_carry_record_indices_and_get_their_latents(builder, vae, tmp_path):
     models, vae_params = vae
     cache = _encode(models, vae_params, builder, tmp_path)
-    iterator = pipeline.make_train_iterator(
+    iterator = input_pipeline.make_train_iterator(
         builder, split="train", data_dir=None, global_batch_size=8, tokenizer=load_tokenizer(), seed=1,
         shard_options=grain.sharding.NoSharding(), include_image=False, include_index=True)
     batch = next(iterator)
@@ -117,5 +117,5 @@ def test_train_batches_carry_record_indices_and_get_their_latents(builder, vae, 
     with_latents = cache.batch_with_latents(batch)
     np.testing.assert_array_equal(with_latents["latent_moments"][2], cache.moments[int(batch["index"][2])])
     with pytest.raises(ValueError, match="include_image=False"):
-        pipeline.make_train_iterator(builder, split="train", data_dir=None, global_batch_size=8,
+        input_pipeline.make_train_iterator(builder, split="train", data_dir=None, global_batch_size=8,
                                      tokenizer=load_tokenizer(), seed=1, augment=True, include_image=False)

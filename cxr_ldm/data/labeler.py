@@ -31,13 +31,9 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.reports import extract_sections, split_sentences
 
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
-    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-    "Pleural Other", "Fracture", "Support Devices",
-)
 _OTHER = "Other Finding"  # abnormalities outside the 14 that still rule out "No Finding"
 _OPACITY_CHILDREN = ("Consolidation", "Pneumonia", "Edema", "Atelectasis", "Lung Lesion")
 

@@ -16,7 +16,7 @@ import grain
 import numpy as np
 
 from cxr_ldm.data.builders import common
-from cxr_ldm.data.pipeline import FindingsPrompts, PromptIds, data_source, per_shard_batch_size
+from cxr_ldm.data.input_pipeline import FindingsPrompts, PromptIds, data_source, per_shard_batch_size
 
 PAIR_KEYS = ("impression_ids", "findings_ids", "label_group")
 

@@ -27,7 +27,7 @@ import optax
 from flax import traverse_util
 from tqdm import tqdm
 
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.evaluation import metrics
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
 from cxr_ldm.imaging import as_float_images, resize

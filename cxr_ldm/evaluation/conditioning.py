@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from cxr_ldm.data import phantom
 from cxr_ldm.evaluation.classifier import FindingClassifier, Predictions
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES, allowed_findings
 
@@ -268,8 +269,6 @@ def phantom_studies(prompts: Sequence[EvalPrompt], num_per_prompt: int, resoluti
     a list of float32 (N, R, R, 1) in [0, 1]. Scored like generated images they give the conditioning
     accuracy of a perfect generator under the classifier (the metric's ceiling). Seeds start at
     `seed`, outside the phantom_cxr splits."""
-    from cxr_ldm.data import phantom
-
     return [np.stack([phantom.generate(seed + p * num_per_prompt + i, resolution, prompt.phantom_findings())["image"]
                       for i in range(num_per_prompt)]).astype(np.float32) / 255.0
             for p, prompt in enumerate(prompts)]

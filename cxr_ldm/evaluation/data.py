@@ -12,7 +12,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_ldm.data.builders.common import as_text
-from cxr_ldm.data.labeler import CHEXPERT_LABELS, label_report_details
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.labeler import label_report_details
 from cxr_ldm.evaluation.classifier import LabelledImages
 from cxr_ldm.evaluation.findings import side_code
 

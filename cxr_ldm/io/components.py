@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np

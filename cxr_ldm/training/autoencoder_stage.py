@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cxr_ldm.data.pipeline import make_eval_batches, make_train_iterator
+from cxr_ldm.data.input_pipeline import make_eval_batches, make_train_iterator
 from cxr_ldm.imaging import match_channels
 from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.io.run_folder import AUTOENCODER_STAGE, read_done, vae_dir, write_done, write_folder_atomically

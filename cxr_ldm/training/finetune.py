@@ -46,7 +46,7 @@ class FinetuneConfig:
     train_token_embedding: False keeps the token embedding table frozen where the text encoder is
     trained in full ("unet+text_encoder", "text_encoder"); the other modes do not train it anyway.
     trained_token_ids: with train_token_embedding, the ids of the table's rows that train (ascending, e.g.
-    `cxr_ldm.data.pipeline.corpus_token_ids`); None: every row."""
+    `cxr_ldm.data.input_pipeline.corpus_token_ids`); None: every row."""
 
     mode: str = "unet"
     lora_rank: int = 4

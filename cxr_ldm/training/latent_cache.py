@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cxr_ldm.data import builders
-from cxr_ldm.data.pipeline import data_source, to_model_range
+from cxr_ldm.data.input_pipeline import data_source, to_model_range
 from cxr_ldm.imaging import match_channels
 
 CACHE_DIRNAME = "latent_cache"

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cxr_ldm.data.pipeline import corpus_token_ids, make_train_iterator
+from cxr_ldm.data.input_pipeline import corpus_token_ids, make_train_iterator
 from cxr_ldm.data.tokenizer import set_prompt_length
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
 from cxr_ldm.io.components import load_component

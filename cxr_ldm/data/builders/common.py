@@ -1,7 +1,7 @@
 """Helpers shared by the CXR TFDS builders: features, label encoding, image loading, skip accounting.
 
 Label encoding (the `labels` feature of every builder): int8 vector of length 14 in the order of
-`cxr_ldm.data.labeler.CHEXPERT_LABELS`, with 1 = positive, 0 = negative, -1 = uncertain and
+`cxr_ldm.data.chexpert.CHEXPERT_LABELS`, with 1 = positive, 0 = negative, -1 = uncertain and
 `NOT_MENTIONED` (-2) where the report does not mention the observation (None in a label dict).
 
 Image convention: grayscale uint8 (R, R, 1). A non-square source image is cropped to its centred
@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 
 NOT_MENTIONED = -2
 NUM_LABELS = len(CHEXPERT_LABELS)

@@ -20,7 +20,7 @@ from etils import epath
 
 from cxr_ldm.data import reports
 from cxr_ldm.data.builders import common
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.tokenizer import load_tokenizer
 
 FRONTAL_VIEWS = ("PA", "AP")

@@ -21,7 +21,6 @@ import logging
 import xml.etree.ElementTree as ElementTree
 import zlib
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 

@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 
 from cxr_ldm.data import phantom
 from cxr_ldm.data.builders import common
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 
 SPLIT_SEED_OFFSETS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 # int8 code of a finding's side is its index here; 0 (None) where no side is stated.

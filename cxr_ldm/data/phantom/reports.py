@@ -1,192 +1,15 @@
-"""Phantom chest-radiograph cases: which findings a study has, and the radiology report that states them.
+"""The radiology report of a phantom case: `write_report` turns a case into report text, the impression
+(the conditioning prompt) and the CheXpert labels that the report states.
 
-A case is a tuple of `Finding`s (empty = normal study). `draw_findings` draws one at random,
-`parse_findings` builds one from a mapping such as {"Pleural Effusion": {"side": "left", "severity": "small"}},
-and `write_report` turns a case into report text, the impression (the conditioning prompt) and the
-CheXpert labels that the report states.
-
-Sides are the patient's: "left" is the image right (radiological convention).
 Labels follow CheXpert: 1 = stated present, 0 = stated absent, -1 = stated with uncertainty, None = not
-mentioned. An uncertain finding (certainty -1) is hedged in the report ("possible small left pleural
-effusion") and is drawn in the image at its mildest grade: the hedge describes a real but subtle finding.
+mentioned. Each finding yields a FINDINGS sentence, an IMPRESSION item and the labels they state.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
-import numpy as np
-
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
-
-DEVICES = ("et_tube", "ng_tube", "central_line", "pacemaker", "sternotomy")
-LATERAL_DEVICES = ("central_line", "pacemaker")
-NORMAL_FRACTION = 0.3
-
-
-@dataclasses.dataclass(frozen=True)
-class FindingSpec:
-    """What a finding can be: allowed sides, severities (mildest first) and kinds; `weight` = draw frequency."""
-    sides: tuple[str | None, ...]
-    severities: tuple[str | None, ...]
-    kinds: tuple[str | None, ...]
-    weight: float
-    can_be_uncertain: bool = True
-
-
-FINDING_SPECS: dict[str, FindingSpec] = {
-    "Cardiomegaly": FindingSpec((None,), ("mild", "moderate", "severe"), (None,), 0.14),
-    "Pleural Effusion": FindingSpec(("left", "right", "bilateral"), ("small", "moderate", "large"), (None,), 0.15),
-    "Pneumothorax": FindingSpec(("left", "right"), ("small", "moderate", "large"), (None,), 0.10),
-    # kind = lobe: "middle" is the right middle lobe or the lingula.
-    "Consolidation": FindingSpec(("left", "right", "bilateral"), (None,), ("upper", "middle", "lower"), 0.13),
-    "Atelectasis": FindingSpec(("left", "right", "bilateral"), ("mild", "moderate"), (None,), 0.12),
-    "Edema": FindingSpec(("bilateral",), ("mild", "moderate", "severe"), (None,), 0.08),
-    # severity small = nodule, large = mass; kind = lung zone.
-    "Lung Lesion": FindingSpec(("left", "right"), ("small", "large"), ("upper", "mid", "lower"), 0.10),
-    # side = side of the central line / pacemaker, None when only midline devices are present;
-    # kind = route of the central line.
-    "Support Devices": FindingSpec((None, "left", "right"), (None,), ("jugular", "subclavian"), 0.11,
-                                   can_be_uncertain=False),
-    "Fracture": FindingSpec(("left", "right"), (None,), ("rib", "clavicle"), 0.07),
-}
-FINDING_NAMES = tuple(FINDING_SPECS)
-PARENCHYMAL = ("Consolidation", "Atelectasis", "Edema", "Lung Lesion")
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    """One finding of a case.
-
-    certainty: the label value the report states, 1 (present) or -1 (uncertain).
-    kind: lobe (Consolidation), zone (Lung Lesion), "rib"/"clavicle" (Fracture), central line route
-        "jugular"/"subclavian" (Support Devices), else None.
-    devices: Support Devices only, a subset of DEVICES.
-    pneumonia: Consolidation only, the Pneumonia label the report states (1, -1 or None).
-    """
-    name: str
-    side: str | None = None
-    severity: str | None = None
-    certainty: int = 1
-    kind: str | None = None
-    devices: tuple[str, ...] = ()
-    pneumonia: int | None = None
-
-
-def random_stream(seed: int, stream: int) -> np.random.Generator:
-    """Independent generator for one purpose of one seed (patient, noise, a finding's details, ...)."""
-    return np.random.default_rng([stream, seed])
-
-
-def _pick(rng: np.random.Generator, options: tuple):
-    return options[int(rng.integers(len(options)))]
-
-
-def _complete(name: str, rng: np.random.Generator, forced: Mapping, uncertain_rate: float) -> Finding:
-    """A Finding with the `forced` fields and the others drawn from `rng`. Raises on invalid values."""
-    spec = FINDING_SPECS[name]
-    allowed_keys = {"side", "severity", "certainty", "kind"} | {
-        "Support Devices": {"devices"}, "Consolidation": {"pneumonia"}}.get(name, set())
-    unknown = set(forced) - allowed_keys
-    if unknown:
-        raise ValueError(f"findings[{name!r}]: unknown keys {sorted(unknown)}; "
-                         f"expected some of {sorted(allowed_keys)}.")
-    for key, options in (("side", spec.sides), ("severity", spec.severities), ("kind", spec.kinds)):
-        if key in forced and forced[key] not in options:
-            raise ValueError(f"findings[{name!r}][{key!r}] = {forced[key]!r}; expected one of {options}.")
-    mildest = spec.severities[0]
-    may_hedge = (spec.can_be_uncertain and forced.get("severity", mildest) == mildest
-                 and forced.get("kind") != "clavicle")
-    certainty = forced.get("certainty", -1 if may_hedge and rng.random() < uncertain_rate else 1)
-    if certainty not in (1, -1) or (certainty == -1 and not may_hedge):
-        raise ValueError(f"findings[{name!r}]['certainty'] = {certainty!r}; expected 1, or -1 for a finding that "
-                         f"can be uncertain at its mildest grade {mildest!r} (not a clavicle fracture).")
-    severity = forced.get("severity", mildest if certainty == -1 else _pick(rng, spec.severities))
-    side = forced.get("side", _pick(rng, spec.sides))
-    kind = forced.get("kind", "rib" if name == "Fracture" and certainty == -1 else _pick(rng, spec.kinds))
-    devices: tuple[str, ...] = ()
-    pneumonia = None
-    if name == "Support Devices":
-        devices, side = _complete_devices(rng, forced)
-        if "central_line" not in devices:
-            if "kind" in forced:
-                raise ValueError(f"findings['Support Devices']['kind'] = {forced['kind']!r} needs a central_line.")
-            kind = None
-    if name == "Consolidation":
-        pneumonia = forced.get("pneumonia", _pick(rng, (1, 1, -1, None) if certainty == 1 else (-1, None)))
-        if pneumonia not in (1, -1, None):
-            raise ValueError(f"findings['Consolidation']['pneumonia'] = {pneumonia!r}; expected 1, -1 or None.")
-    return Finding(name, side, severity, certainty, kind, devices, pneumonia)
-
-
-def _complete_devices(rng: np.random.Generator, forced: Mapping) -> tuple[tuple[str, ...], str | None]:
-    """Devices and their side for Support Devices (the side of the central line / pacemaker, if any)."""
-    side = forced.get("side")
-    if "devices" in forced:
-        devices = tuple(forced["devices"])
-        bad = [d for d in devices if d not in DEVICES]
-        if bad or not devices:
-            raise ValueError(f"findings['Support Devices']['devices'] = {forced['devices']!r}; "
-                             f"expected a non-empty list from {DEVICES}.")
-    else:
-        count = 1 + int(rng.random() < 0.35)
-        devices = tuple(rng.choice(DEVICES, size=count, replace=False, p=[0.25, 0.15, 0.3, 0.2, 0.1]))
-        if side is not None and not set(devices) & set(LATERAL_DEVICES):
-            devices += (_pick(rng, LATERAL_DEVICES),)
-    devices = tuple(d for d in DEVICES if d in devices)
-    lateral = set(devices) & set(LATERAL_DEVICES)
-    if not lateral:
-        if side is not None:
-            raise ValueError(f"findings['Support Devices']: side {side!r} needs a central_line or pacemaker.")
-        return devices, None
-    if side is None:
-        side = "left" if "pacemaker" in lateral and rng.random() < 0.85 else _pick(rng, ("left", "right"))
-    return devices, side
-
-
-def parse_findings(seed: int, findings: Mapping[str, Mapping | None],
-                   uncertain_rate: float = 0.0) -> tuple[Finding, ...]:
-    """Forced findings {name: {field: value} or None} -> Findings; unspecified fields are drawn per seed.
-
-    Fields: side, severity, certainty (1 or -1; unless given, -1 with probability `uncertain_rate`), kind,
-    devices, pneumonia (see `Finding`). "No Finding" (alone) gives a normal study; "Pneumonia" means
-    Consolidation with pneumonia = 1.
-    """
-    names = dict(findings)
-    names.pop("No Finding", None)
-    if "Pneumonia" in names:
-        pneumonia = dict(names.pop("Pneumonia") or {})
-        consolidation = {**pneumonia, **dict(names.pop("Consolidation", None) or {})}
-        names["Consolidation"] = {"pneumonia": 1, **consolidation}
-    if "No Finding" in findings and names:
-        raise ValueError(f"findings: 'No Finding' cannot be combined with {sorted(names)}.")
-    unknown = set(names) - set(FINDING_NAMES)
-    if unknown:
-        raise ValueError(f"findings: unknown names {sorted(unknown)}; expected some of {FINDING_NAMES}, "
-                         "'Pneumonia' or 'No Finding'.")
-    return tuple(_complete(name, random_stream(seed, 10 + i), names[name] or {}, uncertain_rate)
-                 for i, name in enumerate(FINDING_NAMES) if name in names)
-
-
-def draw_findings(seed: int) -> tuple[Finding, ...]:
-    """Random case: NORMAL_FRACTION normal studies, else 1-3 findings with clinical associations."""
-    rng = random_stream(seed, 1)
-    if rng.random() < NORMAL_FRACTION:
-        return ()
-    weights = np.array([spec.weight for spec in FINDING_SPECS.values()])
-    count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
-    names = set(rng.choice(FINDING_NAMES, size=count, replace=False, p=weights / weights.sum()))
-    forced: dict[str, dict] = {name: {} for name in names}
-    if "Edema" in names:  # congestive failure: big heart, bilateral effusions
-        if rng.random() < 0.5:
-            forced.setdefault("Cardiomegaly", {})
-        if rng.random() < 0.4 and "Pleural Effusion" not in names:
-            forced["Pleural Effusion"] = {"side": "bilateral", "severity": "small"}
-    return parse_findings(seed, forced, uncertain_rate=0.12)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Report text. Each finding yields a FINDINGS sentence, an IMPRESSION item and the labels they state.
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.phantom.cases import FINDING_NAMES, PARENCHYMAL, Finding, pick, random_stream
 
 
 @dataclasses.dataclass
@@ -227,12 +50,12 @@ _DEVICE_IMPRESSIONS = {"et_tube": "endotracheal tube", "ng_tube": "nasogastric t
 
 def _cardiomegaly(f: Finding, rng) -> _Statement:
     if f.certainty == -1:
-        text = _pick(rng, ("Heart size is borderline enlarged.", "The cardiac silhouette is borderline enlarged."))
+        text = pick(rng, ("Heart size is borderline enlarged.", "The cardiac silhouette is borderline enlarged."))
         return _Statement(text, "Borderline enlarged heart size.", {"Cardiomegaly": -1})
     adverb = _ADVERB[f.severity]
-    text = _pick(rng, (f"The heart is {adverb} enlarged.", f"{_capital(f.severity)} cardiomegaly.",
+    text = pick(rng, (f"The heart is {adverb} enlarged.", f"{_capital(f.severity)} cardiomegaly.",
                        f"Heart size is {adverb} enlarged.", f"There is {f.severity} cardiomegaly."))
-    impression = _pick(rng, (f"{_capital(f.severity)} cardiomegaly.", f"Cardiomegaly, {f.severity}."))
+    impression = pick(rng, (f"{_capital(f.severity)} cardiomegaly.", f"Cardiomegaly, {f.severity}."))
     return _Statement(text, impression, {"Cardiomegaly": 1})
 
 
@@ -240,10 +63,10 @@ def _effusion(f: Finding, rng) -> _Statement:
     plural = "s" if f.side == "bilateral" else ""
     what = f"{f.severity} {f.side} pleural effusion{plural}"
     if f.certainty == -1:
-        text = _pick(rng, (f"Possible {what}.", f"A {what} cannot be excluded."))
+        text = pick(rng, (f"Possible {what}.", f"A {what} cannot be excluded."))
         return _Statement(text, f"Possible {what}.", {"Pleural Effusion": -1})
     be, article = ("are", "") if plural else ("is", "a ")
-    text = _pick(rng, (f"There {be} {article}{what}.", f"{_capital(what)} {be} present.",
+    text = pick(rng, (f"There {be} {article}{what}.", f"{_capital(what)} {be} present.",
                        f"{_capital(what)} with fluid tracking along the lateral chest wall."))
     if f.severity == "small" and f.side != "bilateral" and rng.random() < 0.4:
         text = f"Blunting of the {f.side} costophrenic angle is compatible with a small pleural effusion."
@@ -254,10 +77,10 @@ def _pneumothorax(f: Finding, rng) -> _Statement:
     where = "apical " if f.severity == "small" else ""
     what = f"{f.severity} {f.side} {where}pneumothorax"
     if f.certainty == -1:
-        text = _pick(rng, (f"Possible tiny {f.side} apical pneumothorax.",
+        text = pick(rng, (f"Possible tiny {f.side} apical pneumothorax.",
                            f"A small {f.side} apical pneumothorax cannot be excluded."))
         return _Statement(text, f"Possible small {f.side} apical pneumothorax.", {"Pneumothorax": -1})
-    text = _pick(rng, (f"There is a {what}.", f"{_capital(what)} is seen, with the visceral pleural line visible.",
+    text = pick(rng, (f"There is a {what}.", f"{_capital(what)} is seen, with the visceral pleural line visible.",
                        f"A {what} is present."))
     return _Statement(text, f"{_capital(what)}.", {"Pneumothorax": 1})
 
@@ -268,17 +91,17 @@ def _consolidation(f: Finding, rng) -> _Statement:
     if f.pneumonia is not None:
         labels["Pneumonia"] = f.pneumonia
     if f.certainty == -1:
-        text = _pick(rng, (f"Possible early consolidation in the {lobe}.",
+        text = pick(rng, (f"Possible early consolidation in the {lobe}.",
                            f"Consolidation in the {lobe} cannot be excluded."))
         impression = f"Possible {lobe} consolidation."
     else:
-        text = _pick(rng, (f"There is consolidation in the {lobe}.", f"Focal consolidation is present in the {lobe}.",
+        text = pick(rng, (f"There is consolidation in the {lobe}.", f"Focal consolidation is present in the {lobe}.",
                            f"Airspace consolidation in the {lobe} with air bronchograms."))
         impression = f"{_capital(lobe)} consolidation."
     if f.pneumonia == 1:
-        impression = impression[:-1] + _pick(rng, (", compatible with pneumonia.", ", consistent with pneumonia."))
+        impression = impression[:-1] + pick(rng, (", compatible with pneumonia.", ", consistent with pneumonia."))
     elif f.pneumonia == -1:
-        impression = impression[:-1] + _pick(rng, ("; pneumonia cannot be excluded.",
+        impression = impression[:-1] + pick(rng, ("; pneumonia cannot be excluded.",
                                                    ", which may represent pneumonia."))
     return _Statement(text, impression, labels)
 
@@ -286,20 +109,20 @@ def _consolidation(f: Finding, rng) -> _Statement:
 def _atelectasis(f: Finding, rng) -> _Statement:
     where = "bibasilar" if f.side == "bilateral" else f"{f.side} basilar"
     if f.certainty == -1:
-        text = _pick(rng, (f"Possible minimal {where} atelectasis.", f"Mild {where} atelectasis cannot be excluded."))
+        text = pick(rng, (f"Possible minimal {where} atelectasis.", f"Mild {where} atelectasis cannot be excluded."))
         return _Statement(text, f"Possible mild {where} atelectasis.", {"Atelectasis": -1})
     base = "lung bases" if f.side == "bilateral" else f"{f.side} lung base"
-    text = _pick(rng, (f"{_capital(f.severity)} {where} atelectasis.",
+    text = pick(rng, (f"{_capital(f.severity)} {where} atelectasis.",
                        f"Linear opacities at the {base} are consistent with {f.severity} plate-like atelectasis.",
                        f"There is {f.severity} {where} atelectasis."))
     if f.severity == "moderate":
-        text += _pick(rng, (" There is associated volume loss.", " The hemidiaphragm is mildly elevated."))
+        text += pick(rng, (" There is associated volume loss.", " The hemidiaphragm is mildly elevated."))
     return _Statement(text, f"{_capital(f.severity)} {where} atelectasis.", {"Atelectasis": 1})
 
 
 def _edema(f: Finding, rng) -> _Statement:
     if f.certainty == -1:
-        text = _pick(rng, ("Possible mild interstitial pulmonary edema.",
+        text = pick(rng, ("Possible mild interstitial pulmonary edema.",
                            "Mild interstitial edema cannot be excluded."))
         return _Statement(text, "Possible mild pulmonary edema.", {"Edema": -1})
     text = {"mild": ("Mild interstitial pulmonary edema with Kerley B lines at the lung bases.",
@@ -308,28 +131,28 @@ def _edema(f: Finding, rng) -> _Statement:
                          "There is moderate pulmonary edema."),
             "severe": ("Severe pulmonary edema with dense bilateral perihilar opacities.",
                        "Findings are consistent with severe alveolar pulmonary edema.")}[f.severity]
-    return _Statement(_pick(rng, text), f"{_capital(f.severity)} pulmonary edema.", {"Edema": 1})
+    return _Statement(pick(rng, text), f"{_capital(f.severity)} pulmonary edema.", {"Edema": 1})
 
 
 def _lung_lesion(f: Finding, rng) -> _Statement:
-    zone = f"{f.side} {_pick(rng, _ZONE[f.kind])}"
+    zone = f"{f.side} {pick(rng, _ZONE[f.kind])}"
     if f.certainty == -1:
         text = f"Possible nodule in the {zone}; dedicated chest CT is recommended."
         return _Statement(text, f"Possible {zone} nodule.", {"Lung Lesion": -1})
     if f.severity == "small":
-        text = _pick(rng, (f"There is a rounded nodule in the {zone}.",
+        text = pick(rng, (f"There is a rounded nodule in the {zone}.",
                            f"A well-circumscribed nodule projects over the {zone}."))
-        impression = _pick(rng, (f"{_capital(zone)} nodule.", f"{_capital(zone)} nodule; recommend chest CT."))
+        impression = pick(rng, (f"{_capital(zone)} nodule.", f"{_capital(zone)} nodule; recommend chest CT."))
     else:
-        text = _pick(rng, (f"There is a large lobulated mass in the {zone}.", f"A large mass is seen in the {zone}."))
-        impression = _pick(rng, (f"Large {zone} mass.", f"Large {zone} mass, concerning for malignancy."))
+        text = pick(rng, (f"There is a large lobulated mass in the {zone}.", f"A large mass is seen in the {zone}."))
+        impression = pick(rng, (f"Large {zone} mass.", f"Large {zone} mass, concerning for malignancy."))
     return _Statement(text, impression, {"Lung Lesion": 1})
 
 
 def _support_devices(f: Finding, rng) -> _Statement:
     side, route = f.side or "", {"jugular": "internal jugular", "subclavian": "subclavian", None: ""}[f.kind]
     fill = {"cm": int(rng.integers(3, 7)), "side": side, "Side": _capital(side), "route": route}
-    text = " ".join(_pick(rng, _DEVICE_SENTENCES[d]).format(**fill) for d in f.devices)
+    text = " ".join(pick(rng, _DEVICE_SENTENCES[d]).format(**fill) for d in f.devices)
     names = [_DEVICE_IMPRESSIONS[d].format(**fill) for d in f.devices]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return _Statement(text, f"{_capital(listed)} in standard position.", {"Support Devices": 1})
@@ -340,10 +163,10 @@ def _fracture(f: Finding, rng) -> _Statement:
         text = f"Possible nondisplaced fracture of a {f.side} lateral rib."
         return _Statement(text, f"Possible {f.side} rib fracture.", {"Fracture": -1})
     if f.kind == "rib":
-        text = _pick(rng, (f"Displaced fractures of several {f.side} lateral ribs with callus formation.",
+        text = pick(rng, (f"Displaced fractures of several {f.side} lateral ribs with callus formation.",
                            f"There are healing fractures of the {f.side} lateral ribs."))
         return _Statement(text, f"{_capital(f.side)} lateral rib fractures.", {"Fracture": 1})
-    text = _pick(rng, (f"There is a displaced fracture of the {f.side} mid clavicle.",
+    text = pick(rng, (f"There is a displaced fracture of the {f.side} mid clavicle.",
                        f"Acute fracture of the {f.side} clavicular shaft with inferior displacement of the "
                        "distal fragment."))
     return _Statement(text, f"{_capital(f.side)} clavicle fracture.", {"Fracture": 1})
@@ -368,19 +191,19 @@ def _negatives(present: set[str], rng) -> list[tuple[str, dict[str, int]]]:
                           {"Consolidation": 0, "Pleural Effusion": 0, "Pneumothorax": 0}))
     else:
         if not present & (set(PARENCHYMAL) | pleural):
-            sentences.append(_pick(rng, (("The lungs are clear.", {}), ("Lungs are well expanded and clear.", {}),
+            sentences.append(pick(rng, (("The lungs are clear.", {}), ("Lungs are well expanded and clear.", {}),
                                          ("No focal consolidation.", {"Consolidation": 0}))))
         elif "Consolidation" not in present and rng.random() < 0.6:
             sentences.append(("No focal consolidation.", {"Consolidation": 0}))
         absent = [name for name in ("Pleural Effusion", "Pneumothorax") if name not in present]
         if absent:
             listed = " or ".join(name.lower() for name in absent)
-            form = _pick(rng, ("No {}.", "There is no {}.", "No {} is seen."))
+            form = pick(rng, ("No {}.", "There is no {}.", "No {} is seen."))
             sentences.append((form.format(listed), {name: 0 for name in absent}))
     if "Edema" not in present and rng.random() < 0.3:
         sentences.append(("No pulmonary edema.", {"Edema": 0}))
     if "Cardiomegaly" not in present:
-        sentences.append(_pick(rng, (
+        sentences.append(pick(rng, (
             ("The heart size is normal.", {"Cardiomegaly": 0}),
             ("Heart size and mediastinal contours are normal.", {"Cardiomegaly": 0, "Enlarged Cardiomediastinum": 0}),
             ("The cardiomediastinal silhouette is within normal limits.", {"Enlarged Cardiomediastinum": 0}),
@@ -388,7 +211,7 @@ def _negatives(present: set[str], rng) -> list[tuple[str, dict[str, int]]]:
     elif rng.random() < 0.5:
         sentences.append(("The mediastinal contours are normal.", {"Enlarged Cardiomediastinum": 0}))
     if "Fracture" not in present:
-        sentences.append(_pick(rng, (("No acute osseous abnormality.", {}), ("", {}),
+        sentences.append(pick(rng, (("No acute osseous abnormality.", {}), ("", {}),
                                      ("No acute fracture is seen.", {"Fracture": 0}),
                                      ("No displaced rib fracture.", {"Fracture": 0}))))
     return [(text, labels) for text, labels in sentences if text]
@@ -402,13 +225,13 @@ def _header(findings: tuple[Finding, ...], rng) -> str:
         reasons += ["status post fall", "with chest wall pain after trauma"] * 2
     if "Support Devices" in names:
         reasons += ["after line placement", "after intubation, assess tube position"] * 2
-    who = f"___-year-old {_pick(rng, ('man', 'woman'))}" if rng.random() < 0.5 else f"___ {_pick(rng, ('M', 'F'))}"
-    exam = _pick(rng, ("EXAMINATION: CHEST (PA AND LAT)", "EXAMINATION: Chest radiograph, PA and lateral views.",
+    who = f"___-year-old {pick(rng, ('man', 'woman'))}" if rng.random() < 0.5 else f"___ {pick(rng, ('M', 'F'))}"
+    exam = pick(rng, ("EXAMINATION: CHEST (PA AND LAT)", "EXAMINATION: Chest radiograph, PA and lateral views.",
                        "EXAM: CHEST PA AND LATERAL"))
-    lines = [exam, f"INDICATION: {who} {_pick(rng, tuple(reasons))}."]
+    lines = [exam, f"INDICATION: {who} {pick(rng, tuple(reasons))}."]
     if rng.random() < 0.5:
-        lines.append(_pick(rng, ("TECHNIQUE: PA and lateral views of the chest.", "TECHNIQUE: Chest PA and lateral.")))
-    lines.append("COMPARISON: " + _pick(rng, ("___.", "None.", "Chest radiograph from ___.", "Prior study dated ___.")))
+        lines.append(pick(rng, ("TECHNIQUE: PA and lateral views of the chest.", "TECHNIQUE: Chest PA and lateral.")))
+    lines.append("COMPARISON: " + pick(rng, ("___.", "None.", "Chest radiograph from ___.", "Prior study dated ___.")))
     return "\n".join(lines)
 
 
@@ -429,7 +252,7 @@ def write_report(seed: int, findings: tuple[Finding, ...]) -> tuple[str, str, di
     if not set(by_name) - {"Support Devices"}:
         normal = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
                   "Normal chest radiograph.")
-        items.append(_pick(rng, normal[:2] if by_name else normal))
+        items.append(pick(rng, normal[:2] if by_name else normal))
     impression = " ".join(items)
     if len(items) > 1 and rng.random() < 0.4:
         section = "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))

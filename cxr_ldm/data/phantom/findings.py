@@ -1,4 +1,4 @@
-"""Drawing phantom findings into the attenuation layers of `phantom_anatomy` (patient coordinates).
+"""Drawing phantom findings into the attenuation layers of `anatomy` (patient coordinates).
 
 Opacities replace lung air (`air *= 1 - opacity`) and hide the lung markings behind them, so that
 they silhouette the heart border or hemidiaphragm they touch; a pneumothorax adds air and removes the
@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from cxr_ldm.data.phantom_anatomy import (
+from cxr_ldm.data.phantom.anatomy import (
     SIDE_SIGN,
     Canvas,
     Layers,
@@ -23,7 +23,7 @@ from cxr_ldm.data.phantom_anatomy import (
     smooth_curve,
     smooth_noise,
 )
-from cxr_ldm.data.phantom_reports import Finding
+from cxr_ldm.data.phantom.cases import Finding
 
 CARDIOTHORACIC_RATIO = {"mild": (0.53, 0.56), "moderate": (0.58, 0.62), "severe": (0.64, 0.69)}
 UNCERTAIN_CARDIOTHORACIC_RATIO = (0.5, 0.52)
@@ -227,7 +227,7 @@ def support_devices(canvas: Canvas, thorax: Thorax, layers: Layers, finding: Fin
 
 DRAW = {"Pleural Effusion": effusion, "Pneumothorax": pneumothorax, "Consolidation": consolidation,
         "Atelectasis": atelectasis, "Edema": edema, "Lung Lesion": lung_lesion, "Support Devices": support_devices}
-# Cardiomegaly and Fracture change the anatomy itself (thorax_with_findings, phantom_anatomy._ribs/_clavicles).
+# Cardiomegaly and Fracture change the anatomy itself (thorax_with_findings, anatomy._ribs/_clavicles).
 # Lesions after the pleural processes, so that pleural air does not erase them; devices on top.
 DRAW_ORDER = ("Edema", "Consolidation", "Atelectasis", "Pleural Effusion", "Pneumothorax", "Lung Lesion",
               "Support Devices")

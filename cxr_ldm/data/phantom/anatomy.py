@@ -19,7 +19,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from cxr_ldm.data.phantom_reports import Finding, random_stream
+from cxr_ldm.data.phantom.cases import Finding
 
 RENDER_MIN = 128          # images below this resolution are rendered at 128 px and box-downsampled
 SIDE_SIGN = {"right": -1.0, "left": 1.0}

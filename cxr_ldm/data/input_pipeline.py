@@ -30,7 +30,7 @@ from PIL import Image
 
 from cxr_ldm.data import builders, labeler, reports
 from cxr_ldm.data.builders import common
-from cxr_ldm.data.labeler import CHEXPERT_LABELS
+from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.tokenizer import prompt_length, tokenize
 
 # Prompts whose token ids are kept per loader (or per worker process), after the first tokenization.
