@@ -3,7 +3,9 @@ encoder in diffusers' CLIPTextModel format) on MIMIC-CXR-JPG at 512 px; otherwis
 
     python train.py --config configs/mimic_sd21.py --config.ldm.init_from=/models/sd21 \
         --config.data.manual_dir=/data/mimic-cxr-jpg
+
 The prediction type (v_prediction) and zero-SNR settings come from the folder's scheduler config.
+No results are recorded for it yet (docs/results.md).
 """
 import ml_collections
 

@@ -1,7 +1,10 @@
-"""The three stages in about a minute on a CPU: a smoke test of the whole recipe (images are not good).
+"""A smoke test of the whole recipe: the default's three stages at tiny sizes on `phantom_cxr/tiny` (32 px),
+fast on a CPU; the images are not meant to be good.
 
     python train.py --config configs/tiny.py --workdir /tmp/tiny
-Global batch 8: divisible by 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+
+The global batch of 8 divides over 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+No results are recorded for it (docs/results.md lists the measured configs).
 """
 import ml_collections
 
@@ -11,7 +14,8 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.workdir = "workdir/tiny"
-    c.data.config, c.data.resolution = "tiny", 32
+    c.data.config, c.data.resolution = "tiny", 32  # 128 / 16 / 16 train / validation / test studies at 32 px
+    # two-level VAE and UNet, a one-layer text encoder
     c.autoencoder.model.update({"block_out_channels": (16, 32), "norm_num_groups": 8, "sample_size": 32,
                                 "down_block_types": ("DownEncoderBlock2D",) * 2,
                                 "up_block_types": ("UpDecoderBlock2D",) * 2})
@@ -22,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
                        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32})
     c.ldm.text_encoder.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "projection_dim": 32})
+    # 20 steps per stage, as the VAE's: enough to reach a checkpoint and a sample grid
     c.ldm.update({"batch_size": 8, "num_steps": 20, "warmup_steps": 2})
     c.text_pretrain.update({"batch_size": 8, "num_steps": 20, "warmup_steps": 2, "num_eval_batches": 1})
     c.log_every = 5
