@@ -6,33 +6,34 @@ import os
 import pytest
 
 from cxr_ldm import evaluate
+from cxr_ldm.evaluation import evaluator
 
 
 def test_data_comes_from_the_workdir_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"data": {"name": "phantom_cxr", "config": "tiny", "data_dir": "/data/tfds", "manual_dir": None}}))
-    resolved = evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 32)
+    resolved = evaluator.resolve_data(evaluator.EvalSettings(checkpoint=str(tmp_path)), 32)
     assert (resolved.dataset, resolved.dataset_config, resolved.data_dir) == ("phantom_cxr", "tiny", "/data/tfds")
-    overridden = evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path), data_dir="/other"), 32)
+    overridden = evaluator.resolve_data(evaluator.EvalSettings(checkpoint=str(tmp_path), data_dir="/other"), 32)
     assert overridden.data_dir == "/other" and overridden.dataset_config == "tiny"
 
 
 def test_without_a_workdir_config_the_image_size_picks_the_config(tmp_path):
-    resolved = evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 128)
+    resolved = evaluator.resolve_data(evaluator.EvalSettings(checkpoint=str(tmp_path)), 128)
     assert (resolved.dataset, resolved.dataset_config) == ("phantom_cxr", "128")
-    assert resolved.data_dir == os.path.expanduser(evaluate.DEFAULT_DATA_DIR)
-    assert evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 32).dataset_config == "tiny"
+    assert resolved.data_dir == os.path.expanduser(evaluator.DEFAULT_DATA_DIR)
+    assert evaluator.resolve_data(evaluator.EvalSettings(checkpoint=str(tmp_path)), 32).dataset_config == "tiny"
     with pytest.raises(ValueError, match="no config at the checkpoint's 48 px"):
-        evaluate.resolve_data(evaluate.EvalSettings(checkpoint=str(tmp_path)), 48)
+        evaluator.resolve_data(evaluator.EvalSettings(checkpoint=str(tmp_path)), 48)
 
 
 def test_guidance_comes_from_the_workdir_sample_config_unless_given(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"sample": {"guidance_scale": 6.5}}))
-    assert evaluate.resolve_guidance(evaluate.EvalSettings(checkpoint=str(tmp_path))).guidance == 6.5
-    assert evaluate.resolve_guidance(evaluate.EvalSettings(checkpoint=str(tmp_path), guidance=2.0)).guidance == 2.0
+    assert evaluator.resolve_guidance(evaluator.EvalSettings(checkpoint=str(tmp_path))).guidance == 6.5
+    assert evaluator.resolve_guidance(evaluator.EvalSettings(checkpoint=str(tmp_path), guidance=2.0)).guidance == 2.0
     bare = tmp_path / "pipeline"
     bare.mkdir()
-    assert evaluate.resolve_guidance(evaluate.EvalSettings(checkpoint=str(bare))).guidance == evaluate.DEFAULT_GUIDANCE
+    assert evaluator.resolve_guidance(evaluator.EvalSettings(checkpoint=str(bare))).guidance == evaluator.DEFAULT_GUIDANCE
 
 
 def test_cli_requires_checkpoint_and_out(capsys):
@@ -44,11 +45,11 @@ def test_cli_requires_checkpoint_and_out(capsys):
 def test_evaluation_seeds_draw_disjoint_sample_seeds():
     """Each use draws up to SEED_BLOCK consecutive seeds from its first one: no two (seed, use) pairs may
     share a sample seed, and seed 0 keeps the seeds its published numbers were drawn with."""
-    blocks = [(first, first + evaluate.SEED_BLOCK) for seed in range(4)
-              for first in evaluate.generation_seeds(seed).values()]
+    blocks = [(first, first + evaluator.SEED_BLOCK) for seed in range(4)
+              for first in evaluator.generation_seeds(seed).values()]
     starts = sorted(blocks)
     assert all(end <= next_start for (_, end), (next_start, _) in zip(starts, starts[1:]))
-    assert evaluate.generation_seeds(0) == {"conditioning": 0, "fid": 1_000_000, "augmentation": 2_000_000}
+    assert evaluator.generation_seeds(0) == {"conditioning": 0, "fid": 1_000_000, "augmentation": 2_000_000}
 
 
 @pytest.mark.parametrize("layout", ["workdir", "pipeline", "workdir_export", "bare"])
@@ -70,7 +71,7 @@ def test_vae_only_finds_the_autoencoder_in_each_layout(tmp_path, layout):
     (tmp_path / "autoencoder").mkdir()  # a workdir's stage folder without its VAE yet is skipped
     (tmp_path / "config.json").write_text(json.dumps({"seed": 0}))  # a train.py config is not a VAE's
     save_component(model, params, folder)
-    loaded, loaded_params = evaluate.load_autoencoder(tmp_path)
+    loaded, loaded_params = evaluator.load_autoencoder(tmp_path)
     assert loaded.config.sample_size == 16
     flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
     np.testing.assert_array_equal(flat(loaded_params), flat(params))
@@ -79,4 +80,4 @@ def test_vae_only_finds_the_autoencoder_in_each_layout(tmp_path, layout):
 def test_vae_only_names_where_it_looked(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(FileNotFoundError, match="no AutoencoderKL folder .*autoencoder/vae"):
-        evaluate.load_autoencoder(tmp_path)
+        evaluator.load_autoencoder(tmp_path)

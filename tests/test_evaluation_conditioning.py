@@ -149,7 +149,7 @@ class FeatureClassifier(FakeClassifier):
 def test_guidance_sweep_scores_each_scale_on_the_headline_seeds():
     """A fake generator that misses the prompted findings (seed % 4 == 0) only below guidance 3: each row's
     rates follow that rule on the conditioning seeds, and its FID is the one of the FID seeds' images."""
-    from cxr_ldm.evaluate import guidance_sweep
+    from cxr_ldm.evaluation.evaluator import guidance_sweep
     from cxr_ldm.evaluation.metrics import fid_from_features
 
     def generator_at(scale):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from cxr_ldm import evaluate as evaluate_module
+from cxr_ldm.evaluation import evaluator
 from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.diffusion.schedules import SchedulerConfig
 from cxr_ldm.evaluation import classifier as clf
@@ -52,8 +52,8 @@ def test_evaluate_end_to_end(tmp_path):
                              batch_size=32, warmup_steps=2)
     prompts = PROMPTS[:2] + PROMPTS[3:5] + PROMPTS[30:32]  # normal, effusion, cardiomegaly
 
-    results = evaluate_module.evaluate(checkpoint, out, prompts=prompts, classifier_config=recipe,
-                                       guidance_sweep=(evaluate_module.DEFAULT_GUIDANCE, 1.5), **options)
+    results = evaluator.evaluate(checkpoint, out, prompts=prompts, classifier_config=recipe,
+                                       guidance_sweep=(evaluator.DEFAULT_GUIDANCE, 1.5), **options)
     saved = json.loads(out.read_text())
     assert saved["conditioning_accuracy"] == results["conditioning_accuracy"]
     assert 0.0 <= saved["conditioning_accuracy"] <= 1.0
@@ -83,22 +83,22 @@ def test_evaluate_end_to_end(tmp_path):
     # The guidance sweep: its row at the headline's scale is the headline; its other row is what an evaluation
     # at that scale gives (same prompts and seeds), here the second run, which also reuses the cached classifier.
     sweep = {row["guidance"]: row for row in saved["guidance_sweep"]}
-    assert list(sweep) == [1.5, evaluate_module.DEFAULT_GUIDANCE] and "## Guidance sweep" in report
-    assert sweep[evaluate_module.DEFAULT_GUIDANCE]["conditioning_accuracy"] == saved["conditioning_accuracy"]
-    assert sweep[evaluate_module.DEFAULT_GUIDANCE]["domain_fid"] == saved["fid"]["domain"]["generated_vs_real"]
-    again = evaluate_module.evaluate(checkpoint, tmp_path / "r2.json", prompts=prompts, classifier_config=recipe,
+    assert list(sweep) == [1.5, evaluator.DEFAULT_GUIDANCE] and "## Guidance sweep" in report
+    assert sweep[evaluator.DEFAULT_GUIDANCE]["conditioning_accuracy"] == saved["conditioning_accuracy"]
+    assert sweep[evaluator.DEFAULT_GUIDANCE]["domain_fid"] == saved["fid"]["domain"]["generated_vs_real"]
+    again = evaluator.evaluate(checkpoint, tmp_path / "r2.json", prompts=prompts, classifier_config=recipe,
                                      guidance=1.5, **options)
     assert again["classifier"]["cached"] is True
     assert again["classifier_accuracy_real"] == saved["classifier_accuracy_real"]
     assert sweep[1.5]["conditioning_accuracy"] == again["conditioning_accuracy"]
     assert sweep[1.5]["detection_rate"] == again["conditioning"]["detection_rate"]
     assert sweep[1.5]["domain_fid"] == pytest.approx(again["fid"]["domain"]["generated_vs_real"])
-    assert sweep[1.5]["domain_fid"] != sweep[evaluate_module.DEFAULT_GUIDANCE]["domain_fid"]
+    assert sweep[1.5]["domain_fid"] != sweep[evaluator.DEFAULT_GUIDANCE]["domain_fid"]
 
 
     # --vae-only on the same folder: the same VAE gives the same reconstruction and ceilings, with no sampling.
     vae_out = tmp_path / "vae_only" / "v.json"
-    vae_only = evaluate_module.evaluate_autoencoder(checkpoint, vae_out, prompts=prompts, classifier_config=recipe,
+    vae_only = evaluator.evaluate_autoencoder(checkpoint, vae_out, prompts=prompts, classifier_config=recipe,
                                                     **options)
     assert json.loads(vae_out.read_text()) == vae_only
     assert "conditioning_accuracy" not in vae_only and vae_only["classifier"]["cached"] is True
@@ -110,4 +110,4 @@ def test_evaluate_end_to_end(tmp_path):
     assert f"| VAE PSNR / SSIM / RMSE | {saved['reconstruction']['psnr']:.3f} / " in report
     assert (vae_out.parent / "v_assets" / "reconstructions.png").is_file()
     with pytest.raises(FileNotFoundError, match="no AutoencoderKL folder"):
-        evaluate_module.load_autoencoder(tmp_path / "eval")
+        evaluator.load_autoencoder(tmp_path / "eval")

@@ -1,0 +1,401 @@
+"""The evaluator behind `python -m cxr_ldm.evaluate` (see that module for the CLI and the report's sections).
+
+`evaluate` judges a text-to-image checkpoint, `evaluate_autoencoder` an autoencoder alone.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxr_ldm import imaging
+from cxr_ldm.data.builders import BUILDERS, prepare
+from cxr_ldm.evaluation import classifier as clf
+from cxr_ldm.evaluation import conditioning, memorization, report
+from cxr_ldm.evaluation.augmentation import augmentation_experiment
+from cxr_ldm.evaluation.data import load_split
+from cxr_ldm.evaluation.metrics import fid_from_features
+from cxr_ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics
+from cxr_ldm.io.components import load_component
+from cxr_ldm.io.run_folder import export_dir, vae_dir
+from cxr_ldm.io.weights import write_json
+
+DEFAULT_DATASET = "phantom_cxr"
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+DEFAULT_GUIDANCE = 3.0  # when neither --guidance nor the workdir config gives one
+CLASSIFIER_ACCURACY_DEFINITION = (
+    "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
+    "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
+    "the per-finding accuracy on the real test split; uncertain labels skipped, unmentioned = absent. "
+    "classifier_exact_match_real is the stricter fraction of test images with every major finding right")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate and how much. Sample counts trade time for precision."""
+    checkpoint: str
+    # Data: None = what the train.py workdir's config.json names, else phantom_cxr in ~/tensorflow_datasets
+    # at the config whose resolution is the checkpoint's image size.
+    dataset: str | None = None
+    dataset_config: str | None = None
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    num_samples: int = 10  # images per evaluation prompt
+    num_fid: int = 300  # generated and real images per FID set (<= validation and test sizes)
+    steps: int = 25
+    guidance: float | None = None  # None: the workdir config's sample.guidance_scale, else 3.0
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Pipeline.__call__); 0 = off
+    apg_eta: float | None = None  # adaptive projected guidance (Pipeline.__call__); None = plain guidance
+    apg_norm_threshold: float = 0.0
+    guidance_sweep: tuple[float, ...] = ()  # more guidance scales to score (`guidance_sweep`); () = none
+    sampler: str = "ddim"
+    seed: int = 0  # sample seeds of different values do not overlap (see `generation_seeds`)
+    batch_size: int = 32
+    inception_weights: str | None = None
+    classifier_dir: str | None = None  # None: <data_dir>/cxr_ldm_eval/classifier-<dataset>-<config>
+    copy_threshold: float = 0.95
+    augmentation_experiment: bool = False
+    augmentation_real: int = 500
+    augmentation_synthetic: int = 1000
+
+
+def _run_config(checkpoint: str) -> dict:
+    """The config.json train.py wrote into the workdir `checkpoint` ({} for a bare pipeline folder)."""
+    config_file = Path(checkpoint) / "config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def resolve_guidance(settings: EvalSettings) -> EvalSettings:
+    """guidance None -> the guidance scale the run's sample grids used (the recipe's choice), else 3.0."""
+    if settings.guidance is not None:
+        return settings
+    guidance = _run_config(settings.checkpoint).get("sample", {}).get("guidance_scale", DEFAULT_GUIDANCE)
+    return dataclasses.replace(settings, guidance=float(guidance))
+
+
+def resolve_data(settings: EvalSettings, image_size: int) -> EvalSettings:
+    """Fills the data fields left None from the workdir's config.json (train.py writes it), else defaults."""
+    trained_on = _run_config(settings.checkpoint).get("data", {})
+    dataset = settings.dataset or trained_on.get("name") or DEFAULT_DATASET
+    same_data = dataset == trained_on.get("name")
+    config = settings.dataset_config or (trained_on.get("config") if same_data else None)
+    if config is None:
+        configs = [c for c in BUILDERS[dataset].BUILDER_CONFIGS if getattr(c, "resolution", None) == image_size]
+        if not configs:
+            raise ValueError(f"{dataset} has no config at the checkpoint's {image_size} px; pass --dataset-config "
+                             f"(one of {[c.name for c in BUILDERS[dataset].BUILDER_CONFIGS]})")
+        config = next((c.name for c in configs if c.name == str(image_size)), configs[0].name)
+    return dataclasses.replace(
+        settings, dataset=dataset, dataset_config=config,
+        data_dir=os.path.expanduser(settings.data_dir or (same_data and trained_on.get("data_dir")) or DEFAULT_DATA_DIR),
+        manual_dir=settings.manual_dir or (trained_on.get("manual_dir") if same_data else None))
+
+
+def _generator(pipe, settings: EvalSettings, size: int):
+    """(texts, seeds) -> images (B, size, size, C) in [0, 1] from the pipeline at its own resolution."""
+    def generate(texts, seeds):
+        images = pipe(list(texts), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                      guidance_rescale=settings.guidance_rescale, apg_eta=settings.apg_eta,
+                      apg_norm_threshold=settings.apg_norm_threshold, sampler=settings.sampler, seed=list(seeds))
+        if images.shape[1] != size:
+            images = np.asarray(imaging.resize(images, size))
+        return images
+    return generate
+
+
+SEED_BLOCK = 1_000_000  # sample seeds per use; more images than this per use would overlap the next use
+GENERATOR_USES = ("conditioning", "fid", "augmentation")
+
+
+def generation_seeds(seed: int) -> dict[str, int]:
+    """The first sample seed of each use of the generator under evaluation seed `seed`. A use draws
+    consecutive seeds from its first one, so the blocks of two evaluation seeds are disjoint: --seed 1 draws
+    images independent of --seed 0's (seed 0 keeps 0, 1_000_000 and 2_000_000)."""
+    return {use: (len(GENERATOR_USES) * seed + i) * SEED_BLOCK for i, use in enumerate(GENERATOR_USES)}
+
+
+def _real_diversity(test, major_columns, num_pairs: int, seed: int) -> dict:
+    """Mean pairwise MS-SSIM of random real test images, and of pairs with identical major findings."""
+    rng = np.random.default_rng(seed)
+    images = test.data.images
+    overall = memorization.mean_pairwise_ms_ssim(images[rng.choice(len(images), min(len(images), 64), replace=False)],
+                                                 max_pairs=num_pairs, seed=seed)
+    groups = collections.defaultdict(list)
+    for i, row in enumerate(test.data.labels[:, major_columns] == 1):
+        groups[row.tobytes()].append(i)
+    per_group = [memorization.mean_pairwise_ms_ssim(images[idx[:16]], max_pairs=num_pairs, seed=seed)
+                 for idx in groups.values() if len(idx) >= 4]
+    return {"real_all": overall, "real_same_findings": float(np.mean(per_group)) if per_group else None}
+
+
+def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None, prompts=conditioning.PROMPTS,
+             classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+    """Runs the whole evaluation (module doc) and writes `out` (JSON) and the Markdown report beside it.
+
+    options: the fields of EvalSettings. `pipe`: an already loaded Pipeline (default: from checkpoint).
+    `classifier_config`: the classifier recipe (default: TrainConfig at the data resolution, <= 128 px).
+    Returns the JSON object.
+    """
+    from cxr_ldm.pipeline import Pipeline  # the pipeline pulls in every model; import when evaluating
+
+    settings = EvalSettings(checkpoint=str(checkpoint), **options)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    timings, start = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal start
+        timings[name] = round(time.perf_counter() - start, 1)
+        logging.info("evaluate: %s done in %.1f s", name, timings[name])
+        start = time.perf_counter()
+
+    pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
+    settings = resolve_guidance(resolve_data(settings, pipe.default_size()))
+    train, validation, test = _load_splits(settings)
+    size = train.data.images.shape[1]
+    lap("data")
+
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
+    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
+    classifier_test = clf.evaluate_classifier(classifier, test.data)
+    lap("classifier")
+
+    generate = _generator(pipe, settings, size)
+    usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    seeds = generation_seeds(settings.seed)
+    prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
+                                                 seeds["conditioning"], settings.batch_size)
+    conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
+    ceilings = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
+    lap("conditioning")
+
+    n = min(settings.num_fid, len(validation), len(test))
+    fid_images = np.concatenate(conditioning.generate_images(generate, test.prompts[:n], 1,
+                                                             seeds["fid"], settings.batch_size))
+    fid_sets = {"generated": fid_images, "validation": validation.data.images[:n], "test": test.data.images[:n]}
+    features = {name: classifier.predict(x).features for name, x in fid_sets.items()}
+    fid = {"domain": _fid(features), "inception": None}
+    if settings.inception_weights:
+        from cxr_ldm.evaluation.inception import InceptionFeatures
+
+        inception = InceptionFeatures.from_file(settings.inception_weights)
+        pool3 = {name: inception(imaging.as_float_images(x)) for name, x in fid_sets.items()}
+        fid["inception"] = {**_fid(pool3), "weights": settings.inception_weights}
+    lap("fid")
+
+    major_columns = [clf.CHEXPERT_LABELS.index(name) for name in classifier.major_findings]
+    per_prompt_diversity = ([memorization.mean_pairwise_ms_ssim(images) for images in prompt_images]
+                            if settings.num_samples >= 2 else [])
+    diversity = {"generated_mean": float(np.mean(per_prompt_diversity)) if per_prompt_diversity else None,
+                 "generated_per_prompt": dict(zip([p.text for p in usable], per_prompt_diversity)),
+                 **_real_diversity(test, major_columns, 120, settings.seed)}
+    lap("diversity")
+
+    recon = reconstruction_metrics(pipe.vae, pipe.vae_params, test.data.images, settings.batch_size)
+    lap("reconstruction")
+
+    generated_all = np.concatenate(prompt_images + [fid_images])
+    train_features = classifier.predict(train.data.images).features
+    generated_nn = memorization.nearest_training_images(classifier.predict(generated_all).features,
+                                                        imaging.as_float_images(generated_all), train_features,
+                                                        train.data.images)
+    heldout_nn = memorization.nearest_training_images(features["test"], fid_sets["test"], train_features,
+                                                      train.data.images)
+    memo = memorization.memorization_summary(generated_nn, heldout_nn, settings.copy_threshold)
+    lap("memorization")
+
+    augmentation = None
+    if settings.augmentation_experiment:
+        augmentation = augmentation_experiment(
+            train.data, train.prompts, validation.data, test.data, generate, classifier.observations,
+            classifier_config, num_real=settings.augmentation_real, num_synthetic=settings.augmentation_synthetic,
+            seed=seeds["augmentation"], batch_size=settings.batch_size)
+        lap("augmentation")
+
+    sweep = None
+    if settings.guidance_sweep:
+        at_headline = sweep_row(settings.guidance, conditioning_summary, fid["domain"]["generated_vs_real"])
+        others = [scale for scale in dict.fromkeys(settings.guidance_sweep) if scale != settings.guidance]
+        sweep = sorted([at_headline] + guidance_sweep(
+            lambda scale: _generator(pipe, dataclasses.replace(settings, guidance=scale), size), classifier, usable,
+            others, settings.num_samples, seeds, settings.batch_size, test.prompts[:n], features["test"]),
+            key=lambda row: row["guidance"])
+        lap("guidance_sweep")
+
+    results = {
+        "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
+        "classifier_accuracy_real": classifier_test["major_accuracy"],
+        "classifier_exact_match_real": classifier_test["exact_match"],
+        "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
+        "conditioning": conditioning_summary,
+        **ceilings,
+        "skipped_prompts": [p.text for p in skipped],
+        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
+        "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
+        "augmentation": augmentation, "guidance_sweep": sweep,
+        "settings": _settings_record(settings, size),
+        "timings_s": timings,
+    }
+    write_json(out, results)
+    _write_report(out, results, [p.text for p in usable], prompt_images, prompt_results, generated_all,
+                  train.data.images)
+    return results
+
+
+def sweep_row(guidance: float, summary: dict, domain_fid: float) -> dict:
+    """One row of the guidance sweep: a conditioning summary's headline figures and the domain FID."""
+    false_positive = summary["normal_false_positive_rate"] or {}
+    return {"guidance": float(guidance), "conditioning_accuracy": summary["conditioning_accuracy"],
+            "conditioning_accuracy_by_style": summary["conditioning_accuracy_by_style"],
+            "side_accuracy_overall": summary["side_accuracy_overall"],
+            "normal_false_positive_rate_any": false_positive.get("any"),
+            "detection_rate": summary["detection_rate"], "domain_fid": domain_fid}
+
+
+def guidance_sweep(generator_at, classifier, prompts, scales, num_samples: int, seeds: dict[str, int],
+                   batch_size: int, fid_prompts, real_features: np.ndarray) -> list[dict]:
+    """Conditioning accuracy and domain FID at each classifier-free guidance scale in `scales`.
+
+    generator_at(scale) -> generate(texts, seeds) -> images (B, H, W, C) in [0, 1]. At every scale the
+    conditioning prompts and the FID prompts are drawn with the seeds the headline uses
+    (`generation_seeds`), so rows differ by the guidance alone and the row at the headline's scale would
+    repeat the headline. real_features: the classifier features (N, D) of the real images the FID compares
+    against, N = len(fid_prompts). Returns one `sweep_row` per scale, in the order given.
+    """
+    rows = []
+    for scale in scales:
+        generate = generator_at(scale)
+        images = conditioning.generate_images(generate, [p.text for p in prompts], num_samples,
+                                              seeds["conditioning"], batch_size)
+        summary, _ = conditioning.evaluate_conditioning(classifier, images, prompts)
+        fid_images = np.concatenate(conditioning.generate_images(generate, list(fid_prompts), 1, seeds["fid"],
+                                                                 batch_size))
+        rows.append(sweep_row(scale, summary,
+                              fid_from_features(classifier.predict(fid_images).features, real_features)))
+    return rows
+
+
+def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, prompts=conditioning.PROMPTS,
+                         classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+    """`--vae-only`: what an autoencoder allows a diffusion model on it, with no diffusion model. Writes `out`
+    (JSON: classifier_accuracy_real, reconstruction, and for phantom_cxr conditioning_accuracy_real_studies and
+    conditioning_accuracy_vae_reconstructed with their sections, as `evaluate` names them) and a Markdown
+    report beside it. options: the fields of EvalSettings (the sampling ones are unused)."""
+    settings = EvalSettings(checkpoint=str(checkpoint), **options)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    vae, vae_params = load_autoencoder(settings.checkpoint)
+    settings = resolve_data(settings, vae.config.sample_size)
+    train, validation, test = _load_splits(settings)
+    size = train.data.images.shape[1]
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
+    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
+    classifier_test = clf.evaluate_classifier(classifier, test.data)
+    usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    results = {
+        "classifier_accuracy_real": classifier_test["major_accuracy"],
+        **_ceilings(settings, classifier, usable, vae, vae_params, size),
+        "skipped_prompts": [p.text for p in skipped],
+        "reconstruction": reconstruction_metrics(vae, vae_params, test.data.images, settings.batch_size),
+        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
+        "settings": _settings_record(settings, size),
+        "timings_s": {"total": round(time.perf_counter() - start, 1)},
+    }
+    write_json(out, results)
+    assets = out.with_name(out.stem + "_assets")
+    assets.mkdir(exist_ok=True)
+    shown = imaging.as_float_images(test.data.images[:8])
+    reconstructed = reconstruct(vae, vae_params, shown, settings.batch_size)
+    report.save_pair_grid(assets / "reconstructions.png", shown, reconstructed, ["test image"] * len(shown),
+                          [f"VAE, {v:.1f} dB" for v in np.asarray(imaging.psnr(shown, reconstructed))])
+    report.write_autoencoder_markdown(out.with_suffix(".md"), results, assets / "reconstructions.png")
+    return results
+
+
+def load_autoencoder(checkpoint: str | os.PathLike):
+    """(AutoencoderKL module, params) of a train.py workdir (its autoencoder stage's VAE), a diffusers pipeline
+    folder (or a workdir's export) or an AutoencoderKL folder itself."""
+    path = Path(checkpoint)
+    candidates = [Path(vae_dir(str(path))), path / "vae", Path(export_dir(str(path))) / "vae", path]
+    for folder in candidates:
+        config_file = folder / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "AutoencoderKL":
+            return load_component(folder)
+    raise FileNotFoundError(f"no AutoencoderKL folder (config.json with _class_name AutoencoderKL) in "
+                            f"{', '.join(str(c) for c in candidates)}")
+
+
+def _settings_record(settings: EvalSettings, image_size: int) -> dict:
+    """The settings as the results JSON holds them (tuples as lists, so that the JSON reads back equal)."""
+    record = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    return {**record, "image_size": image_size}
+
+
+def _load_splits(settings: EvalSettings):
+    """(train, validation, test) of the data set the settings name, built first if it is not there."""
+    builder = prepare(settings.dataset, settings.data_dir, settings.dataset_config,
+                      settings.manual_dir and os.path.expanduser(settings.manual_dir))
+    return tuple(load_split(builder, split) for split in ("train", "validation", "test"))
+
+
+def _classifier(settings: EvalSettings, train, validation, classifier_config: clf.TrainConfig):
+    """(cache folder, classifier, whether it came from the cache)."""
+    classifier_dir = Path(settings.classifier_dir or Path(settings.data_dir) / "cxr_ldm_eval" /
+                          f"classifier-{settings.dataset}-{settings.dataset_config}")
+    classifier, cached = clf.load_or_train(classifier_dir, train.data, validation.data, classifier_config)
+    return classifier_dir, classifier, cached
+
+
+def _classifier_section(classifier_dir: Path, classifier, cached: bool, classifier_test: dict) -> dict:
+    return {"dir": str(classifier_dir), "cached": cached, "observations": list(classifier.observations),
+            "side_observations": list(classifier.side_observations),
+            "thresholds": classifier.thresholds.tolist(), "config": classifier.config.to_dict(),
+            "training": classifier.training_report, "test": classifier_test}
+
+
+def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int) -> dict:
+    """The results' ceiling fields: conditioning_real_studies (real phantom studies of each prompt, scored as
+    generated images are: what a perfect generator would get), conditioning_vae_reconstructed (the same studies
+    through the VAE: what a diffusion model that is perfect in latent space could reach with this autoencoder),
+    each with its conditioning_accuracy_* headline; all None unless phantom_cxr."""
+    summaries = {"real_studies": None, "vae_reconstructed": None}
+    if settings.dataset == DEFAULT_DATASET:
+        studies = conditioning.phantom_studies(usable, settings.num_samples, size)
+        reconstructed = np.split(reconstruct(vae, vae_params, np.concatenate(studies), settings.batch_size),
+                                 np.cumsum([len(x) for x in studies])[:-1])
+        summaries = {name: conditioning.evaluate_conditioning(classifier, images, usable)[0]
+                     for name, images in (("real_studies", studies), ("vae_reconstructed", reconstructed))}
+    return {**{f"conditioning_accuracy_{name}": summary and summary["conditioning_accuracy"]
+               for name, summary in summaries.items()},
+            **{f"conditioning_{name}": summary for name, summary in summaries.items()}}
+
+
+def _fid(features: dict[str, np.ndarray]) -> dict:
+    """Frechet distances of features {"generated", "validation", "test"}: generated vs test and the
+    real-vs-real floor validation vs test (sets of equal size)."""
+    return {"n": len(features["test"]), "generated_vs_real": fid_from_features(features["generated"], features["test"]),
+            "real_vs_real": fid_from_features(features["validation"], features["test"])}
+
+
+def _write_report(out: Path, results: dict, prompts: list[str], prompt_images, prompt_results, generated_all,
+                  train_images) -> None:
+    """The Markdown report beside the JSON, with prompt grids and memorization pairs in <stem>_assets/."""
+    assets = out.with_name(out.stem + "_assets")
+    assets.mkdir(exist_ok=True)
+    grids = report.save_prompt_grids(assets, prompts, prompt_images, [r.success for r in prompt_results])
+    pairs = results["memorization"]["worst_pairs"]
+    pairs_file = None
+    if pairs:
+        pairs_file = "memorization_pairs.png"
+        report.save_pair_grid(assets / pairs_file, generated_all[[p["generated"] for p in pairs]],
+                              imaging.as_float_images(train_images[[p["train"] for p in pairs]]),
+                              [f"generated, SSIM {p['ssim']:.3f}" for p in pairs],
+                              ["nearest training image"] * len(pairs))
+    report.write_markdown(out.with_suffix(".md"), results, assets, grids, pairs_file)
