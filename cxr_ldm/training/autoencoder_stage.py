@@ -17,17 +17,14 @@ import numpy as np
 from cxr_ldm.data.input_pipeline import make_eval_batches, make_train_iterator
 from cxr_ldm.imaging import match_channels
 from cxr_ldm.io.components import load_component, save_component
-from cxr_ldm.io.run_folder import AUTOENCODER_STAGE, read_done, vae_dir, write_done, write_folder_atomically
+from cxr_ldm.io.run_folder import AUTOENCODER_STAGE, vae_dir, write_folder_atomically
 from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, dummy_inputs
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import sharding as sharding_lib
 from cxr_ldm.training import steps as steps_lib
-from cxr_ldm.training.checkpoints import Checkpointer
 from cxr_ldm.training.discriminator import PatchDiscriminator
-from cxr_ldm.training.logger import MetricsLogger
-from cxr_ldm.training.loop import run_steps
 from cxr_ldm.training.sharding import to_host
-from cxr_ldm.training.stage import dataset_name
+from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
 from cxr_ldm.training.state import init_train_state
 
 STAGE = AUTOENCODER_STAGE
@@ -35,8 +32,10 @@ STAGE = AUTOENCODER_STAGE
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
     """Trains (or resumes) the autoencoder stage; returns False if SIGTERM stopped it before the end."""
-    if read_done(workdir, STAGE) is not None:
-        return True
+    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer))
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:
     c = config.autoencoder
     dtype = jnp.dtype(config.compute_dtype)
     rng = jax.random.PRNGKey(config.seed)
@@ -75,44 +74,32 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tok
     iterator = make_train_iterator(
         dataset_name(config), split="train", data_dir=config.data.data_dir, global_batch_size=c.batch_size,
         tokenizer=tokenizer, seed=config.seed, augment=config.data.augment, oversample=dict(c.oversample))
-    checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
-                                save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
-                                config={"autoencoder": c.to_dict(), "seed": config.seed})
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state, iterator)
-    logger = MetricsLogger(workdir, STAGE, resume_step=int(state.step), total_steps=c.num_steps,
-                           batch_size=c.batch_size)
     metrics_fn = steps_lib.make_reconstruction_metrics(vae, mesh, shardings.trainable["vae"])
 
     def validate(step: int, state) -> dict:
         return reconstruction_quality(metrics_fn, state.trainable["vae"], config, tokenizer, mesh)
 
-    try:
-        state, finished = run_steps(
-            stage=STAGE, state=state, step_fn=step_fn, iterator=iterator, mesh=mesh, checkpointer=checkpointer,
-            logger=logger, num_steps=c.num_steps, log_every=config.log_every,
-            max_nonfinite_streak=config.max_nonfinite_steps, batch_keys=("image",),
-            hooks=[(c.eval_every, validate)])
-    finally:
-        checkpointer.close()
-        logger.close()
-    if not finished:
-        return False
-    params = to_host(state.trainable["vae"])
-    if config.ldm.scaling_factor is not None:
-        vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(config.ldm.scaling_factor)))
-    elif not c.init_from:
-        latents = training_latents(vae, params, config, tokenizer, mesh)
-        if c.standardize_latents and vae.config.use_quant_conv and vae.config.use_post_quant_conv:
-            params, scale = standardize_latent_channels(params, latents.mean((0, 1, 2)), latents.std((0, 1, 2))), 1.0
-        else:
-            scale = 1.0 / float(latents.std())
-        vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=scale))
-    if jax.process_index() == 0:
-        write_folder_atomically(vae_dir(workdir), lambda path: save_component(vae, params, path))
-        write_done(workdir, STAGE, {"step": c.num_steps, "scaling_factor": vae.config.scaling_factor,
-                                    **validate(c.num_steps, state)})
-    return True
+    def finish(state) -> dict:
+        nonlocal vae
+        params = to_host(state.trainable["vae"])
+        if config.ldm.scaling_factor is not None:
+            vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(config.ldm.scaling_factor)))
+        elif not c.init_from:
+            latents = training_latents(vae, params, config, tokenizer, mesh)
+            if c.standardize_latents and vae.config.use_quant_conv and vae.config.use_post_quant_conv:
+                params, scale = standardize_latent_channels(params, latents.mean((0, 1, 2)),
+                                                            latents.std((0, 1, 2))), 1.0
+            else:
+                scale = 1.0 / float(latents.std())
+            vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=scale))
+        summary = {"scaling_factor": vae.config.scaling_factor, **validate(c.num_steps, state)}
+        if jax.process_index() == 0:
+            write_folder_atomically(vae_dir(workdir), lambda path: save_component(vae, params, path))
+        return summary
+
+    return StageSetup(state=state, step_fn=step_fn, iterator=iterator, num_steps=c.num_steps, batch_size=c.batch_size,
+                      batch_keys=("image",), checkpoint_config={"autoencoder": c.to_dict(), "seed": config.seed},
+                      finish=finish, hooks=[(c.eval_every, validate)])
 
 
 def reconstruction_quality(metrics_fn, vae_params: Any, config, tokenizer, mesh) -> dict:

@@ -30,9 +30,7 @@ from cxr_ldm.io.run_folder import (
     LDM_STAGE,
     export_dir,
     pretrained_text_encoder_dir,
-    read_done,
     vae_dir,
-    write_done,
     write_folder_atomically,
 )
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
@@ -42,11 +40,8 @@ from cxr_ldm.training import finetune as finetune_lib
 from cxr_ldm.training import latent_cache
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import steps as steps_lib
-from cxr_ldm.training.checkpoints import Checkpointer
-from cxr_ldm.training.logger import MetricsLogger
-from cxr_ldm.training.loop import run_steps
 from cxr_ldm.training.sharding import to_host
-from cxr_ldm.training.stage import dataset_name
+from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
 from cxr_ldm.training.state import init_train_state
 from cxr_ldm.training.text_encoder_stage import new_text_encoder
 
@@ -109,8 +104,10 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
 
 def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
     """Trains (or resumes) the LDM stage; returns False if SIGTERM stopped it before the end."""
-    if read_done(workdir, STAGE) is not None:
-        return True
+    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer))
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:
     c = config.ldm
     finetune = finetune_lib.FinetuneConfig(mode=c.finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                                            train_token_embedding=c.train_token_embedding)
@@ -149,13 +146,6 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
         word_order_rate=config.data.word_order_rate, word_order=config.data.word_order,
         augment=config.data.augment,
         include_image=cache is None, include_index=cache is not None, oversample=dict(c.oversample))
-    checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
-                                save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
-                                config={"ldm": c.to_dict(), "seed": config.seed})
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state, iterator)
-    logger = MetricsLogger(workdir, STAGE, resume_step=int(state.step), total_steps=c.num_steps,
-                           batch_size=c.batch_size)
     frozen_host = to_host(state.frozen)
 
     def pipeline_of(state) -> Pipeline:
@@ -169,25 +159,16 @@ def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) 
         path = write_sample_grid(pipeline_of(state), config, workdir, f"ldm_step_{step:06d}.png")
         return {"sample_grid": 1} if path else {}
 
-    try:
-        state, finished = run_steps(
-            stage=STAGE, state=state, step_fn=step_fn, iterator=iterator, mesh=mesh, checkpointer=checkpointer,
-            logger=logger, num_steps=c.num_steps, log_every=config.log_every,
-            max_nonfinite_streak=config.max_nonfinite_steps,
-            batch_keys=("image" if cache is None else "latent_moments", "input_ids"),
-            prepare_batch=None if cache is None else cache.batch_with_latents,
-            hooks=[(config.sample_every, sample_grid)])
-    finally:
-        checkpointer.close()
-        logger.close()
-    if not finished:
-        return False
-    if config.export and jax.process_index() == 0:
-        pipe = pipeline_of(state)
-        write_folder_atomically(export_dir(workdir), pipe.save_pretrained)
-    if jax.process_index() == 0:
-        write_done(workdir, STAGE, {"step": c.num_steps, "nonfinite_count": int(to_host(state.nonfinite_count))})
-    return True
+    def finish(state) -> dict:
+        if config.export and jax.process_index() == 0:
+            write_folder_atomically(export_dir(workdir), pipeline_of(state).save_pretrained)
+        return {"nonfinite_count": int(to_host(state.nonfinite_count))}
+
+    return StageSetup(state=state, step_fn=step_fn, iterator=iterator, num_steps=c.num_steps, batch_size=c.batch_size,
+                      batch_keys=("image" if cache is None else "latent_moments", "input_ids"),
+                      prepare_batch=None if cache is None else cache.batch_with_latents,
+                      checkpoint_config={"ldm": c.to_dict(), "seed": config.seed}, finish=finish,
+                      hooks=[(config.sample_every, sample_grid)])
 
 
 def _latent_cache(config, workdir: str, vae, vae_params) -> latent_cache.LatentCache | None:

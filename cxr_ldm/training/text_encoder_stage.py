@@ -14,7 +14,6 @@ projection head is dropped) and done.json (validation matching accuracy).
 from __future__ import annotations
 
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -28,8 +27,6 @@ from cxr_ldm.io.components import save_component
 from cxr_ldm.io.run_folder import (
     TEXT_ENCODER_STAGE,
     pretrained_text_encoder_dir,
-    read_done,
-    write_done,
     write_folder_atomically,
 )
 from cxr_ldm.models.text_encoder import CLIPTextConfig, CLIPTextModel
@@ -37,11 +34,8 @@ from cxr_ldm.models.text_encoder import dummy_inputs as text_dummy_inputs
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import sharding as sharding_lib
 from cxr_ldm.training import steps as steps_lib
-from cxr_ldm.training.checkpoints import Checkpointer
-from cxr_ldm.training.logger import MetricsLogger
-from cxr_ldm.training.loop import run_steps
 from cxr_ldm.training.sharding import to_host
-from cxr_ldm.training.stage import dataset_name
+from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
 from cxr_ldm.training.state import init_train_state
 
 STAGE = TEXT_ENCODER_STAGE
@@ -102,8 +96,10 @@ def make_matching_loss(text_encoder: CLIPTextModel, head: SectionProjection):
 
 def train_text_encoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
     """Trains (or resumes) this stage; returns False if SIGTERM stopped it before the end."""
-    if read_done(workdir, STAGE) is not None:
-        return True
+    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer))
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:
     if config.ldm.init_from:
         raise ValueError(f"config.stages has {STAGE!r} but config.ldm.init_from = {config.ldm.init_from!r} loads "
                          "a trained text encoder: the stage pretrains a new one from scratch; drop one of them")
@@ -127,31 +123,19 @@ def train_text_encoder(config: ml_collections.ConfigDict, workdir: str, mesh, to
     iterator = make_report_pair_iterator(dataset_name(config), split="train", data_dir=config.data.data_dir,
                                          global_batch_size=c.batch_size, tokenizer=tokenizer, seed=config.seed + 2,
                                          max_length=max_length)
-    checkpointer = Checkpointer(os.path.join(workdir, STAGE, "checkpoints"),
-                                save_interval_steps=config.checkpoint_every, max_to_keep=config.keep_checkpoints,
-                                config={"text_pretrain": c.to_dict(), "text_encoder": config.ldm.text_encoder.to_dict(),
-                                        "seed": config.seed})
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state, iterator)
-    logger = MetricsLogger(workdir, STAGE, resume_step=int(state.step), total_steps=c.num_steps,
-                           batch_size=c.batch_size)
-    try:
-        state, finished = run_steps(
-            stage=STAGE, state=state, step_fn=step_fn, iterator=iterator, mesh=mesh, checkpointer=checkpointer,
-            logger=logger, num_steps=c.num_steps, log_every=config.log_every,
-            max_nonfinite_streak=config.max_nonfinite_steps, batch_keys=PAIR_KEYS)
-    finally:
-        checkpointer.close()
-        logger.close()
-    if not finished:
-        return False
-    validation = validation_matching(loss_fn, state.trainable, config, tokenizer, mesh, max_length)
-    if jax.process_index() == 0:
+
+    def finish(state) -> dict:
+        validation = validation_matching(loss_fn, state.trainable, config, tokenizer, mesh, max_length)
         params = to_host(state.trainable["text_encoder"])
-        write_folder_atomically(pretrained_text_encoder_dir(workdir),
-                                lambda path: save_component(text_encoder, params, path))
-        write_done(workdir, STAGE, {"step": c.num_steps, **validation})
-    return True
+        if jax.process_index() == 0:
+            write_folder_atomically(pretrained_text_encoder_dir(workdir),
+                                    lambda path: save_component(text_encoder, params, path))
+        return validation
+
+    return StageSetup(state=state, step_fn=step_fn, iterator=iterator, num_steps=c.num_steps, batch_size=c.batch_size,
+                      batch_keys=PAIR_KEYS, finish=finish,
+                      checkpoint_config={"text_pretrain": c.to_dict(), "text_encoder": config.ldm.text_encoder.to_dict(),
+                                         "seed": config.seed})
 
 
 def validation_matching(loss_fn, trainable, config, tokenizer, mesh, max_length: int) -> dict:
