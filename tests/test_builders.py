@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cxr_ldm.data import phantom
-from cxr_ldm.data.builders import common, openi_cxr, phantom_cxr, prepare
+from cxr_ldm.data.builders import common, manual, mimic_cxr_jpg, openi_cxr, phantom_cxr, prepare
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.labeler import label_report
 
@@ -72,6 +72,52 @@ def test_load_square_grayscale_crops_centre_and_scales_16_bit(tmp_path):
     Image.fromarray(deep).save(tmp_path / "deep.png")
     scaled = common.load_square_grayscale(tmp_path / "deep.png", 2)[:, :, 0]
     np.testing.assert_array_equal(scaled, [[0, 255], [128, 0]])
+
+
+# ---------------------------------------------------------------- manual-download builders
+
+_MANUAL_BUILDERS = (mimic_cxr_jpg.MimicCxrJpg, openi_cxr.OpeniCxr)
+_SHARED_FEATURES = ("image", "report", "prompt", "labels")
+
+
+def _feature_spec(feature) -> tuple:
+    return feature.to_json(), feature.doc
+
+
+def test_manual_builders_share_configs_and_features(tmp_path):
+    names = [f"{res}{suffix}" for res in (64, 128, 256, 512) for suffix in ("", "_all_views")]
+    for cls in _MANUAL_BUILDERS:
+        assert issubclass(cls, manual.ManualDownloadBuilder)
+        assert [c.name for c in cls.BUILDER_CONFIGS] == names and cls.DEFAULT_CONFIG_NAME == "256"
+        assert [c.resolution for c in cls.BUILDER_CONFIGS] == [int(name.split("_")[0]) for name in names]
+        assert cls.MANUAL_DOWNLOAD_INSTRUCTIONS and str(cls.VERSION) == "1.0.0"
+    assert [c.views for c in mimic_cxr_jpg.MimicCxrJpg.BUILDER_CONFIGS[:2]] == [mimic_cxr_jpg.FRONTAL_VIEWS, None]
+    assert [c.frontal_only for c in openi_cxr.OpeniCxr.BUILDER_CONFIGS[:2]] == [True, False]
+
+    for config in ("64", "512_all_views"):
+        infos = [cls(config=config, data_dir=tmp_path).info for cls in _MANUAL_BUILDERS]
+        resolution = int(config.split("_")[0])
+        expected = common.cxr_features(resolution)
+        for info in infos:
+            assert info.features["image"].shape == (resolution, resolution, 1)
+            assert {key: _feature_spec(info.features[key]) for key in _SHARED_FEATURES} == {
+                key: _feature_spec(expected[key]) for key in _SHARED_FEATURES}
+            assert info.homepage and isinstance(info.metadata, tfds.core.MetadataDict)
+        mimic, openi = (set(info.features) - set(_SHARED_FEATURES) for info in infos)
+        assert mimic == {"dicom_id", "study_id", "subject_id", "view"}
+        assert openi == {"image_id", "study_id", "view"}
+    phantom_features = phantom_cxr.PhantomCxr(config="64", data_dir=tmp_path).info.features
+    assert {key: _feature_spec(phantom_features[key]) for key in _SHARED_FEATURES} == {
+        key: _feature_spec(common.cxr_features(64)[key]) for key in _SHARED_FEATURES}
+
+
+def test_manual_download_base_is_not_a_data_set():
+    assert tfds.builder_cls("mimic_cxr_jpg") is mimic_cxr_jpg.MimicCxrJpg
+    assert tfds.builder_cls("openi_cxr") is openi_cxr.OpeniCxr
+    with pytest.raises(tfds.core.registered.DatasetNotFoundError):
+        tfds.builder_cls(manual.ManualDownloadBuilder.name)
+    with pytest.raises(TypeError):  # abstract: it has no files of its own to read
+        manual.ManualDownloadBuilder(config="64")
 
 
 # ---------------------------------------------------------------- MIMIC-CXR-JPG

@@ -18,10 +18,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cxr_ldm.data import reports
-from cxr_ldm.data.builders import common
+from cxr_ldm.data.builders import common, manual
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
-from cxr_ldm.data.tokenizer import load_tokenizer
 
 FRONTAL_VIEWS = ("PA", "AP")
 _SPLITS = {"train": "train", "validate": "validation", "test": "test"}
@@ -56,13 +54,14 @@ _REPORT_PROBE_ROWS = 20
 
 
 @dataclasses.dataclass
-class MimicCxrJpgConfig(tfds.core.BuilderConfig):
-    """resolution: output side in pixels; views: ViewPosition values kept (None = all);
-    num_workers: threads decoding images."""
+class MimicCxrJpgConfig(manual.ManualDownloadConfig):
+    """views: ViewPosition values kept (None = all)."""
 
-    resolution: int = 256
     views: tuple[str, ...] | None = FRONTAL_VIEWS
-    num_workers: int = dataclasses.field(default_factory=common.default_num_workers)
+
+
+def _config(name: str, resolution: int, frontal_only: bool) -> MimicCxrJpgConfig:
+    return MimicCxrJpgConfig(name=name, resolution=resolution, views=FRONTAL_VIEWS if frontal_only else None)
 
 
 def _study_path(subject_id: str, study_id: str) -> str:
@@ -115,35 +114,26 @@ def _study_key(row: dict[str, str]) -> tuple[int, int]:
     return int(row["subject_id"]), int(row["study_id"])
 
 
-class MimicCxrJpg(tfds.core.GeneratorBasedBuilder):
+class MimicCxrJpg(manual.ManualDownloadBuilder):
     """MIMIC-CXR-JPG image/report pairs at a fixed square resolution."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-    BUILDER_CONFIGS = [
-        MimicCxrJpgConfig(name=name, resolution=res, views=views)
-        for res in (64, 128, 256, 512)
-        for name, views in ((str(res), FRONTAL_VIEWS), (f"{res}_all_views", None))
-    ]
-    DEFAULT_CONFIG_NAME = "256"
+    REQUIRED_FILES = _REQUIRED
+    HOMEPAGE = "https://physionet.org/content/mimic-cxr-jpg/"
+    BUILDER_CONFIGS = manual.resolution_configs(_config)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.cxr_features(
-                self.builder_config.resolution,
-                dicom_id=tfds.features.Text(),
-                study_id=tfds.features.Scalar(dtype=np.int64),
-                subject_id=tfds.features.Scalar(dtype=np.int64),
-                view=tfds.features.Text(doc="DICOM ViewPosition (PA, AP, LATERAL, LL, ...)."),
-            ),
-            metadata=tfds.core.MetadataDict(),
-            homepage="https://physionet.org/content/mimic-cxr-jpg/",
-        )
+    def _own_features(self):
+        return {
+            "dicom_id": tfds.features.Text(),
+            "study_id": tfds.features.Scalar(dtype=np.int64),
+            "subject_id": tfds.features.Scalar(dtype=np.int64),
+            "view": tfds.features.Text(doc="DICOM ViewPosition (PA, AP, LATERAL, LL, ...)."),
+        }
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = epath.Path(dl_manager.manual_dir)
-        paths = common.find_required(manual_dir, self.name, _REQUIRED, _INSTRUCTIONS)
+        _, paths = self._find_required(dl_manager)
         metadata = common.read_csv(paths["metadata"])
         common.require_columns(metadata, paths["metadata"], ("dicom_id", "subject_id", "study_id", "ViewPosition"))
         split_rows = common.read_csv(paths["split"])
@@ -166,42 +156,19 @@ class MimicCxrJpg(tfds.core.GeneratorBasedBuilder):
                 f"{self.name}: no report found at {paths['reports']} for the first {len(probe)} studies of "
                 f"{paths['metadata']} (e.g. {_study_path(probe[0]['subject_id'], probe[0]['study_id'])}.txt)."
                 f"\n{_INSTRUCTIONS}")
-        return {
-            split: self._generate_examples(split, rows, paths["images"], report_store, labels_of)
-            for split, rows in records.items()
-        }
 
-    def _generate_examples(self, split, rows, image_root, report_store, labels_of):
-        skips = common.SkipCounter(self.name, split)
-        resolution = self.builder_config.resolution
-        tokenizer = load_tokenizer()
-
-        def load(row):
-            """row -> (row, report text, image, None) or (row, None, None, (skip reason, detail))."""
+        def parts_of(row):
             text = report_store.read(row["subject_id"], row["study_id"])
             if text is None:
-                return row, None, None, ("missing_report", f"study s{row['study_id']}")
-            path = image_root / _study_path(row["subject_id"], row["study_id"]) / f"{row['dicom_id']}.jpg"
-            try:
-                return row, text, common.load_square_grayscale(path, resolution), None
-            except FileNotFoundError:
-                return row, None, None, ("missing_image", str(path))
-            except common.IMAGE_ERRORS as error:
-                return row, None, None, ("corrupt_image", f"{path}: {error}")
+                return manual.Skip(row["dicom_id"], "missing_report", f"study s{row['study_id']}")
+            study_dir = paths["images"] / _study_path(row["subject_id"], row["study_id"])
+            return manual.ExampleParts(
+                key=row["dicom_id"],
+                image_path=study_dir / f"{row['dicom_id']}.jpg",
+                report=text,
+                labels=labels_of.get(_study_key(row), {}),
+                features={"dicom_id": row["dicom_id"], "study_id": int(row["study_id"]),
+                          "subject_id": int(row["subject_id"]), "view": row["ViewPosition"]},
+            )
 
-        for row, text, image, problem in common.ordered_parallel_map(load, rows, self.builder_config.num_workers):
-            if problem is not None:
-                skips.skip(problem[0], row["dicom_id"], problem[1])
-                continue
-            labels = labels_of.get(_study_key(row), {})
-            yield row["dicom_id"], {
-                "image": common.png_bytes(image),
-                "report": text,
-                "prompt": reports.prompt_from_report(text, tokenizer=tokenizer),
-                "labels": common.encode_labels(labels),
-                "dicom_id": row["dicom_id"],
-                "study_id": int(row["study_id"]),
-                "subject_id": int(row["subject_id"]),
-                "view": row["ViewPosition"],
-            }
-        skips.record(self.info)
+        return {split: self._generate_examples(split, rows, parts_of) for split, rows in records.items()}

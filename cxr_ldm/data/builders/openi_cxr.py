@@ -24,10 +24,8 @@ import zlib
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cxr_ldm.data import reports
-from cxr_ldm.data.builders import common
+from cxr_ldm.data.builders import common, manual
 from cxr_ldm.data.labeler import label_report
-from cxr_ldm.data.tokenizer import load_tokenizer
 
 _INSTRUCTIONS = """\
 Download the Indiana University chest X-ray collection from https://openi.nlm.nih.gov/faq
@@ -48,13 +46,10 @@ _SPLIT_OF_BUCKET = ("train",) * 8 + ("validation", "test")
 
 
 @dataclasses.dataclass
-class OpeniCxrConfig(tfds.core.BuilderConfig):
-    """resolution: output side in pixels; frontal_only: keep frontal images where the projections file
-    says which they are; num_workers: threads decoding images."""
+class OpeniCxrConfig(manual.ManualDownloadConfig):
+    """frontal_only: keep frontal images where the projections file says which they are."""
 
-    resolution: int = 256
     frontal_only: bool = True
-    num_workers: int = dataclasses.field(default_factory=common.default_num_workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,34 +99,25 @@ def read_projections(path: epath.Path) -> dict[str, str]:
     return {_image_id_of_projection_filename(row["filename"]): row["projection"].strip().lower() for row in rows}
 
 
-class OpeniCxr(tfds.core.GeneratorBasedBuilder):
+class OpeniCxr(manual.ManualDownloadBuilder):
     """Open-i (Indiana University) chest radiographs with their reports at a fixed square resolution."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-    BUILDER_CONFIGS = [
-        OpeniCxrConfig(name=name, resolution=res, frontal_only=frontal_only)
-        for res in (64, 128, 256, 512)
-        for name, frontal_only in ((str(res), True), (f"{res}_all_views", False))
-    ]
-    DEFAULT_CONFIG_NAME = "256"
+    REQUIRED_FILES = _REQUIRED
+    HOMEPAGE = "https://openi.nlm.nih.gov/faq"
+    BUILDER_CONFIGS = manual.resolution_configs(OpeniCxrConfig)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=common.cxr_features(
-                self.builder_config.resolution,
-                image_id=tfds.features.Text(doc="PNG file stem, e.g. CXR1_1_IM-0001-4001."),
-                study_id=tfds.features.Text(doc="Report id, e.g. CXR1."),
-                view=tfds.features.Text(doc="frontal, lateral or unknown (no projections file)."),
-            ),
-            metadata=tfds.core.MetadataDict(),
-            homepage="https://openi.nlm.nih.gov/faq",
-        )
+    def _own_features(self):
+        return {
+            "image_id": tfds.features.Text(doc="PNG file stem, e.g. CXR1_1_IM-0001-4001."),
+            "study_id": tfds.features.Text(doc="Report id, e.g. CXR1."),
+            "view": tfds.features.Text(doc="frontal, lateral or unknown (no projections file)."),
+        }
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = epath.Path(dl_manager.manual_dir)
-        paths = common.find_required(manual_dir, self.name, _REQUIRED, _INSTRUCTIONS)
+        manual_dir, paths = self._find_required(dl_manager)
         xml_files = sorted(paths["reports"].glob("*.xml"))
         if not xml_files:
             raise FileNotFoundError(f"{self.name}: no *.xml report in {paths['reports']}.\n{_INSTRUCTIONS}")
@@ -145,47 +131,31 @@ class OpeniCxr(tfds.core.GeneratorBasedBuilder):
         for path in xml_files:
             study = parse_report(path)
             studies[split_of(study.study_id)].append(study)
-        return {split: self._generate_examples(split, items, paths["images"], projections)
+
+        def parts_of(item):
+            study, image_id, view = item
+            return manual.ExampleParts(
+                key=image_id,
+                image_path=paths["images"] / f"{image_id}.png",
+                report=study.report(),
+                labels=label_report(study.report(_LABELLED_SECTIONS)),
+                features={"image_id": image_id, "study_id": study.study_id, "view": view},
+            )
+
+        return {split: self._generate_examples(split, self._items(items, projections), parts_of)
                 for split, items in studies.items()}
 
-    def _generate_examples(self, split, studies, image_root, projections):
-        skips = common.SkipCounter(self.name, split)
-        resolution = self.builder_config.resolution
-        tokenizer = load_tokenizer()
+    def _items(self, studies: list[Study], projections: dict[str, str] | None) -> list:
+        """A Skip per study without findings or impression (one however many images it has), then
+        (study, image id, view) per image kept."""
         keep_views = ("frontal",) if self.builder_config.frontal_only and projections is not None else None
-
-        items = []
+        skipped, items = [], []
         for study in studies:
             if not study.report(_LABELLED_SECTIONS):
-                skips.skip("empty_report", study.study_id, "no FINDINGS or IMPRESSION")
+                skipped.append(manual.Skip(study.study_id, "empty_report", "no FINDINGS or IMPRESSION"))
                 continue
             for image_id in study.image_ids:
                 view = "unknown" if projections is None else projections.get(image_id, "unknown")
                 if keep_views is None or view in keep_views:
                     items.append((study, image_id, view))
-
-        def load(item):
-            path = image_root / f"{item[1]}.png"
-            try:
-                return item, common.load_square_grayscale(path, resolution), None
-            except FileNotFoundError:
-                return item, None, ("missing_image", str(path))
-            except common.IMAGE_ERRORS as error:
-                return item, None, ("corrupt_image", f"{path}: {error}")
-
-        for (study, image_id, view), image, problem in common.ordered_parallel_map(
-                load, items, self.builder_config.num_workers):
-            if problem is not None:
-                skips.skip(problem[0], image_id, problem[1])
-                continue
-            report = study.report()
-            yield image_id, {
-                "image": common.png_bytes(image),
-                "report": report,
-                "prompt": reports.prompt_from_report(report, tokenizer=tokenizer),
-                "labels": common.encode_labels(label_report(study.report(_LABELLED_SECTIONS))),
-                "image_id": image_id,
-                "study_id": study.study_id,
-                "view": view,
-            }
-        skips.record(self.info)
+        return skipped + items
