@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cxr_ldm.json_config import JsonConfig
 from cxr_ldm.models.layers import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv, group_norm
 
 Dtype = Any
@@ -32,7 +32,7 @@ SEQUENCE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(JsonConfig):
     """diffusers `AutoencoderKL` config; field names, meanings and defaults as diffusers has them.
 
     Attributes:
@@ -50,7 +50,14 @@ class AutoencoderConfig:
       force_upcast: diffusers pipelines run this VAE in float32; metadata only.
       use_quant_conv / use_post_quant_conv: 1x1 convs after the encoder / before the decoder.
       mid_block_add_attention: self-attention between the two mid-block resnets.
+
+    `from_dict` reads a diffusers config.json dict: missing keys take diffusers' defaults, unknown keys
+    draw a warning, values this module cannot reproduce raise ValueError naming the key and `source`.
+    `to_dict` writes all fields with diffusers' names; `AutoencoderKL.from_config` accepts it.
     """
+
+    _source = "AutoencoderKL config"
+    _ignored_keys = METADATA_KEYS
 
     in_channels: int = 3
     out_channels: int = 3
@@ -81,29 +88,6 @@ class AutoencoderConfig:
     def downsampling_factor(self) -> int:
         """Image size / latent size."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "AutoencoderKL config") -> "AutoencoderConfig":
-        """Reads a diffusers AutoencoderKL config.json dict.
-
-        Missing keys take diffusers' defaults; unknown keys draw a warning; values this module cannot
-        reproduce raise ValueError naming the key and `source`.
-        """
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in d.items() if k in fields}
-        unknown = sorted(k for k in d if k not in fields and k not in METADATA_KEYS)
-        if unknown:
-            warnings.warn(f"{source}: unknown keys {unknown} are ignored", stacklevel=2)
-        try:
-            return cls(**values)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields with diffusers' names (tuples as lists); `AutoencoderKL.from_config` accepts it."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def _validate(c: AutoencoderConfig) -> None:

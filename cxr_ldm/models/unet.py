@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cxr_ldm.json_config import JsonConfig
 from cxr_ldm.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, dot_product_attention, group_norm
 from cxr_ldm.models.transformer import Transformer2DModel
 
@@ -45,10 +46,6 @@ def _tuple(value: Any) -> Any:
     return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _json(value: Any) -> Any:
-    return [_json(v) for v in value] if isinstance(value, tuple) else value
-
-
 def _same(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """torch Conv2d(padding=(kernel - 1) // 2) as a Flax padding spec."""
     pad = (kernel - 1) // 2
@@ -56,7 +53,7 @@ def _same(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(JsonConfig):
     """The diffusers `UNet2DConditionModel` options this module implements (names and defaults as diffusers').
 
     Per-block options (`layers_per_block`, `transformer_layers_per_block`, `attention_head_dim`,
@@ -66,7 +63,14 @@ class UNetConfig:
     of width `channels // heads` (the key `attention_head_dim` of SD configs holds a head *count*).
     `heads_per_block` gives that count; `to_dict` writes it under `attention_head_dim`, the only
     spelling diffusers' `from_pretrained` accepts.
+
+    `from_dict` reads a diffusers config.json dict: an option this module implements only at one value
+    raises ValueError naming `source` and the key when it has another; unknown keys draw a warning.
     """
+
+    _source = "UNet config"
+    _ignored_keys = _BOOKKEEPING_KEYS | _INERT_KEYS
+    _unknown_keys_message = "{source}: ignoring unknown UNet2DConditionModel config keys {keys}"
 
     sample_size: int | tuple[int, int] | None = None
     in_channels: int = 4
@@ -160,37 +164,22 @@ class UNetConfig:
                              f"cross_attention_dim={self.cross_attention_dim}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "UNet config") -> "UNetConfig":
-        """Reads a diffusers `UNet2DConditionModel` config.json dict.
-
-        Raises:
-          ValueError naming `source` and the key when an option has a value this module does not implement.
-        Unknown keys are ignored with a warning.
-        """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key in fields:
-                kwargs[key] = value
-            elif key in _FIXED_VALUES:
-                expected = _FIXED_VALUES[key]
-                ok = value == expected or (key == "only_cross_attention" and isinstance(value, list)
-                                           and not any(value))
-                if not ok:
-                    raise ValueError(f"{source}: {key}={value!r} is not supported by cxr_ldm's "
-                                     f"UNet2DConditionModel (only {expected!r})")
-            elif key not in _BOOKKEEPING_KEYS and key not in _INERT_KEYS:
-                warnings.warn(f"{source}: ignoring unknown UNet2DConditionModel config key {key!r}", stacklevel=2)
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from err
+    def _read_key(cls, key: str, value: Any, source: str) -> bool:
+        """Options implemented at one value only: another value raises ValueError."""
+        if key not in _FIXED_VALUES:
+            return False
+        expected = _FIXED_VALUES[key]
+        ok = value == expected or (key == "only_cross_attention" and isinstance(value, list) and not any(value))
+        if not ok:
+            raise ValueError(f"{source}: {key}={value!r} is not supported by cxr_ldm's "
+                             f"UNet2DConditionModel (only {expected!r})")
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         """The config as diffusers writes it (keys of `UNet2DConditionModel.__init__`, JSON types)."""
-        out = {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        out.update(attention_head_dim=_json(heads), num_attention_heads=None)
+        out = super().to_dict()
+        if out["num_attention_heads"] is not None:
+            out.update(attention_head_dim=out["num_attention_heads"], num_attention_heads=None)
         return out
 
 
