@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "workdir/default"  # checkpoints, logs, samples and the exported pipeline
     c.seed = 0  # training seed: initialization, data order, noise
-    c.stages = ("autoencoder", "text_encoder", "ldm")  # run in this order; a finished stage is skipped
+    c.stages = ("autoencoder", "text_pretrain", "ldm")  # run in this order; a finished stage is skipped
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # device mesh; -1: all remaining devices
     c.export = True  # write a diffusers StableDiffusionPipeline folder to <workdir>/pipeline at the end
 
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.eval_every = 500  # steps between validation PSNR / SSIM
     c.autoencoder.num_eval_batches = 4  # validation batches per evaluation
 
-    # The "text_encoder" stage: pretrains the scratch text encoder of c.ldm.text_encoder to match each
+    # The "text_pretrain" stage: pretrains the scratch text encoder of c.ldm.text_encoder to match each
     # study's impression with its FINDINGS sentences (contrastive), so that prompts worded unlike the
     # impressions still carry their findings.
     c.text_pretrain = ml_collections.ConfigDict({
@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm = ml_collections.ConfigDict()
     c.ldm.init_from = placeholder(str)  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
     # What trains: unet | unet+text_encoder | text_encoder | textual_inversion | lora. "unet" keeps the text
-    # encoder as the text_encoder stage left it, and skips its backward pass.
+    # encoder as the text_pretrain stage left it, and skips its backward pass.
     c.ldm.finetune = "unet"
     c.ldm.train_token_embedding = True  # where the text encoder trains: its token table too (False freezes it)
     # "corpus": only the token-table rows of tokens in the training split's prompts and reports train; the
@@ -134,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm.batch_size = 8  # on a CPU, many small steps beat fewer large ones at equal images seen
     c.ldm.num_steps = 20_000  # the LDM is compute-bound here; more steps still help
     c.ldm.learning_rate = 1e-3  # AdamW peak rate of the UNet (warmup, then cosine decay)
-    # With finetune "unet+text_encoder": the text encoder's rate, low so that it keeps the text_encoder
+    # With finetune "unet+text_encoder": the text encoder's rate, low so that it keeps the text_pretrain
     # stage's pretraining
     c.ldm.text_encoder_learning_rate = 1e-4
     c.ldm.warmup_steps = 100

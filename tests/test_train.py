@@ -12,7 +12,7 @@ from cxr_ldm.training import logger as logger_lib
 from cxr_ldm.training import trainer
 from configs import tiny
 
-STAGES = ("autoencoder", "text_encoder", "ldm")
+STAGES = ("autoencoder", "text_pretrain", "ldm")
 
 
 def _config(data_dir):
@@ -48,7 +48,7 @@ def straight(data_dir, tmp_path_factory):
 
 def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, monkeypatch):
     interrupted = tmp_path / "interrupted"
-    stops = [("autoencoder", 3), ("text_encoder", 3), ("ldm", 3)]  # one SIGTERM after each of these steps
+    stops = [("autoencoder", 3), ("text_pretrain", 3), ("ldm", 3)]  # one SIGTERM after each of these steps
     logged = []
     log = logger_lib.MetricsLogger.log
 
@@ -69,7 +69,7 @@ def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, 
         assert not (interrupted / "autoencoder" / "done.json").exists()
         assert [n for _, n, _ in _losses(interrupted)] == [1, 2, 3]
         assert not trainer.run(_config(data_dir), str(interrupted))
-        assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("text_encoder", 3)
+        assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("text_pretrain", 3)
         assert not trainer.run(_config(data_dir), str(interrupted))
         assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("ldm", 3)
     assert not stops
@@ -103,6 +103,9 @@ def test_unknown_stage_and_missing_vae_are_named(data_dir, tmp_path):
     config = _config(data_dir)
     config.stages = ("pretrain",)
     with pytest.raises(ValueError, match="unknown stage"):
+        trainer.run(config, str(tmp_path / "a"))
+    config.stages = ("autoencoder", "text_encoder", "ldm")
+    with pytest.raises(ValueError, match="'text_encoder' stage is now called 'text_pretrain'"):
         trainer.run(config, str(tmp_path / "a"))
     config = _config(data_dir)
     config.stages = ("ldm",)

@@ -1,4 +1,4 @@
-"""Batches of report section pairs for text-encoder pretraining (the "text_encoder" stage).
+"""Batches of report section pairs for text-encoder pretraining (the "text_pretrain" stage).
 
 Each training study gives two descriptions of the same image: its impression (the "prompt" feature)
 and the sentences of its FINDINGS section that state a finding (`pipeline.FindingsPrompts`, "positive";

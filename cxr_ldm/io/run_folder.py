@@ -4,7 +4,7 @@
   <workdir>/<stage>/checkpoints/        Orbax checkpoints of a stage
   <workdir>/<stage>/done.json           the summary a finished stage writes last
   <workdir>/autoencoder/vae/            the trained VAE (a diffusers AutoencoderKL folder)
-  <workdir>/text_encoder/text_encoder/  the pretrained text encoder (a transformers CLIPTextModel folder)
+  <workdir>/text_pretrain/text_encoder/ the pretrained text encoder (a transformers CLIPTextModel folder)
   <workdir>/pipeline/                   the final model (a diffusers StableDiffusionPipeline folder)
   <workdir>/samples/                    sample grids
 """
@@ -16,7 +16,7 @@ import shutil
 from typing import Callable
 
 AUTOENCODER_STAGE = "autoencoder"
-TEXT_ENCODER_STAGE = "text_encoder"
+TEXT_PRETRAIN_STAGE = "text_pretrain"
 LDM_STAGE = "ldm"
 EXPORT_DIRNAME = "pipeline"  # where train.py writes the diffusers-format export inside a workdir
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -36,7 +36,7 @@ def vae_dir(workdir: str) -> str:
 
 
 def pretrained_text_encoder_dir(workdir: str) -> str:
-    return os.path.join(workdir, TEXT_ENCODER_STAGE, "text_encoder")
+    return os.path.join(workdir, TEXT_PRETRAIN_STAGE, "text_encoder")
 
 
 def export_dir(workdir: str) -> str:

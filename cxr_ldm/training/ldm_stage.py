@@ -1,6 +1,6 @@
 """Stage 2: the text-conditioned latent diffusion model (UNet + CLIP text encoder over a frozen VAE).
 
-Starts from scratch (the VAE of stage 1, and the text encoder of the optional "text_encoder" stage when
+Starts from scratch (the VAE of stage 1, and the text encoder of the optional "text_pretrain" stage when
 it ran) or from a diffusers StableDiffusionPipeline folder
 (`config.ldm.init_from`: SD 1.x/2.x, RoentGen), and trains what `config.ldm.finetune` selects.
 With `config.ldm.cache_latents` the training images are encoded once (<workdir>/ldm/latent_cache/,
@@ -43,7 +43,7 @@ from cxr_ldm.training import steps as steps_lib
 from cxr_ldm.training.sharding import to_host
 from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
 from cxr_ldm.training.state import init_train_state
-from cxr_ldm.training.text_encoder_stage import new_text_encoder
+from cxr_ldm.training.text_pretrain_stage import new_text_encoder
 
 STAGE = LDM_STAGE
 
@@ -79,7 +79,7 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
         unet = UNet2DConditionModel(UNetConfig.from_dict(c.unet.to_dict(), source="config.ldm.unet"), dtype=dtype)
         unet_params = jax.jit(unet.init)(jax.random.fold_in(rng, 11), *unet_dummy_inputs(unet.config))["params"]
         pretrained = pretrained_text_encoder_dir(workdir)
-        if os.path.isdir(pretrained):  # the "text_encoder" stage ran
+        if os.path.isdir(pretrained):  # the "text_pretrain" stage ran
             text_encoder, text_params = load_component(pretrained, dtype=dtype)
             if text_encoder.config.vocab_size != vocab_size:
                 raise ValueError(f"the pretrained text encoder in {pretrained} has {text_encoder.config.vocab_size} "
@@ -88,8 +88,8 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
             text_encoder, text_params = new_text_encoder(config, vocab_size)
             if not finetune_lib.trains_text_encoder(c.finetune):
                 warnings.warn(f"config.ldm.finetune = {c.finetune!r} keeps the text encoder as it starts, and no "
-                              f"text_encoder stage ran in {workdir}: the LDM is conditioned on a random text "
-                              "encoder. Add 'text_encoder' to config.stages or train it ('unet+text_encoder').",
+                              f"text_pretrain stage ran in {workdir}: the LDM is conditioned on a random text "
+                              "encoder. Add 'text_pretrain' to config.stages or train it ('unet+text_encoder').",
                               stacklevel=2)
         scheduler_file = c.scheduler.to_dict()
     if c.scaling_factor is not None:

@@ -1,5 +1,5 @@
 """train.py's job: prepare the data set, then run the configured stages in order (finished ones are
-skipped), resuming from the workdir's checkpoints. See DESIGN.md for the CLI contract."""
+skipped), resuming from the workdir's checkpoints (the workdir layout: `cxr_ldm.io.run_folder`)."""
 from __future__ import annotations
 
 import os
@@ -17,16 +17,17 @@ from cxr_ldm.models.unet import UNetConfig
 from cxr_ldm.training.autoencoder_stage import train_autoencoder
 from cxr_ldm.training.ldm_stage import train_ldm
 from cxr_ldm.training.sharding import make_mesh
-from cxr_ldm.training.text_encoder_stage import train_text_encoder
+from cxr_ldm.training.text_pretrain_stage import pretrain_text_encoder
 
-STAGES = {"autoencoder": train_autoencoder, "text_encoder": train_text_encoder, "ldm": train_ldm}
+STAGES = {"autoencoder": train_autoencoder, "text_pretrain": pretrain_text_encoder, "ldm": train_ldm}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Runs every stage of `config.stages`; returns False if SIGTERM stopped the run (resumable)."""
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"config.stages: unknown stage(s) {unknown}; expected some of {sorted(STAGES)}")
+        renamed = " (the 'text_encoder' stage is now called 'text_pretrain')" if "text_encoder" in unknown else ""
+        raise ValueError(f"config.stages: unknown stage(s) {unknown}; expected some of {sorted(STAGES)}{renamed}")
     check_models_fit(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config.data.data_dir = os.path.abspath(os.path.expanduser(config.data.data_dir))

@@ -1,4 +1,4 @@
-"""The "text_encoder" stage: section-pair batches, the matching loss, training, and the LDM stage starting
+"""The "text_pretrain" stage: section-pair batches, the matching loss, training, and the LDM stage starting
 from its result (its exact resume after a preemption: tests/test_train.py)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from cxr_ldm.models.autoencoder import dummy_inputs as vae_dummy_inputs
 from cxr_ldm.training import ldm_stage, trainer
-from cxr_ldm.training import text_encoder_stage as stage
+from cxr_ldm.training import text_pretrain_stage as stage
 from cxr_ldm.training.sharding import make_mesh
 from configs import tiny
 
@@ -26,7 +26,7 @@ from configs import tiny
 def _config(data_dir, **text_pretrain):
     config = tiny.get_config()
     config.data.data_dir = str(data_dir)
-    config.stages = ("text_encoder",)
+    config.stages = ("text_pretrain",)
     config.text_pretrain.update(text_pretrain)
     config.update(log_every=5, checkpoint_every=1000)
     return config
@@ -133,7 +133,7 @@ def test_stage_learns_to_match_sections_and_the_ldm_stage_starts_from_it(data_di
                                        {"text_encoder": text_params, "head": head_params}, config, tokenizer,
                                        make_mesh(), text_encoder.config.max_position_embeddings)
     assert trainer.run(config, str(tmp_path))
-    done = json.loads((tmp_path / "text_encoder" / "done.json").read_text())
+    done = json.loads((tmp_path / "text_pretrain" / "done.json").read_text())
     assert done["val_match_loss"] < before["val_match_loss"] - 0.1
     assert done["val_match_accuracy"] > before["val_match_accuracy"]
 
@@ -143,7 +143,7 @@ def test_stage_learns_to_match_sections_and_the_ldm_stage_starts_from_it(data_di
     save_component(vae, vae.init(jax.random.PRNGKey(0), *vae_dummy_inputs(vae_config))["params"],
                    tmp_path / "autoencoder" / "vae")
     setup = ldm_stage.build_models(config, str(tmp_path), vocab_size=len(tokenizer))
-    _, saved = load_component(tmp_path / "text_encoder" / "text_encoder")
+    _, saved = load_component(tmp_path / "text_pretrain" / "text_encoder")
     jax.tree_util.tree_map(np.testing.assert_array_equal, setup.params["text_encoder"], saved)
     changed = jax.tree_util.tree_map(lambda x, y: not np.array_equal(x, y), saved, text_params)
     assert all(jax.tree_util.tree_leaves(changed))

@@ -25,7 +25,7 @@ import optax
 from cxr_ldm.data.report_pairs import PAIR_KEYS, make_report_pair_iterator
 from cxr_ldm.io.components import save_component
 from cxr_ldm.io.run_folder import (
-    TEXT_ENCODER_STAGE,
+    TEXT_PRETRAIN_STAGE,
     pretrained_text_encoder_dir,
     write_folder_atomically,
 )
@@ -38,7 +38,7 @@ from cxr_ldm.training.sharding import to_host
 from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
 from cxr_ldm.training.state import init_train_state
 
-STAGE = TEXT_ENCODER_STAGE
+STAGE = TEXT_PRETRAIN_STAGE
 
 
 def new_text_encoder(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[CLIPTextModel, dict]:
@@ -94,7 +94,7 @@ def make_matching_loss(text_encoder: CLIPTextModel, head: SectionProjection):
     return loss_fn
 
 
-def train_text_encoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
+def pretrain_text_encoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
     """Trains (or resumes) this stage; returns False if SIGTERM stopped it before the end."""
     return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer))
 
