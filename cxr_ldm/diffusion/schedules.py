@@ -9,14 +9,14 @@ scheduler with `from_config(scheduler.config)`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import warnings
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+
+from cxr_ldm.json_config import HOOK_STACKLEVEL, JsonConfig
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -68,7 +68,7 @@ IGNORED_KEYS = frozenset({
 
 
 @dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(JsonConfig):
     """Diffusion noise schedule and sampler settings, with diffusers' names and meanings.
 
     Attributes:
@@ -85,7 +85,13 @@ class SchedulerConfig:
       rescale_betas_zero_snr: rescale betas so that the last timestep has zero SNR (Lin et al. 2023).
       variance_type: DDPM noise scale: "fixed_small" (posterior variance), "fixed_small_log" (same
         numbers) or "fixed_large" (beta_t).
+
+    `to_dict` writes all fields with diffusers' key names; `DDIMScheduler.from_config` (and DDPM /
+    DPM-Solver multistep) accept it. There is no `_class_name`: the writer of the folder adds it.
+    `from_file` reads a scheduler_config.json file.
     """
+
+    _ignored_keys = IGNORED_KEYS
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -113,27 +119,29 @@ class SchedulerConfig:
         thresholding=True, variance_type="learned", beta_schedule="sigmoid") raise ValueError naming
         the key and `source`.
         """
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        return cls._read_dict(d, source)
+
+    @classmethod
+    def _read_key(cls, key: str, value: Any, source: str) -> bool:
+        """thresholding (false only) and the solver keys (read and dropped, see SOLVER_KEYS)."""
+        if key == "thresholding":
+            if value:
+                raise ValueError(f"{source}: 'thresholding': true (dynamic thresholding) is not supported;"
+                                 " expected false")
+        elif key in SOLVER_KEYS:
+            if value != SOLVER_KEYS[key]:
+                warnings.warn(f"{source}: {key}={value!r} is ignored; the samplers run with "
+                              f"{key}={SOLVER_KEYS[key]!r} (see cxr_ldm.diffusion.samplers)",
+                              stacklevel=HOOK_STACKLEVEL)
+        else:
+            return False
+        return True
+
+    @classmethod
+    def _prepare(cls, values: dict[str, Any], d: Mapping[str, Any], source: str) -> dict[str, Any]:
+        """The defaults of the class named by `_class_name`, DPM-Solver's null variance_type, trained_betas."""
         class_name = d.get("_class_name", "DDIMScheduler")
-        values = dict(CLASS_DEFAULTS.get(class_name, {}) if isinstance(class_name, str) else {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = []
-        for key, value in d.items():
-            if key in fields:
-                values[key] = value
-            elif key == "thresholding":
-                if value:
-                    raise ValueError(f"{source}: 'thresholding': true (dynamic thresholding) is not supported;"
-                                     " expected false")
-            elif key in SOLVER_KEYS:
-                if value != SOLVER_KEYS[key]:
-                    warnings.warn(f"{source}: {key}={value!r} is ignored; the samplers run with "
-                                  f"{key}={SOLVER_KEYS[key]!r} (see cxr_ldm.diffusion.samplers)", stacklevel=2)
-            elif key not in IGNORED_KEYS:
-                unknown.append(key)
-        if unknown:
-            warnings.warn(f"{source}: unknown keys {sorted(unknown)} are ignored", stacklevel=2)
+        values = {**(CLASS_DEFAULTS.get(class_name, {}) if isinstance(class_name, str) else {}), **values}
         if values.get("variance_type", "") is None:  # DPM-Solver's "not learned"
             values["variance_type"] = "fixed_small"
         if values.get("trained_betas") is not None:
@@ -141,28 +149,7 @@ class SchedulerConfig:
             if not isinstance(betas, (list, tuple, np.ndarray)):
                 raise ValueError(f"{source}: 'trained_betas' must be a list of numbers or null, got {betas!r}")
             values["trained_betas"] = tuple(float(b) for b in betas)
-        try:
-            return cls(**values)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "SchedulerConfig":
-        """Reads a scheduler_config.json file."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        """All fields with diffusers' key names; `DDIMScheduler.from_config` (and DDPM / DPM-Solver
-        multistep) accept it. There is no `_class_name`: the writer of the folder adds it."""
-        d = dataclasses.asdict(self)
-        if self.trained_betas is not None:
-            d["trained_betas"] = list(self.trained_betas)
-        return d
+        return values
 
 
 def _validate(c: SchedulerConfig) -> None:

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cxr_ldm.json_config import HOOK_STACKLEVEL, JsonConfig
 from cxr_ldm.models.layers import dot_product_attention
 
 Dtype = Any
@@ -34,8 +35,15 @@ _IGNORED_KEYS = frozenset({
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
-    """transformers' CLIPTextConfig fields that shape the text transformer (defaults: SD 1.x, ViT-L/14)."""
+class CLIPTextConfig(JsonConfig):
+    """transformers' CLIPTextConfig fields that shape the text transformer (defaults: SD 1.x, ViT-L/14).
+
+    `from_dict` reads a transformers config.json dict: unknown keys warn, bad values raise naming `source`.
+    """
+
+    _source = "config"
+    _ignored_keys = _IGNORED_KEYS
+    _unknown_keys_message = "{source}: ignoring unknown CLIPTextConfig keys {keys}"
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -59,26 +67,23 @@ class CLIPTextConfig:
                              f"num_attention_heads={self.num_attention_heads}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "CLIPTextConfig":
-        """Reads a transformers `config.json` dict. Unknown keys warn; bad values raise naming `source`."""
-        if d.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"{source}: model_type={d['model_type']!r}, expected 'clip_text_model' "
+    def _read_key(cls, key: str, value: Any, source: str) -> bool:
+        """Only a CLIP text encoder config is read (model_type "clip_text_model", the default)."""
+        if key == "model_type" and value != "clip_text_model":
+            raise ValueError(f"{source}: model_type={value!r}, expected 'clip_text_model' "
                              "(a CLIP text encoder config)")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - _IGNORED_KEYS)
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown CLIPTextConfig keys {unknown}", stacklevel=2)
+        return False  # model_type is one of the ignored keys
+
+    @classmethod
+    def _prepare(cls, values: dict[str, Any], d: Mapping[str, Any], source: str) -> dict[str, Any]:
         if d.get("attention_dropout", 0.0):
-            warnings.warn(f"{source}: attention_dropout={d['attention_dropout']} is not applied", stacklevel=2)
-        values = {k: d[k] for k in names if k in d and d[k] is not None}
-        try:
-            return cls(**values)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from err
+            warnings.warn(f"{source}: attention_dropout={d['attention_dropout']} is not applied",
+                          stacklevel=HOOK_STACKLEVEL)
+        return {k: v for k, v in values.items() if v is not None}  # null: the default
 
     def to_dict(self) -> dict:
         """transformers' config.json keys (without "architectures")."""
-        return {"model_type": "clip_text_model", "attention_dropout": 0.0, **dataclasses.asdict(self)}
+        return {"model_type": "clip_text_model", "attention_dropout": 0.0, **super().to_dict()}
 
 
 class CLIPAttention(nn.Module):
