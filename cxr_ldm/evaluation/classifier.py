@@ -32,6 +32,7 @@ from cxr_ldm.evaluation import metrics
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
 from cxr_ldm.imaging import as_float_images, resize
 from cxr_ldm.io.weights import read_safetensors, write_json, write_safetensors
+from cxr_ldm.json_config import JsonConfig
 
 FORMAT_VERSION = 1
 UNCERTAIN, NOT_MENTIONED = -1, -2
@@ -70,8 +71,15 @@ class LabelledImages:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Classifier recipe. Shifts are in pixels of the classifier input; intensities in [0, 1] units."""
+class TrainConfig(JsonConfig):
+    """Classifier recipe. Shifts are in pixels of the classifier input; intensities in [0, 1] units.
+
+    Stored in classifier.json; `from_dict` refuses unknown keys (a recipe this code does not know).
+    """
+    _source = "classifier config"
+    _unknown_keys = "raise"
+    _unknown_keys_message = "{source}: unknown keys {keys}; expected some of {expected}"
+
     input_size: int = 64
     widths: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 256
@@ -90,17 +98,6 @@ class TrainConfig:
     contrast: float = 0.1
     noise_std: float = 0.02
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"classifier config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 class ClassifierNet(nn.Module):
