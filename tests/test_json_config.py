@@ -3,9 +3,15 @@ import dataclasses
 import json
 import warnings
 
+import numpy as np
 import pytest
 
+from cxr_ldm.diffusion.schedules import SchedulerConfig
+from cxr_ldm.evaluation.classifier import TrainConfig
 from cxr_ldm.json_config import JsonConfig
+from cxr_ldm.models.autoencoder import AutoencoderConfig
+from cxr_ldm.models.text_encoder import CLIPTextConfig
+from cxr_ldm.models.unet import UNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +113,100 @@ def test_from_file(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         Toy.from_file(path)
 
+
+CONFIGS = {
+    "autoencoder": AutoencoderConfig(
+        in_channels=1, out_channels=1, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=(64, 48), shift_factor=0.1,
+        latents_mean=(0.0, 0.5, 1.0, 1.5), latents_std=(1.0,) * 4, use_quant_conv=False),
+    "unet": UNetConfig(
+        sample_size=(16, 24), block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=(1, 2), attention_head_dim=(4, 2), use_linear_projection=True,
+        addition_embed_type="text", addition_embed_type_num_heads=8),
+    "text_encoder": CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                   num_attention_heads=4, hidden_act="gelu", bos_token_id=998, eos_token_id=999),
+    "scheduler": SchedulerConfig(num_train_timesteps=10, trained_betas=tuple(np.linspace(0.01, 0.2, 10).tolist()),
+                                 prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False),
+    "classifier": TrainConfig(input_size=32, widths=(8, 16), feature_dim=32, norm="group", epochs=4),
+}
+TUPLE_FIELDS = {"autoencoder": ("sample_size", "block_out_channels", "latents_mean"),
+                "unet": ("sample_size", "layers_per_block", "attention_head_dim"),
+                "text_encoder": (), "scheduler": ("trained_betas",), "classifier": ("widths",)}
+BAD_VALUES = {"autoencoder": {"latent_channels": 0}, "unet": {"act_fn": "gelu"},
+              "text_encoder": {"hidden_act": "relu"}, "scheduler": {"beta_schedule": "sigmoid"}}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_round_trip_through_json(name):
+    config = CONFIGS[name]
+    d = via_json(config)
+    for key in TUPLE_FIELDS[name]:
+        assert isinstance(config.to_dict()[key], list), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = type(config).from_dict(d)
+    assert again == config
+    for key in TUPLE_FIELDS[name]:
+        assert isinstance(getattr(again, key), tuple), key
+    assert again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"classifier"}))
+def test_unknown_keys_warn_naming_the_source(name):
+    config = CONFIGS[name]
+    with pytest.warns(UserWarning, match=r"my/config\.json: .*'frobnicate'") as record:
+        again = type(config).from_dict({**config.to_dict(), "frobnicate": 1}, source="my/config.json")
+    assert again == config
+    assert [w.filename for w in record] == [__file__]
+
+
+def test_classifier_config_refuses_unknown_keys():
+    d = {**CONFIGS["classifier"].to_dict(), "frobnicate": 1}
+    with pytest.raises(ValueError, match=r"^classifier config: unknown keys \['frobnicate'\]; expected some of"):
+        TrainConfig.from_dict(d)
+    with pytest.raises(ValueError, match=r"^classifier\.json: unknown keys"):
+        TrainConfig.from_dict(d, source="classifier.json")
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_bad_values_raise_naming_the_source(name):
+    config = CONFIGS[name]
+    key = next(iter(BAD_VALUES[name]))
+    with pytest.raises(ValueError, match=rf"^my/config\.json: .*{key}"):
+        type(config).from_dict({**config.to_dict(), **BAD_VALUES[name]}, source="my/config.json")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_non_mappings_raise_naming_the_source(name):
+    with pytest.raises(ValueError, match=r"^x\.json: expected a JSON object, got list"):
+        type(CONFIGS[name]).from_dict([], source="x.json")
+
+
+def test_class_specific_keys():
+    with pytest.raises(ValueError, match=r"^u: dropout=0\.1 is not supported"):
+        UNetConfig.from_dict({"dropout": 0.1}, "u")
+    assert UNetConfig.from_dict({"only_cross_attention": [False] * 4}) == UNetConfig()
+    written = UNetConfig(num_attention_heads=(4, 2, 2, 1), attention_head_dim=8).to_dict()
+    assert (written["attention_head_dim"], written["num_attention_heads"]) == ([4, 2, 2, 1], None)
+
+    text = CONFIGS["text_encoder"].to_dict()
+    assert (text["model_type"], text["attention_dropout"]) == ("clip_text_model", 0.0)
+    assert CLIPTextConfig.from_dict({"hidden_size": None}) == CLIPTextConfig()  # null: the default
+    with pytest.raises(ValueError, match=r"^t: model_type='clip_vision_model'"):
+        CLIPTextConfig.from_dict({"model_type": "clip_vision_model"}, "t")
+    with pytest.warns(UserWarning, match=r"^t: attention_dropout=0\.1 is not applied") as record:
+        CLIPTextConfig.from_dict({"attention_dropout": 0.1}, "t")
+    assert [w.filename for w in record] == [__file__]
+
+    with pytest.raises(TypeError):  # source is keyword-only there
+        SchedulerConfig.from_dict({}, "s")
+    assert SchedulerConfig.from_dict({"_class_name": "PNDMScheduler"}).set_alpha_to_one is False
+    assert SchedulerConfig.from_dict({"variance_type": None}).variance_type == "fixed_small"
+    with pytest.raises(ValueError, match=r"^s: 'thresholding': true"):
+        SchedulerConfig.from_dict({"thresholding": True}, source="s")
+    with pytest.warns(UserWarning, match=r"^s: solver_order=3 is ignored") as record:
+        SchedulerConfig.from_dict({"solver_order": 3}, source="s")
+    assert [w.filename for w in record] == [__file__]
+    with pytest.raises(ValueError, match=r"^s: 'trained_betas' must be a list"):
+        SchedulerConfig.from_dict({"trained_betas": "0.1"}, source="s")
