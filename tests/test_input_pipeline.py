@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import grain
 import numpy as np
@@ -83,9 +84,12 @@ def tokenizer():
 
 
 def _train(builder, tokenizer, **overrides):
+    """A train iterator; overrides that are `ExampleConfig` fields go into its `examples`."""
+    fields = {f.name for f in dataclasses.fields(input_pipeline.ExampleConfig)}
+    examples = input_pipeline.ExampleConfig(**{k: v for k, v in overrides.items() if k in fields})
     kwargs = dict(split="train", data_dir=None, global_batch_size=8, tokenizer=tokenizer, seed=3,
-                  shard_options=grain.sharding.NoSharding())
-    kwargs.update(overrides)
+                  shard_options=grain.sharding.NoSharding(), examples=examples)
+    kwargs.update({k: v for k, v in overrides.items() if k not in fields})
     return input_pipeline.make_train_iterator(builder, **kwargs)
 
 

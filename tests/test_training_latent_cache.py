@@ -109,7 +109,8 @@ def test_train_batches_carry_record_indices_and_get_their_latents(builder, vae, 
     cache = _encode(models, vae_params, builder, tmp_path)
     iterator = input_pipeline.make_train_iterator(
         builder, split="train", data_dir=None, global_batch_size=8, tokenizer=load_tokenizer(), seed=1,
-        shard_options=grain.sharding.NoSharding(), include_image=False, include_index=True)
+        shard_options=grain.sharding.NoSharding(),
+        examples=input_pipeline.ExampleConfig(include_image=False, include_index=True))
     batch = next(iterator)
     assert "image" not in batch
     source = builder.as_data_source(split="train")
@@ -117,5 +118,4 @@ def test_train_batches_carry_record_indices_and_get_their_latents(builder, vae, 
     with_latents = cache.batch_with_latents(batch)
     np.testing.assert_array_equal(with_latents["latent_moments"][2], cache.moments[int(batch["index"][2])])
     with pytest.raises(ValueError, match="include_image=False"):
-        input_pipeline.make_train_iterator(builder, split="train", data_dir=None, global_batch_size=8,
-                                     tokenizer=load_tokenizer(), seed=1, augment=True, include_image=False)
+        input_pipeline.ExampleConfig(augment=True, include_image=False)

@@ -4,8 +4,8 @@ Each process reads its own shard (default: `grain.sharding.ShardByJaxProcess`) a
 global_batch_size // shard_count examples, as numpy dicts:
   "image"      float32 (b, H, W, 1) in [-1, 1]
   "input_ids"  int32 (b, max_length) CLIP token ids of the prompt ("" for dropped prompts: CFG); with
-               `findings_prompt_rate` > 0 some prompts are the report's FINDINGS section instead; with
-               `word_order_rate` > 0 some have their words reordered within each sentence
+               `ExampleConfig.findings_prompt_rate` > 0 some prompts are the report's FINDINGS section
+               instead; with `word_order_rate` > 0 some have their words reordered within each sentence
   "labels"     int8 (b, 14) (see builders/common.py)
 Randomness (shuffle order, prompt drop, prompt source, word order, crop) comes from the seed and the example's
 position in the sampler only, so a run is reproducible and an iterator restored from `get_state()` (or with
@@ -17,6 +17,7 @@ contradict the laterality a prompt states).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -148,44 +149,90 @@ def to_model_range(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 127.5 - 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class ExampleConfig:
+    """How training examples are made of a data set's records (a run config's `data` section).
+
+    prompt_dropout: probability that an example's prompt is replaced by "" (classifier-free guidance).
+    findings_prompt_rate: probability that an example's prompt is its report's FINDINGS section (cut at a
+      sentence end to fit max_length) instead of its "prompt" feature (the impression); reports without
+      findings keep the prompt. Findings sentences teach the text encoder other phrasings and negations.
+    findings_prompt_sentences: "all" (the whole section) or "positive" (only the sentences stating a
+      finding present or uncertain; a normal study's whole section), see `FindingsPrompts`.
+    word_order_rate: probability that a prompt (impression or findings) has its sentences shuffled and the
+      words within each sentence reordered, by `word_order` "shuffle" or "rotate" (`reorder_prompt_words`).
+    augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
+    oversample: {CheXpert label: factor}: every epoch repeats the studies positive (1 or -1) for a label
+      that many times (`oversampled_records`), so rare findings get more of the training steps.
+    max_length: tokens per prompt; None: the tokenizer's `prompt_length`.
+    include_image: False leaves "image" out of the batches (and undecoded): for cached latents.
+    include_index: adds "index", int64 (b,): each example's record index in the split.
+    """
+
+    prompt_dropout: float = 0.0
+    findings_prompt_rate: float = 0.0
+    findings_prompt_sentences: str = "all"
+    word_order_rate: float = 0.0
+    word_order: str = "shuffle"
+    augment: bool = False
+    min_crop_scale: float = 0.85
+    oversample: Mapping[str, int] | None = None
+    max_length: int | None = None
+    include_image: bool = True
+    include_index: bool = False
+
+    def __post_init__(self):
+        for name in ("prompt_dropout", "findings_prompt_rate", "word_order_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.word_order not in WORD_ORDERS:
+            raise ValueError(f"word_order {self.word_order!r}: expected one of {WORD_ORDERS}.")
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}.")
+        if self.augment and not self.include_image:
+            raise ValueError("augment=True crops the images, but include_image=False leaves them out.")
+
+    @classmethod
+    def from_config(cls, section: Mapping, **overrides) -> "ExampleConfig":
+        """The fields that `section` (e.g. a run config's `data`) has, then `overrides`; other keys are ignored."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: section[k] for k in section.keys() if k in fields}, **overrides})
+
+
 class _TrainExample(grain.transforms.RandomMap):
     """TFDS example -> {"image", "input_ids", "labels"} with prompt drop, prompt source, word order and
-    optional crop; with `include_image` False no "image" (it was not decoded either); with `include_index`
-    its record index."""
+    optional crop (`ExampleConfig`); with `include_image` False no "image" (it was not decoded either); with
+    `include_index` its record index."""
 
-    def __init__(self, prompt_ids: PromptIds, prompt_dropout: float, augment: bool, min_crop_scale: float, *,
-                 include_image: bool = True, include_index: bool = False, findings_prompt_rate: float = 0.0,
-                 findings_prompt_sentences: str = "all", word_order_rate: float = 0.0,
-                 word_order: str = "shuffle"):
-        self.prompt_ids, self.prompt_dropout = prompt_ids, prompt_dropout
-        self.augment, self.min_crop_scale = augment, min_crop_scale
-        self.include_image, self.include_index = include_image, include_index
-        self.findings_prompt_rate = findings_prompt_rate
-        self.word_order_rate, self.word_order = word_order_rate, word_order
-        self.findings_prompts = FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length, findings_prompt_sentences)
+    def __init__(self, prompt_ids: PromptIds, config: ExampleConfig):
+        self.prompt_ids, self.config = prompt_ids, config
+        self.findings_prompts = FindingsPrompts(prompt_ids.tokenizer, prompt_ids.max_length,
+                                                config.findings_prompt_sentences)
 
     def _prompt(self, element: dict, rng: np.random.Generator) -> str:
         # Source and word order are drawn only when their rates are > 0, so the defaults keep the random stream.
+        c = self.config
         prompt = common.as_text(element["prompt"])
-        if self.findings_prompt_rate > 0 and rng.random() < self.findings_prompt_rate:
+        if c.findings_prompt_rate > 0 and rng.random() < c.findings_prompt_rate:
             prompt = self.findings_prompts(common.as_text(element["report"])) or prompt
-        if self.word_order_rate > 0 and rng.random() < self.word_order_rate:
-            prompt = reorder_prompt_words(prompt, rng, self.word_order)
+        if c.word_order_rate > 0 and rng.random() < c.word_order_rate:
+            prompt = reorder_prompt_words(prompt, rng, c.word_order)
         return prompt
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        drop = rng.random() < self.prompt_dropout
+        c = self.config
+        drop = rng.random() < c.prompt_dropout
         prompt = self._prompt(element, rng)
         example = {
             "input_ids": self.prompt_ids("" if drop else prompt),
             "labels": np.asarray(element["labels"], np.int8),
         }
-        if self.include_image:
+        if c.include_image:
             image = element["image"]
-            if self.augment:
-                image = random_crop_resize(image, rng, self.min_crop_scale)
+            if c.augment:
+                image = random_crop_resize(image, rng, c.min_crop_scale)
             example["image"] = to_model_range(image)
-        if self.include_index:
+        if c.include_index:
             example["index"] = np.int64(element["index"])
         return example
 
@@ -299,15 +346,10 @@ def _allow_worker_processes(worker_count: int) -> None:
 
 
 def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathLike | None,
-                        global_batch_size: int, tokenizer, seed: int, prompt_dropout: float = 0.0,
-                        augment: bool = False, num_epochs: int | None = None, shuffle: bool = True,
-                        min_crop_scale: float = 0.85, max_length: int | None = None,
+                        global_batch_size: int, tokenizer, seed: int, examples: ExampleConfig = ExampleConfig(),
+                        num_epochs: int | None = None, shuffle: bool = True,
                         shard_options: grain.sharding.ShardOptions | None = None,
-                        worker_count: int = 0, include_image: bool = True,
-                        include_index: bool = False, findings_prompt_rate: float = 0.0,
-                        findings_prompt_sentences: str = "all", word_order_rate: float = 0.0,
-                        word_order: str = "shuffle",
-                        oversample: Mapping[str, int] | None = None) -> grain.DataLoaderIterator:
+                        worker_count: int = 0) -> grain.DataLoaderIterator:
     """Training batches of this process's shard (module doc), endless unless num_epochs is given.
 
     Args:
@@ -317,57 +359,31 @@ def make_train_iterator(builder_or_name, *, split: str, data_dir: str | os.PathL
       global_batch_size: examples per step over all processes.
       tokenizer: a CLIPTokenizer (`cxr_ldm.data.tokenizer.load_tokenizer()`).
       seed: 0 <= seed < 2**32; fixes shuffle order, prompt drops, prompt sources and crops.
-      prompt_dropout: probability that an example's prompt is replaced by "" (classifier-free guidance).
-      findings_prompt_rate: probability that an example's prompt is its report's FINDINGS section (cut at a
-        sentence end to fit max_length) instead of its "prompt" feature (the impression); reports without
-        findings keep the prompt. Findings sentences teach the text encoder other phrasings and negations.
-      findings_prompt_sentences: "all" (the whole section) or "positive" (only the sentences stating a
-        finding present or uncertain; a normal study's whole section), see `FindingsPrompts`.
-      word_order_rate: probability that a prompt (impression or findings) has its sentences shuffled and the
-        words within each sentence reordered, by `word_order` "shuffle" or "rotate" (`reorder_prompt_words`).
-      augment: random square crop (side >= min_crop_scale of the image) resized back; never flips.
-      max_length: tokens per prompt; None: the tokenizer's `prompt_length`.
+      examples: how examples are made (prompt sources, dropout, crops, oversampling; `ExampleConfig`).
       num_epochs: None repeats forever. shuffle: reshuffle every epoch.
       shard_options: default ShardByJaxProcess(drop_remainder=True).
       worker_count: Grain worker processes (0 = in this process).
-      include_image: False leaves "image" out of the batches (and undecoded): for cached latents.
-      include_index: adds "index", int64 (b,): each example's record index in the split.
-      oversample: {CheXpert label: factor}: every epoch repeats the studies positive (1 or -1) for a label
-        that many times (`oversampled_records`), so rare findings get more of the training steps.
     Returns:
       A `grain.DataLoaderIterator`; the final partial batch of a finite run is dropped.
     """
-    if not 0.0 <= prompt_dropout <= 1.0:
-        raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}.")
-    for name, rate in (("findings_prompt_rate", findings_prompt_rate), ("word_order_rate", word_order_rate)):
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {rate}.")
-    if word_order not in WORD_ORDERS:
-        raise ValueError(f"word_order {word_order!r}: expected one of {WORD_ORDERS}.")
-    if not 0.0 < min_crop_scale <= 1.0:
-        raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}.")
-    if augment and not include_image:
-        raise ValueError("augment=True crops the images, but include_image=False leaves them out.")
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     batch_size = per_shard_batch_size(global_batch_size, shard_options)
     _allow_worker_processes(worker_count)
-    source = data_source(builder_or_name, split, data_dir, decode_images=include_image)
-    if oversample:
+    source = data_source(builder_or_name, split, data_dir, decode_images=examples.include_image)
+    if examples.oversample:
+        oversample = dict(examples.oversample)
         labels = _labels_of(data_source(builder_or_name, split, data_dir, decode_images=False))
         records = oversampled_records(labels, oversample)
-        source = _RecordView(source, records, include_index, f"oversample={dict(sorted(oversample.items()))}")
-    elif include_index:
+        source = _RecordView(source, records, examples.include_index,
+                             f"oversample={dict(sorted(oversample.items()))}")
+    elif examples.include_index:
         source = _RecordView(source, np.arange(len(source)), True, None)
     sampler = grain.samplers.IndexSampler(len(source), shard_options, shuffle=shuffle,
                                           num_epochs=num_epochs, seed=seed)
     loader = grain.DataLoader(
         data_source=source, sampler=sampler, shard_options=shard_options, worker_count=worker_count,
         operations=[
-            _TrainExample(PromptIds(tokenizer, max_length), prompt_dropout, augment, min_crop_scale,
-                          include_image=include_image, include_index=include_index,
-                          findings_prompt_rate=findings_prompt_rate,
-                          findings_prompt_sentences=findings_prompt_sentences,
-                          word_order_rate=word_order_rate, word_order=word_order),
+            _TrainExample(PromptIds(tokenizer, examples.max_length), examples),
             grain.transforms.Batch(batch_size, drop_remainder=True),
         ])
     return iter(loader)

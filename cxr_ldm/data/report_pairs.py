@@ -64,7 +64,7 @@ def make_report_pair_iterator(builder_or_name, *, split: str, data_dir: str | os
                               num_epochs: int | None = None,
                               shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoaderIterator:
     """This process's batches of section pairs (module doc), shuffled every epoch, endless unless
-    `num_epochs` is given; arguments as `pipeline.make_train_iterator`. A checkpointable Grain iterator."""
+    `num_epochs` is given; arguments as `input_pipeline.make_train_iterator`. A checkpointable Grain iterator."""
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     source = data_source(builder_or_name, split, data_dir, decode_images=False)
     sampler = grain.samplers.IndexSampler(len(source), shard_options, shuffle=True, num_epochs=num_epochs,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cxr_ldm.data.input_pipeline import make_eval_batches, make_train_iterator
+from cxr_ldm.data.input_pipeline import ExampleConfig, make_eval_batches, make_train_iterator
 from cxr_ldm.imaging import match_channels
 from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.io.run_folder import AUTOENCODER_STAGE, vae_dir, write_folder_atomically
@@ -73,7 +73,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> 
         learning_rate_fn=optimizer_lib.learning_rate_schedule(optimizer_config))
     iterator = make_train_iterator(
         dataset_name(config), split="train", data_dir=config.data.data_dir, global_batch_size=c.batch_size,
-        tokenizer=tokenizer, seed=config.seed, augment=config.data.augment, oversample=dict(c.oversample))
+        tokenizer=tokenizer, seed=config.seed,
+        examples=ExampleConfig(augment=config.data.augment, oversample=dict(c.oversample)))
     metrics_fn = steps_lib.make_reconstruction_metrics(vae, mesh, shardings.trainable["vae"])
 
     def validate(step: int, state) -> dict:

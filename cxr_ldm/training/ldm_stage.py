@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cxr_ldm.data.input_pipeline import corpus_token_ids, make_train_iterator
+from cxr_ldm.data.input_pipeline import ExampleConfig, corpus_token_ids, make_train_iterator
 from cxr_ldm.data.tokenizer import set_prompt_length
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
 from cxr_ldm.io.components import load_component
@@ -140,12 +140,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> 
     cache = _latent_cache(config, workdir, models.vae, setup.params["vae"])
     iterator = make_train_iterator(
         dataset_name(config), split="train", data_dir=config.data.data_dir, global_batch_size=c.batch_size,
-        tokenizer=tokenizer, seed=config.seed + 1, prompt_dropout=config.data.prompt_dropout,
-        findings_prompt_rate=config.data.findings_prompt_rate,
-        findings_prompt_sentences=config.data.findings_prompt_sentences,
-        word_order_rate=config.data.word_order_rate, word_order=config.data.word_order,
-        augment=config.data.augment,
-        include_image=cache is None, include_index=cache is not None, oversample=dict(c.oversample))
+        tokenizer=tokenizer, seed=config.seed + 1,
+        examples=ExampleConfig.from_config(config.data, oversample=dict(c.oversample), include_image=cache is None,
+                                           include_index=cache is not None))
     frozen_host = to_host(state.frozen)
 
     def pipeline_of(state) -> Pipeline:
