@@ -404,7 +404,7 @@ def test_data_source_reads_without_tensorflow(phantom_tiny_dir, tmp_path):
     for entry in os.listdir(site):
         if not (entry == "tensorflow" or entry.startswith(("tensorflow-", "tensorflow_cpu", "tensorflow_io"))):
             os.symlink(os.path.join(site, entry), no_tf / entry)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = textwrap.dedent(f"""
         import importlib.util, sys
         assert importlib.util.find_spec("tensorflow") is None

@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-import test_training_common as common
 from cxr_ldm.diffusion.targets import add_noise
 from cxr_ldm.training import discriminator as disc_lib
 from cxr_ldm.training import optimizer, sharding, state, steps
+from helpers import training as common
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-import test_training_common as common
 from cxr_ldm.data import input_pipeline
 from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.training import latent_cache, steps
-from test_input_pipeline import NUM_EXAMPLES, builder, toy_image  # noqa: F401 (builder: the toy data set fixture)
+from helpers import training as common
+from helpers.toy_data import NUM_EXAMPLES, builder, toy_image  # noqa: F401 (builder: the toy data set fixture)
 
 
 @pytest.fixture(scope="module")

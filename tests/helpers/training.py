@@ -1,5 +1,5 @@
 """Tiny real models and a few-step LDM run shared by the training tests (also run as a subprocess
-worker, e.g. with 8 simulated CPU devices: `python tests/test_training_common.py '{"data": 4, ...}'`)."""
+worker, e.g. with 8 simulated CPU devices: `python tests/helpers/training.py '{"data": 4, ...}'`)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
 from cxr_ldm.training import finetune, optimizer, sharding, state, steps
 
 VOCAB, SEQ, IMAGE = 64, 8, 16
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_models(levels: int = 1) -> steps.LDMModels:

@@ -252,7 +252,7 @@ def test_config_warns_when_a_block_has_one_channel_per_group():
 
 def _full_size_benchmark():
     """benchmarks/full_size_unet.py, which holds the SD 1.5 / SD 2.1 UNet configs."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "full_size_unet.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "full_size_unet.py"
     spec = importlib.util.spec_from_file_location("full_size_unet", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_training_common as common
 from cxr_ldm.training import finetune, sharding
+from helpers import training as common
 
 LORA_KERNEL = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")
 
@@ -169,7 +169,7 @@ def test_placeholder_tokens_get_the_ids_of_the_appended_rows():
         finetune.add_placeholder_tokens(tokenizer, ["<z>"], ["pneumothorax effusion"])
 
 
-# "unet" runs in test_training_steps.py; the other full modes differ from it only in the split.
+# "unet" runs in training/test_steps.py; the other full modes differ from it only in the split.
 @pytest.mark.parametrize("mode", [pytest.param("unet+text_encoder", marks=pytest.mark.slow),
                                   pytest.param("text_encoder", marks=pytest.mark.slow),
                                   "textual_inversion", "lora"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-import test_training_common as common
 from cxr_ldm.training import sharding
+from helpers import training as common
 
 MESH_4x2 = AbstractMesh((4, 2), ("data", "fsdp"))
 

@@ -1,5 +1,5 @@
 """The "text_pretrain" stage: section-pair batches, the matching loss, training, and the LDM stage starting
-from its result (its exact resume after a preemption: tests/test_train.py)."""
+from its result (its exact resume after a preemption: tests/training/test_trainer.py)."""
 from __future__ import annotations
 
 import json

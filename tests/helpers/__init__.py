@@ -1,0 +1,1 @@
+"""Shared test helpers (tests/ is on sys.path: `from helpers import training`)."""
