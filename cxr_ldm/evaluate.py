@@ -1,11 +1,16 @@
 """Evaluates a text-to-CXR checkpoint: does the generated image show what the prompt says?
 
-    python -m cxr_ldm.evaluate --checkpoint workdir/default --out r.json [--dataset phantom_cxr]
+    python -m cxr_ldm.evaluate --checkpoint workdir/default --out r.json [--prompts test|dev|FILE.json]
+        [--dataset phantom_cxr]
         [--num-samples 10] [--steps 25] [--guidance G] [--guidance-sweep 2,3,4]
         [--inception-weights pt_inception.safetensors]
 
-Writes the JSON (top level: conditioning_accuracy, classifier_accuracy_real and the sections below)
-and a Markdown report beside it (r.md, with PNG grids in r_assets/):
+Writes the JSON (top level: conditioning_accuracy (strict: finding, side, grade, location, device types,
+nothing unprompted), presence_accuracy (finding types only), attribute_accuracy, prompt_set,
+classifier_accuracy_real and the sections below) and a Markdown report beside it (r.md, with PNG grids in
+r_assets/). Prompts: the held-out `test` set by default (report it), `dev` (choose recipes on it), the
+`handwritten` set or its `reworded` part, or a prompt file (cxr_ldm/evaluation/prompts.py has the schema);
+a malformed file stops the run before any work with a one-line error naming the entry, key and value.
 
   classifier      a finding classifier trained on the real training split, its accuracy on the real
                   test split; cached beside the data (<data_dir>/cxr_ldm_eval/) so that every checkpoint
@@ -46,7 +51,9 @@ from cxr_ldm.evaluation.evaluator import (
     EvalSettings,
     evaluate,
     evaluate_autoencoder,
+    resolve_prompts,
 )
+from cxr_ldm.evaluation.prompts import PROMPT_SETS, PromptFileError
 
 
 def _scales(text: str) -> tuple[float, ...]:
@@ -65,6 +72,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="train.py workdir or diffusers pipeline folder")
     parser.add_argument("--out", required=True, help="output JSON file; the report goes beside it")
+    parser.add_argument("--prompts", default="test",
+                        help=f"a prompt set ({', '.join(PROMPT_SETS)}) or a prompt file (JSON list, see "
+                             "cxr_ldm/evaluation/prompts.py); recipes are chosen on dev, test is reported")
     parser.add_argument("--dataset", default=None, choices=sorted(BUILDERS),
                         help=f"default: the workdir's training data set, else {DEFAULT_DATASET}")
     parser.add_argument("--dataset-config", default=None,
@@ -99,6 +109,10 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-only", action="store_true",
                         help="judge the checkpoint's autoencoder alone: reconstruction and conditioning ceilings")
     args = parser.parse_args(argv)
+    try:
+        resolve_prompts(args.prompts)
+    except (PromptFileError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "vae_only")}
     if args.vae_only:
@@ -107,7 +121,8 @@ def main(argv=None) -> None:
         print(json.dumps({**{k: results[k] for k in headline}, **results["reconstruction"]}, indent=2))
         return
     results = evaluate(args.checkpoint, args.out, **options)
-    print(json.dumps({k: results[k] for k in ("conditioning_accuracy", "classifier_accuracy_real")}, indent=2))
+    print(json.dumps({k: results[k] for k in ("conditioning_accuracy", "presence_accuracy", "classifier_accuracy_real")},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -29,21 +29,25 @@ from tqdm import tqdm
 
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.evaluation import metrics
+from cxr_ldm.evaluation.attributes import ATTRIBUTES, MAX_VALUES, SLOT_NAMES, SLOTS
+from cxr_ldm.evaluation.attributes import UNKNOWN as UNKNOWN_VALUE
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
 from cxr_ldm.imaging import as_float_images, resize
 from cxr_ldm.io.weights import read_safetensors, write_json, write_safetensors
 from cxr_ldm.json_config import JsonConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attribute heads (grade, location, device, route)
 UNCERTAIN, NOT_MENTIONED = -1, -2
 
 
 @dataclasses.dataclass
 class LabelledImages:
-    """Images (N, H, W, 1) uint8 or float in [0, 1], labels int8 (N, 14), sides int8 (N, 14) (module doc)."""
+    """Images (N, H, W, 1) uint8 or float in [0, 1], labels int8 (N, 14), sides int8 (N, 14) (module doc);
+    slots int8 (N, len(attributes.SLOTS)): attribute value codes, -1 unknown (None: all unknown)."""
     images: np.ndarray
     labels: np.ndarray
     sides: np.ndarray
+    slots: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -53,17 +57,21 @@ class LabelledImages:
             shape = getattr(self, name).shape
             if shape != (n, len(CHEXPERT_LABELS)):
                 raise ValueError(f"{name}: expected ({n}, {len(CHEXPERT_LABELS)}), got {shape}")
+        if self.slots is None:
+            self.slots = np.full((n, len(SLOTS)), UNKNOWN_VALUE, np.int8)
+        if self.slots.shape != (n, len(SLOTS)):
+            raise ValueError(f"slots: expected ({n}, {len(SLOTS)}), got {self.slots.shape}")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, index) -> "LabelledImages":
-        return LabelledImages(self.images[index], self.labels[index], self.sides[index])
+        return LabelledImages(self.images[index], self.labels[index], self.sides[index], self.slots[index])
 
     def signature(self) -> str:
-        """sha256 of the images, labels and sides: identifies the training data of a cached classifier."""
+        """sha256 of the images, labels, sides and slots: identifies the training data of a cached classifier."""
         digest = hashlib.sha256()
-        for array in (self.images, self.labels, self.sides):
+        for array in (self.images, self.labels, self.sides, self.slots):
             digest.update(str(array.shape).encode())
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
@@ -101,7 +109,8 @@ class TrainConfig(JsonConfig):
 
 
 class ClassifierNet(nn.Module):
-    """CNN: images (B, S, S, 1) in [-1, 1] -> (finding logits (B, F), side logits (B, F_side, 3),
+    """CNN: images (B, S, S, 1) in [-1, 1] -> (finding logits (B, F), side logits (B, F_side, 3), attribute
+    slot logits (B, S_slots, attributes.MAX_VALUES),
     features (B, feature_dim)).
 
     Each stage halves the side (a stride-2 conv, or a conv then 2x2 max pooling) then refines (3x3 conv),
@@ -111,6 +120,7 @@ class ClassifierNet(nn.Module):
     """
     num_findings: int
     num_sided: int
+    num_slots: int = 0
     widths: tuple[int, ...] = (16, 32, 64, 128)
     feature_dim: int = 256
     norm: str = "batch"
@@ -141,34 +151,41 @@ class ClassifierNet(nn.Module):
         features = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
         logits = nn.Dense(self.num_findings)(features)
         side_logits = nn.Dense(max(self.num_sided, 1) * len(SIDES))(features)
-        return logits, side_logits.reshape(-1, max(self.num_sided, 1), len(SIDES))[:, :self.num_sided], features
+        slot_logits = nn.Dense(max(self.num_slots, 1) * MAX_VALUES)(features)
+        return (logits, side_logits.reshape(-1, max(self.num_sided, 1), len(SIDES))[:, :self.num_sided],
+                slot_logits.reshape(-1, max(self.num_slots, 1), MAX_VALUES)[:, :self.num_slots], features)
 
 
 @dataclasses.dataclass
 class Predictions:
     """probabilities (N, F) float, positive (N, F) bool (thresholded), side_probabilities (N, F_side, 3),
-    side (N, F_side) int codes 1..3 (argmax, meaningful where the finding is positive), features (N, D)."""
+    side (N, F_side) int codes 1..3 (argmax, meaningful where the finding is positive), slot_values (N, S)
+    the attribute value index of each of the classifier's `slots` (meaningful where its finding is
+    positive), features (N, D)."""
     probabilities: np.ndarray
     positive: np.ndarray
     side_probabilities: np.ndarray
     side: np.ndarray
     features: np.ndarray
+    slot_values: np.ndarray
 
 
 class FindingClassifier:
     """A trained `ClassifierNet` with its observation lists, decision thresholds and provenance."""
 
     def __init__(self, observations, side_observations, thresholds, variables, config: TrainConfig,
-                 data_signature: str = "", training_report: dict | None = None):
-        """variables: the net's Flax variables ({"params": ..., "batch_stats": ...})."""
+                 data_signature: str = "", training_report: dict | None = None, slots: tuple[str, ...] = ()):
+        """variables: the net's Flax variables ({"params": ..., "batch_stats": ...}); slots: the names
+        (attributes.SLOT_NAMES) of the attribute slots it has heads for."""
         self.observations = tuple(observations)
         self.side_observations = tuple(side_observations)
+        self.slots = tuple(slots)
         self.thresholds = np.asarray(thresholds, np.float32)
         self.variables = variables
         self.config = config
         self.data_signature = data_signature
         self.training_report = training_report or {}
-        self.net = make_net(config, len(self.observations), len(self.side_observations))
+        self.net = make_net(config, len(self.observations), len(self.side_observations), len(self.slots))
         self._apply = jax.jit(lambda v, x: self.net.apply(v, x))
 
     @property
@@ -184,14 +201,15 @@ class FindingClassifier:
             batch = images[start:start + batch_size]
             padded = np.pad(batch, ((0, batch_size - len(batch)), (0, 0), (0, 0), (0, 0)))
             x = resize(jnp.asarray(padded), self.config.input_size) * 2.0 - 1.0
-            logits, side_logits, features = self._apply(self.variables, x)
+            logits, side_logits, slot_logits, features = self._apply(self.variables, x)
             outputs.append([np.asarray(a)[:len(batch)] for a in
-                            (jax.nn.sigmoid(logits), jax.nn.softmax(side_logits, -1), features)])
+                            (jax.nn.sigmoid(logits), jax.nn.softmax(side_logits, -1), slot_logits, features)])
         if not outputs:
             raise ValueError("predict: no images")
-        probabilities, side_probabilities, features = (np.concatenate(parts) for parts in zip(*outputs))
+        probabilities, side_probabilities, slot_logits, features = (np.concatenate(parts) for parts in zip(*outputs))
+        slot_logits = np.where(slot_value_mask(self.slots), slot_logits, -np.inf)
         return Predictions(probabilities, probabilities >= self.thresholds, side_probabilities,
-                           side_probabilities.argmax(-1) + 1, features)
+                           side_probabilities.argmax(-1) + 1, features, slot_logits.argmax(-1))
 
     def save(self, folder: str | Path) -> None:
         """Writes classifier.json (observations, thresholds, config, data signature) + variables.safetensors."""
@@ -201,7 +219,8 @@ class FindingClassifier:
         write_safetensors(folder / "variables.safetensors", {k: np.asarray(v) for k, v in flat.items()})
         write_json(folder / "classifier.json", {
             "format_version": FORMAT_VERSION, "observations": list(self.observations),
-            "side_observations": list(self.side_observations), "thresholds": self.thresholds.tolist(),
+            "side_observations": list(self.side_observations), "slots": list(self.slots),
+            "thresholds": self.thresholds.tolist(),
             "config": self.config.to_dict(), "data_signature": self.data_signature,
             "training_report": self.training_report})
 
@@ -216,12 +235,30 @@ class FindingClassifier:
             raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
         variables = traverse_util.unflatten_dict(read_safetensors(folder / "variables.safetensors"), sep="/")
         return cls(meta["observations"], meta["side_observations"], meta["thresholds"], variables,
-                   TrainConfig.from_dict(meta["config"]), meta["data_signature"], meta.get("training_report"))
+                   TrainConfig.from_dict(meta["config"]), meta["data_signature"], meta.get("training_report"),
+                   tuple(meta["slots"]))
 
 
-def make_net(config: TrainConfig, num_findings: int, num_sided: int) -> ClassifierNet:
-    return ClassifierNet(num_findings, num_sided, tuple(config.widths), config.feature_dim, config.norm,
+def make_net(config: TrainConfig, num_findings: int, num_sided: int, num_slots: int = 0) -> ClassifierNet:
+    return ClassifierNet(num_findings, num_sided, num_slots, tuple(config.widths), config.feature_dim, config.norm,
                          config.stem_layers, config.downsample)
+
+
+def slot_value_mask(slots: tuple[str, ...]) -> np.ndarray:
+    """bool (S, MAX_VALUES): which value indices each named slot has."""
+    sizes = [len(SLOTS[SLOT_NAMES.index(name)].values) for name in slots]
+    return np.arange(MAX_VALUES)[None, :] < np.asarray(sizes, int).reshape(-1, 1)
+
+
+def select_slots(labels: np.ndarray, slots: np.ndarray, min_positives: int) -> tuple[str, ...]:
+    """The attribute slots with >= min_positives known values, of >= 2 different values, among studies
+    positive for the slot's finding."""
+    chosen = []
+    for j, slot in enumerate(SLOTS):
+        known = slots[(labels[:, CHEXPERT_LABELS.index(slot.finding)] == 1) & (slots[:, j] >= 0), j]
+        if len(known) >= min_positives and len(np.unique(known)) >= 2:
+            chosen.append(slot.name)
+    return tuple(chosen)
 
 
 
@@ -248,16 +285,22 @@ def select_side_observations(labels: np.ndarray, sides: np.ndarray, observations
     return tuple(sided)
 
 
-def targets(data: LabelledImages, observations, side_observations) -> dict[str, np.ndarray]:
+def targets(data: LabelledImages, observations, side_observations, slots=()) -> dict[str, np.ndarray]:
     """Training targets: label (N, F) {0,1} with mask (uncertain -> 0); side (N, F_side) in 0..2 with mask
-    (only positives with a stated side)."""
+    (only positives with a stated side); slot (N, S) value indices with mask (only positives of the slot's
+    finding whose value is known)."""
     columns = [CHEXPERT_LABELS.index(n) for n in observations]
     side_columns = [CHEXPERT_LABELS.index(n) for n in side_observations]
     labels = data.labels[:, columns]
     side_labels, side_codes = data.labels[:, side_columns], data.sides[:, side_columns]
+    slot_columns = [SLOT_NAMES.index(name) for name in slots]
+    slot_codes = data.slots[:, slot_columns].astype(np.int32)
+    slot_positive = data.labels[:, [CHEXPERT_LABELS.index(SLOTS[j].finding) for j in slot_columns]] == 1
     return {"label": (labels == 1).astype(np.float32), "label_mask": (labels != UNCERTAIN).astype(np.float32),
             "side": np.maximum(side_codes.astype(np.int32) - 1, 0),
-            "side_mask": ((side_labels == 1) & (side_codes > 0)).astype(np.float32)}
+            "side_mask": ((side_labels == 1) & (side_codes > 0)).astype(np.float32),
+            "slot": np.maximum(slot_codes, 0).reshape(len(data), len(slots)),
+            "slot_mask": (slot_positive & (slot_codes >= 0)).astype(np.float32).reshape(len(data), len(slots))}
 
 
 def positive_weights(target: dict[str, np.ndarray], max_weight: float) -> np.ndarray:
@@ -288,17 +331,20 @@ def augment(rng: jax.Array, images: jnp.ndarray, config: TrainConfig) -> jnp.nda
 
 
 def loss_fn(params, state: dict, net: ClassifierNet, images: jnp.ndarray, batch: dict):
-    """Masked binary cross-entropy over findings + masked cross-entropy over sides (each a masked mean).
-
-    state: the non-trainable variables (batch_stats); returns (loss, updated state)."""
-    (logits, side_logits, _), state = net.apply({"params": params, **state}, images * 2.0 - 1.0, train=True,
-                                                mutable=list(state))
+    """Masked binary cross-entropy over findings + masked cross-entropy over sides and over attribute slots
+    (each a masked mean). state: the non-trainable variables (batch_stats); returns (loss, updated state)."""
+    (logits, side_logits, slot_logits, _), state = net.apply({"params": params, **state}, images * 2.0 - 1.0,
+                                                             train=True, mutable=list(state))
     y = batch["label"]
     bce = batch["positive_weight"] * y * jax.nn.softplus(-logits) + (1.0 - y) * jax.nn.softplus(logits)
     loss = (bce * batch["label_mask"]).sum() / jnp.maximum(batch["label_mask"].sum(), 1.0)
     if net.num_sided:
         ce = optax.softmax_cross_entropy_with_integer_labels(side_logits, batch["side"])
         loss += (ce * batch["side_mask"]).sum() / jnp.maximum(batch["side_mask"].sum(), 1.0)
+    if net.num_slots:
+        slot_logits = jnp.where(batch["slot_values"], slot_logits, -1e9)
+        ce = optax.softmax_cross_entropy_with_integer_labels(slot_logits, batch["slot"])
+        loss += (ce * batch["slot_mask"]).sum() / jnp.maximum(batch["slot_mask"].sum(), 1.0)
     return loss, state
 
 
@@ -310,11 +356,14 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
     """
     observations = observations or select_observations(train.labels, config.min_positives)
     side_observations = select_side_observations(train.labels, train.sides, observations, config.min_positives)
+    slots = tuple(name for name in select_slots(train.labels, train.slots, config.min_positives)
+                  if SLOTS[SLOT_NAMES.index(name)].finding in observations)
     if len(train) < config.batch_size:
         raise ValueError(f"train: {len(train)} images, fewer than one batch of {config.batch_size}")
-    net = make_net(config, len(observations), len(side_observations))
+    net = make_net(config, len(observations), len(side_observations), len(slots))
     images = np.asarray(resize(jnp.asarray(as_float_images(train.images)), config.input_size))
-    train_targets = targets(train, observations, side_observations)
+    train_targets = targets(train, observations, side_observations, slots)
+    values = jnp.asarray(slot_value_mask(slots))
     positive_weight = positive_weights(train_targets, config.max_positive_weight)
     steps_per_epoch = len(train) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -328,7 +377,7 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
 
     @jax.jit
     def train_step(params, state, opt_state, batch_images, batch, step_rng):
-        batch = {**batch, "positive_weight": positive_weight}
+        batch = {**batch, "positive_weight": positive_weight, "slot_values": values}
         augmented = augment(step_rng, batch_images, config)
         (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, net, augmented, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -354,7 +403,8 @@ def train_classifier(train: LabelledImages, validation: LabelledImages, config: 
     classifier = FindingClassifier(observations, side_observations, np.full(len(observations), 0.5),
                                    {"params": params, **state}, config,
                                    train.signature(), {"train_seconds": seconds, "steps": total_steps,
-                                                       "final_loss": float(np.mean(losses[-steps_per_epoch:]))})
+                                                       "final_loss": float(np.mean(losses[-steps_per_epoch:]))},
+                                   slots)
     classifier.thresholds = select_thresholds(classifier.predict(validation.images).probabilities,
                                               targets(validation, observations, ()))
     return classifier
@@ -382,10 +432,12 @@ def evaluate_classifier(classifier: FindingClassifier, data: LabelledImages) -> 
       mean_accuracy: mean over all observations of the per-observation accuracy;
       per_observation: {name: {accuracy, auroc, sensitivity, specificity, positives}};
       side_accuracy: fraction of positive, side-stated findings whose predicted side is right
-        (per observation under per_observation[name]["side_accuracy"]).
+        (per observation under per_observation[name]["side_accuracy"]);
+      attribute_accuracy: {attribute: fraction of positive findings with a known value whose predicted
+        value is right} over the classifier's slots, and per slot under "slot_accuracy".
     """
     predictions = classifier.predict(data.images)
-    target = targets(data, classifier.observations, classifier.side_observations)
+    target = targets(data, classifier.observations, classifier.side_observations, classifier.slots)
     label, mask = target["label"].astype(bool), target["label_mask"].astype(bool)
     correct = (predictions.positive == label) | ~mask
     major = [classifier.observations.index(n) for n in classifier.major_findings]
@@ -403,10 +455,19 @@ def evaluate_classifier(classifier: FindingClassifier, data: LabelledImages) -> 
     for k, name in enumerate(classifier.side_observations):
         if side_mask[:, k].any():
             per_observation[name]["side_accuracy"] = float(side_hits[side_mask[:, k], k].mean())
+    slot_hits, slot_mask = predictions.slot_values == target["slot"], target["slot_mask"].astype(bool)
+    slot_accuracy = {name: float(slot_hits[slot_mask[:, k], k].mean()) if slot_mask[:, k].any() else None
+                     for k, name in enumerate(classifier.slots)}
+    attribute_accuracy = {}
+    for attribute in ATTRIBUTES:
+        columns = [k for k, name in enumerate(classifier.slots) if SLOTS[SLOT_NAMES.index(name)].attribute == attribute]
+        hits = slot_hits[:, columns][slot_mask[:, columns]]
+        attribute_accuracy[attribute] = float(hits.mean()) if hits.size else None
     return {"major_accuracy": float(np.mean([per_observation[n]["accuracy"] for n in classifier.major_findings])),
             "exact_match": float(correct[:, major].all(axis=1).mean()),
             "mean_accuracy": float(np.mean([v["accuracy"] for v in per_observation.values()])),
             "side_accuracy": float(side_hits[side_mask].mean()) if side_mask.any() else None,
+            "attribute_accuracy": attribute_accuracy, "slot_accuracy": slot_accuracy,
             "major_findings": list(classifier.major_findings), "num_images": len(data),
             "per_observation": per_observation}
 

@@ -1,163 +1,54 @@
 """Conditioning accuracy: does a generated CXR show the findings its prompt states, and only those?
 
-The evaluation prompt set has every single finding with side and severity words, common combinations
-and normal studies, each phrased like the phantom impressions ("template") and in hand-written
-alternates ("alternate"). N images per prompt are generated and classified; an image succeeds when
-every prompted finding is detected and no unprompted major finding is (findings a prompted one
-implies, e.g. Lung Opacity by Consolidation, are allowed). A normal prompt's image succeeds when no
-major finding is detected.
+N images per evaluation prompt (`prompts`) are generated and classified. An image is *present* when
+every prompted finding is detected and no unprompted major finding is (findings a prompted one implies,
+e.g. Lung Opacity by Consolidation, are allowed); a normal prompt's image when no major finding is
+detected. It *succeeds* (the strict verdict) when it is present and every attribute the prompt states
+and the classifier can read is right: the side of each finding, its grade (severity; nodule vs mass),
+its location (lobe, zone, rib vs clavicle), the device types (exactly the listed ones) and the central
+line's route (`attributes`).
 
-    conditioning_accuracy = mean over prompts of the fraction of successful images.
+    conditioning_accuracy = mean over prompts of the fraction of successful images (strict)
+    presence_accuracy     = the same for present images (finding types only)
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from cxr_ldm.data import phantom
+from cxr_ldm.data.phantom.cases import draw_findings
+from cxr_ldm.evaluation.attributes import ATTRIBUTES, SLOTS, prompted_codes
 from cxr_ldm.evaluation.classifier import FindingClassifier, Predictions
-from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES, allowed_findings
+from cxr_ldm.evaluation.findings import SIDES, allowed_findings
+from cxr_ldm.evaluation.prompts import PHANTOM_REFERENCE_SEED, EvalPrompt
 
-
-@dataclasses.dataclass(frozen=True)
-class EvalPrompt:
-    """A prompt and the findings it states: {CheXpert name: side or None}; empty = a normal study.
-
-    details: per finding, the other attributes the prompt states in phantom terms (severity, kind,
-    devices, pneumonia), so `phantom_findings` can render real phantom studies that match the prompt.
-    """
-    text: str
-    findings: Mapping[str, str | None]
-    style: str = "template"  # "template" (phantom impression wording) or "alternate"
-    details: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        unknown = set(self.findings) - set(MAJOR_FINDINGS)
-        if unknown:
-            raise ValueError(f"prompt {self.text!r}: {sorted(unknown)} are not major findings {MAJOR_FINDINGS}")
-        bad = {n: s for n, s in self.findings.items() if s is not None and s not in SIDES}
-        if bad:
-            raise ValueError(f"prompt {self.text!r}: sides {bad}; expected one of {SIDES} or None")
-        if self.style not in ("template", "alternate"):
-            raise ValueError(f"prompt {self.text!r}: style {self.style!r}; expected 'template' or 'alternate'")
-        if set(self.details) - set(self.findings):
-            raise ValueError(f"prompt {self.text!r}: details for findings it does not state: "
-                             f"{sorted(set(self.details) - set(self.findings))}")
-
-    def phantom_findings(self) -> dict:
-        """The `findings` argument of `phantom.generate` for a study this prompt describes."""
-        if not self.findings:
-            return {"No Finding": None}
-        return {name: {**({"side": side} if side else {}), **self.details.get(name, {})}
-                for name, side in self.findings.items()}
-
-
-_NAMES = {"effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax", "consolidation": "Consolidation",
-          "atelectasis": "Atelectasis", "edema": "Edema", "lesion": "Lung Lesion", "cardiomegaly": "Cardiomegaly",
-          "fracture": "Fracture", "devices": "Support Devices"}
-
-
-def _p(text: str, style: str = "template", **findings: Mapping) -> EvalPrompt:
-    """findings: short name -> {"side": ..., other phantom attributes}."""
-    named = {_NAMES[k]: dict(v) for k, v in findings.items()}
-    return EvalPrompt(text, {name: v.pop("side", None) for name, v in named.items()}, style,
-                      {name: v for name, v in named.items() if v})
-
-
-def _f(side=None, severity=None, **other) -> dict:
-    return {k: v for k, v in dict(side=side, severity=severity, **other).items() if v is not None}
-
-
-ALT = "alternate"
-PHANTOM_REFERENCE_SEED = 30_000_000
-PROMPTS: tuple[EvalPrompt, ...] = (
-    # Normal studies.
-    _p("No acute cardiopulmonary process."),
-    _p("Normal chest radiograph."),
-    _p("The lungs are clear. Heart size is normal. No effusion or pneumothorax.", ALT),
-    # Pleural effusion: every side, severities.
-    _p("Small left pleural effusion.", effusion=_f("left", "small")),
-    _p("Moderate right pleural effusion.", effusion=_f("right", "moderate")),
-    _p("Large left pleural effusion.", effusion=_f("left", "large")),
-    _p("Moderate bilateral pleural effusions.", effusion=_f("bilateral", "moderate")),
-    _p("Left pleural effusion, large.", ALT, effusion=_f("left", "large")),
-    _p("There is a moderate effusion on the right.", ALT, effusion=_f("right", "moderate")),
-    # Pneumothorax.
-    _p("Small right apical pneumothorax.", pneumothorax=_f("right", "small")),
-    _p("Large left pneumothorax.", pneumothorax=_f("left", "large")),
-    _p("Moderate right pneumothorax.", pneumothorax=_f("right", "moderate")),
-    _p("Pneumothorax on the left, large in size.", ALT, pneumothorax=_f("left", "large")),
-    # Consolidation (lobes), with and without the pneumonia wording.
-    _p("Right lower lobe consolidation.", consolidation=_f("right", kind="lower")),
-    _p("Left upper lobe consolidation.", consolidation=_f("left", kind="upper")),
-    _p("Right middle lobe consolidation, compatible with pneumonia.",
-       consolidation=_f("right", kind="middle", pneumonia=1)),
-    _p("Bilateral lower lobes consolidation.", consolidation=_f("bilateral", kind="lower")),
-    _p("Pneumonia in the left lower lobe.", ALT, consolidation=_f("left", kind="lower", pneumonia=1)),
-    # Atelectasis.
-    _p("Moderate left basilar atelectasis.", atelectasis=_f("left", "moderate")),
-    _p("Mild bibasilar atelectasis.", atelectasis=_f("bilateral", "mild")),
-    _p("Moderate right basilar atelectasis.", atelectasis=_f("right", "moderate")),
-    _p("Atelectasis at the right lung base, moderate.", ALT, atelectasis=_f("right", "moderate")),
-    # Edema (always bilateral).
-    _p("Mild pulmonary edema.", edema=_f("bilateral", "mild")),
-    _p("Moderate pulmonary edema.", edema=_f("bilateral", "moderate")),
-    _p("Severe pulmonary edema.", edema=_f("bilateral", "severe")),
-    _p("Findings of severe interstitial and alveolar edema.", ALT, edema=_f("bilateral", "severe")),
-    # Lung lesions.
-    _p("Large right upper lobe mass.", lesion=_f("right", "large", kind="upper")),
-    _p("Left lung base nodule.", lesion=_f("left", "small", kind="lower")),
-    _p("Large left mid lung mass.", lesion=_f("left", "large", kind="mid")),
-    _p("A large mass is seen in the right upper lung.", ALT, lesion=_f("right", "large", kind="upper")),
-    # Cardiomegaly.
-    _p("Mild cardiomegaly.", cardiomegaly=_f(severity="mild")),
-    _p("Severe cardiomegaly.", cardiomegaly=_f(severity="severe")),
-    _p("The heart is markedly enlarged.", ALT, cardiomegaly=_f(severity="severe")),
-    # Fractures.
-    _p("Left clavicle fracture.", fracture=_f("left", kind="clavicle")),
-    _p("Right lateral rib fractures.", fracture=_f("right", kind="rib")),
-    _p("Acute fracture of the right clavicle.", ALT, fracture=_f("right", kind="clavicle")),
-    # Support devices.
-    _p("Endotracheal tube in standard position.", devices=_f(devices=("et_tube",))),
-    _p("Left-sided pacemaker in standard position.", devices=_f("left", devices=("pacemaker",))),
-    _p("Right internal jugular central line in standard position.",
-       devices=_f("right", devices=("central_line",), kind="jugular")),
-    _p("Lines and tubes: a pacemaker in the left chest wall.", ALT, devices=_f("left", devices=("pacemaker",))),
-    # Combinations.
-    _p("Moderate left pleural effusion. Moderate cardiomegaly.",
-       effusion=_f("left", "moderate"), cardiomegaly=_f(severity="moderate")),
-    _p("Moderate pulmonary edema. Small bilateral pleural effusions. Moderate cardiomegaly.",
-       edema=_f("bilateral", "moderate"), effusion=_f("bilateral", "small"), cardiomegaly=_f(severity="moderate")),
-    _p("Right lower lobe consolidation, consistent with pneumonia. Small right pleural effusion.",
-       consolidation=_f("right", kind="lower", pneumonia=1), effusion=_f("right", "small")),
-    _p("Large right pneumothorax. Right lateral rib fractures.",
-       pneumothorax=_f("right", "large"), fracture=_f("right", kind="rib")),
-    _p("Mild bibasilar atelectasis. Endotracheal tube and nasogastric tube in standard position.",
-       atelectasis=_f("bilateral", "mild"), devices=_f(devices=("et_tube", "ng_tube"))),
-    _p("Enlarged heart with pulmonary edema and effusions on both sides.", ALT,
-       cardiomegaly=_f(), edema=_f("bilateral"), effusion=_f("bilateral")),
-)
+TWIN_SEED = 60_000_000  # first seed of the second renderings of test studies (the fair FID floor)
 
 
 @dataclasses.dataclass
 class PromptResult:
-    """Per-image verdicts of one prompt (N images): success (N,), detected {finding: (N,)},
-    side_correct {finding: (N,) or None where not checkable}, unprompted (N, F) major findings seen."""
+    """Per-image verdicts of one prompt (N images): success (N,) strict, present (N,) finding types only,
+    detected {finding: (N,)}, side_correct {finding: (k,) over the images where it is detected},
+    unprompted {finding: (N,)} major findings seen, attribute_correct {attribute: [(k,) per stated slot]}
+    over the images where the slot's finding is detected."""
     prompt: EvalPrompt
     success: np.ndarray
     detected: dict[str, np.ndarray]
     side_correct: dict[str, np.ndarray]
     unprompted: dict[str, np.ndarray]
+    present: np.ndarray
+    attribute_correct: dict[str, list[np.ndarray]]
 
 
 def score_prompt(prompt: EvalPrompt, predictions: Predictions, classifier: FindingClassifier) -> PromptResult:
-    """Verdicts for the images of one prompt from the classifier's predictions on them.
+    """Verdicts for the images of one prompt from the classifier's predictions on them (module doc).
 
-    Side is checked where the prompt states one and the classifier has a side head for the finding,
-    on images where the finding is detected.
+    Side is checked where the prompt states one and the classifier has a side head for the finding;
+    an attribute where the prompt states it and the classifier has a head for its slot.
     """
     observations = classifier.observations
     allowed = allowed_findings(prompt.findings)
@@ -165,17 +56,27 @@ def score_prompt(prompt: EvalPrompt, predictions: Predictions, classifier: Findi
     unprompted = {name: predictions.positive[:, observations.index(name)]
                   for name in classifier.major_findings if name not in allowed}
     n = len(predictions.positive)
-    success = np.ones(n, bool)
+    present = np.ones(n, bool)
     for flags in detected.values():
-        success &= flags
+        present &= flags
     for flags in unprompted.values():
-        success &= ~flags
+        present &= ~flags
+    success = present.copy()
     side_correct = {}
     for name, side in prompt.findings.items():
         if side is not None and name in classifier.side_observations:
-            predicted = predictions.side[:, classifier.side_observations.index(name)]
-            side_correct[name] = (predicted == SIDES.index(side) + 1)[detected[name]]
-    return PromptResult(prompt, success, detected, side_correct, unprompted)
+            right = predictions.side[:, classifier.side_observations.index(name)] == SIDES.index(side) + 1
+            side_correct[name] = right[detected[name]]
+            success &= right
+    attribute_correct: dict[str, list[np.ndarray]] = {}
+    for slot_index, value in prompted_codes(prompt.findings, prompt.details).items():
+        slot = SLOTS[slot_index]
+        if slot.name not in classifier.slots:
+            continue
+        right = predictions.slot_values[:, classifier.slots.index(slot.name)] == value
+        attribute_correct.setdefault(slot.attribute, []).append(right[detected[slot.finding]])
+        success &= right
+    return PromptResult(prompt, success, detected, side_correct, unprompted, present, attribute_correct)
 
 
 def usable_prompts(prompts: Sequence[EvalPrompt], classifier: FindingClassifier) -> tuple[list, list]:
@@ -189,7 +90,9 @@ def usable_prompts(prompts: Sequence[EvalPrompt], classifier: FindingClassifier)
 def summarize(results: Sequence[PromptResult]) -> dict:
     """Aggregate verdicts.
 
-    Returns conditioning_accuracy (mean over prompts of the success fraction) and the same per style;
+    Returns conditioning_accuracy (mean over prompts of the strict success fraction) and the same per
+    style; presence_accuracy (the same for finding types only); attribute_accuracy {"side", "grade",
+    "location", "device", "route": fraction of detected findings whose stated attribute is right};
     detection_rate {finding: fraction of images of prompts stating it where it is detected};
     side_accuracy {finding: fraction of detected, side-prompted findings on the prompted side} and
     overall; normal_false_positive_rate {finding: fraction of normal-prompt images where it is
@@ -198,15 +101,22 @@ def summarize(results: Sequence[PromptResult]) -> dict:
     if not results:
         raise ValueError("no prompt results to summarize")
     per_prompt = [{"prompt": r.prompt.text, "style": r.prompt.style, "findings": dict(r.prompt.findings),
+                   "details": {k: dict(v) for k, v in r.prompt.details.items()},
                    "num_images": len(r.success), "success_rate": float(r.success.mean()),
+                   "presence_rate": float(r.present.mean()),
+                   "attribute_accuracy": {k: float(np.concatenate(v).mean()) if np.concatenate(v).size else None
+                                          for k, v in r.attribute_correct.items()},
                    "detection_rate": {k: float(v.mean()) for k, v in r.detected.items()},
                    "side_accuracy": {k: float(v.mean()) if v.size else None for k, v in r.side_correct.items()},
                    "unprompted_rate": {k: float(v.mean()) for k, v in r.unprompted.items() if v.any()}}
                   for r in results]
     by_style = {}
-    for style in ("template", "alternate"):
-        rates = [p["success_rate"] for p in per_prompt if p["style"] == style]
-        by_style[style] = float(np.mean(rates)) if rates else None
+    for style in dict.fromkeys(p["style"] for p in per_prompt):
+        by_style[style] = float(np.mean([p["success_rate"] for p in per_prompt if p["style"] == style]))
+    attributes = {"side": [v for r in results for v in r.side_correct.values()],
+                  **{a: [v for r in results for v in r.attribute_correct.get(a, [])] for a in ATTRIBUTES}}
+    attribute_accuracy = {a: float(np.concatenate(v).mean()) if v and np.concatenate(v).size else None
+                          for a, v in attributes.items()}
     detection, sides = {}, {}
     for r in results:
         for name, flags in r.detected.items():
@@ -231,7 +141,9 @@ def summarize(results: Sequence[PromptResult]) -> dict:
     all_sides = np.concatenate([np.concatenate(v) for v in sides.values()]) if sides else np.zeros(0)
     return {
         "conditioning_accuracy": float(np.mean([p["success_rate"] for p in per_prompt])),
+        "presence_accuracy": float(np.mean([p["presence_rate"] for p in per_prompt])),
         "conditioning_accuracy_by_style": by_style,
+        "attribute_accuracy": attribute_accuracy,
         "detection_rate": {k: float(np.concatenate(v).mean()) for k, v in detection.items()},
         "side_accuracy": {k: float(np.concatenate(v).mean()) if np.concatenate(v).size else None
                           for k, v in sides.items()},
@@ -280,3 +192,15 @@ def evaluate_conditioning(classifier: FindingClassifier, images_per_prompt: Sequ
     results = [score_prompt(prompt, classifier.predict(images), classifier)
                for prompt, images in zip(prompts, images_per_prompt)]
     return summarize(results), results
+
+
+def twin_studies(seeds: Sequence[int], resolution: int, first_seed: int = TWIN_SEED) -> np.ndarray:
+    """uint8 (N, R, R, 1): for each phantom study seed, another patient (seed first_seed + i) with the same
+    case (findings, sides, grades, locations, devices, certainty): a second rendering of the same mix."""
+    twins = []
+    for i, seed in enumerate(seeds):
+        case = draw_findings(int(seed))
+        forced = {f.name: {k: v for k, v in dataclasses.asdict(f).items() if k != "name" and v not in (None, ())}
+                  for f in case} or {"No Finding": None}
+        twins.append(phantom.generate(first_seed + i, resolution, forced)["image"])
+    return np.stack(twins)

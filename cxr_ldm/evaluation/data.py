@@ -1,7 +1,8 @@
 """Real evaluation data: a TFDS split read whole into memory (`tfds` data source, no TensorFlow graph).
 
 Sides come from the data set's `side` feature where it has one (phantom_cxr), else from the side
-words of the report (`labeler.label_report_details`).
+words of the report (`labeler.label_report_details`). Attribute slots (grade, location, devices, route)
+come from the phantom case of the example's `seed` (phantom_cxr); other data sets leave them unknown.
 """
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from tqdm import tqdm
 from cxr_ldm.data.builders.common import as_text
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.labeler import label_report_details
+from cxr_ldm.evaluation.attributes import phantom_slot_codes
 from cxr_ldm.evaluation.classifier import LabelledImages
 from cxr_ldm.evaluation.findings import side_code
 
 
 @dataclasses.dataclass
 class RealSplit:
-    """One split in memory: images uint8 (N, H, W, 1), labels and sides (N, 14), prompts and reports."""
+    """One split in memory: images uint8 (N, H, W, 1), labels and sides (N, 14), prompts and reports; the
+    phantom seed of each example (phantom_cxr only, else None)."""
     data: LabelledImages
     prompts: list[str]
     reports: list[str]
+    seeds: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -41,7 +45,7 @@ def load_split(builder, split: str, limit: int | None = None, chunk: int = 256) 
     count = len(source) if limit is None else min(limit, len(source))
     if count == 0:
         raise ValueError(f"{builder.name}/{builder.builder_config.name}: split {split!r} is empty")
-    images, labels, sides, prompts, reports = [], [], [], [], []
+    images, labels, sides, prompts, reports, seeds = [], [], [], [], [], []
     for start in tqdm(range(0, count, chunk), desc=f"reading {split}", unit="chunk", leave=False):
         for example in source.__getitems__(list(range(start, min(start + chunk, count)))):
             image = np.asarray(example["image"], np.uint8)
@@ -52,6 +56,10 @@ def load_split(builder, split: str, limit: int | None = None, chunk: int = 256) 
             report = as_text(example["report"])
             sides.append(np.asarray(example["side"], np.int8) if "side" in example else sides_from_report(report))
             prompts.append(as_text(example["prompt"]))
+            if builder.name == "phantom_cxr":
+                seeds.append(int(example["seed"]))
             reports.append(report)
     logging.info("read %d examples of %s/%s", count, builder.name, split)
-    return RealSplit(LabelledImages(np.stack(images), np.stack(labels), np.stack(sides)), prompts, reports)
+    slots = phantom_slot_codes(seeds) if seeds else None
+    return RealSplit(LabelledImages(np.stack(images), np.stack(labels), np.stack(sides), slots), prompts, reports,
+                     seeds or None)

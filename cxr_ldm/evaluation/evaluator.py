@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from cxr_ldm.evaluation import conditioning, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
 from cxr_ldm.evaluation.data import load_split
 from cxr_ldm.evaluation.metrics import fid_from_features
+from cxr_ldm.evaluation.prompts import PROMPT_SETS, EvalPrompt, load_prompt_file, prompt_set, verbatim_in
 from cxr_ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics
 from cxr_ldm.io.components import load_component
 from cxr_ldm.io.run_folder import export_dir, vae_dir
@@ -134,10 +136,12 @@ def _real_diversity(test, major_columns, num_pairs: int, seed: int) -> dict:
     return {"real_all": overall, "real_same_findings": float(np.mean(per_group)) if per_group else None}
 
 
-def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None, prompts=conditioning.PROMPTS,
-             classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None,
+             prompts: str | Sequence[EvalPrompt] = "test", classifier_config: clf.TrainConfig | None = None,
+             **options) -> dict:
     """Runs the whole evaluation (module doc) and writes `out` (JSON) and the Markdown report beside it.
 
+    prompts: a prompt set's name (`prompts.PROMPT_SETS`), a prompt file's path (*.json) or EvalPrompts.
     options: the fields of EvalSettings. `pipe`: an already loaded Pipeline (default: from checkpoint).
     `classifier_config`: the classifier recipe (default: TrainConfig at the data resolution, <= 128 px).
     Returns the JSON object.
@@ -145,6 +149,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     from cxr_ldm.pipeline import Pipeline  # the pipeline pulls in every model; import when evaluating
 
     settings = EvalSettings(checkpoint=str(checkpoint), **options)
+    prompt_set_name, prompts = resolve_prompts(prompts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     timings, start = {}, time.perf_counter()
@@ -172,14 +177,18 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
                                                  seeds["conditioning"], settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
-    ceilings = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
     lap("conditioning")
+    ceilings = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
+    lap("ceilings")
 
     n = min(settings.num_fid, len(validation), len(test))
     fid_images = np.concatenate(conditioning.generate_images(generate, test.prompts[:n], 1,
                                                              seeds["fid"], settings.batch_size))
     fid_sets = {"generated": fid_images, "validation": validation.data.images[:n], "test": test.data.images[:n]}
     features = {name: classifier.predict(x).features for name, x in fid_sets.items()}
+    if test.seeds is not None:  # the fair floor: other patients with the same cases as test[:n]
+        fid_sets["test_twins"] = conditioning.twin_studies(test.seeds[:n], size)
+        features["test_twins"] = classifier.predict(fid_sets["test_twins"]).features
     fid = {"domain": _fid(features), "inception": None}
     if settings.inception_weights:
         from cxr_ldm.evaluation.inception import InceptionFeatures
@@ -230,8 +239,12 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     results = {
         "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
+        "presence_accuracy": conditioning_summary["presence_accuracy"],
+        "attribute_accuracy": conditioning_summary["attribute_accuracy"],
+        "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
         "classifier_accuracy_real": classifier_test["major_accuracy"],
         "classifier_exact_match_real": classifier_test["exact_match"],
+        "classifier_attribute_accuracy_real": classifier_test["attribute_accuracy"],
         "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
         "conditioning": conditioning_summary,
         **ceilings,
@@ -252,6 +265,7 @@ def sweep_row(guidance: float, summary: dict, domain_fid: float) -> dict:
     """One row of the guidance sweep: a conditioning summary's headline figures and the domain FID."""
     false_positive = summary["normal_false_positive_rate"] or {}
     return {"guidance": float(guidance), "conditioning_accuracy": summary["conditioning_accuracy"],
+            "presence_accuracy": summary["presence_accuracy"],
             "conditioning_accuracy_by_style": summary["conditioning_accuracy_by_style"],
             "side_accuracy_overall": summary["side_accuracy_overall"],
             "normal_false_positive_rate_any": false_positive.get("any"),
@@ -281,13 +295,15 @@ def guidance_sweep(generator_at, classifier, prompts, scales, num_samples: int, 
     return rows
 
 
-def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, *, prompts=conditioning.PROMPTS,
+def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
+                         prompts: str | Sequence[EvalPrompt] = "test",
                          classifier_config: clf.TrainConfig | None = None, **options) -> dict:
     """`--vae-only`: what an autoencoder allows a diffusion model on it, with no diffusion model. Writes `out`
     (JSON: classifier_accuracy_real, reconstruction, and for phantom_cxr conditioning_accuracy_real_studies and
     conditioning_accuracy_vae_reconstructed with their sections, as `evaluate` names them) and a Markdown
     report beside it. options: the fields of EvalSettings (the sampling ones are unused)."""
     settings = EvalSettings(checkpoint=str(checkpoint), **options)
+    prompt_set_name, prompts = resolve_prompts(prompts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -301,6 +317,7 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     usable, skipped = conditioning.usable_prompts(prompts, classifier)
     results = {
         "classifier_accuracy_real": classifier_test["major_accuracy"],
+        "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
         **_ceilings(settings, classifier, usable, vae, vae_params, size),
         "skipped_prompts": [p.text for p in skipped],
         "reconstruction": reconstruction_metrics(vae, vae_params, test.data.images, settings.batch_size),
@@ -378,10 +395,30 @@ def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size:
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:
-    """Frechet distances of features {"generated", "validation", "test"}: generated vs test and the
-    real-vs-real floor validation vs test (sets of equal size)."""
+    """Frechet distances of features {"generated", "validation", "test"[, "test_twins"]} (sets of equal size):
+    generated vs test; real_vs_real_same_cases, test vs second renderings of the same cases (other patients,
+    the same finding mix as the generated set: the fair floor; phantom only); real_vs_real, validation vs
+    test (another mix of findings)."""
+    twins = features.get("test_twins")
     return {"n": len(features["test"]), "generated_vs_real": fid_from_features(features["generated"], features["test"]),
+            "real_vs_real_same_cases": None if twins is None else fid_from_features(twins, features["test"]),
             "real_vs_real": fid_from_features(features["validation"], features["test"])}
+
+
+def resolve_prompts(prompts: str | Sequence[EvalPrompt]) -> tuple[str, tuple[EvalPrompt, ...]]:
+    """(name, prompts) of a prompt set's name, a prompt file's path or a sequence of EvalPrompts ("custom")."""
+    if isinstance(prompts, (str, os.PathLike)):
+        if str(prompts) in PROMPT_SETS:
+            return str(prompts), prompt_set(str(prompts))
+        return str(prompts), load_prompt_file(prompts)
+    return "custom", tuple(prompts)
+
+
+def _prompt_set_record(name: str, usable: Sequence[EvalPrompt], train) -> dict:
+    """The results' prompt_set section: its name, size and how many prompts a training report states word
+    for word (in its impression or anywhere in the report)."""
+    return {"name": name, "num_prompts": len(usable),
+            "verbatim_in_training": verbatim_in(usable, train.prompts + train.reports)}
 
 
 def _write_report(out: Path, results: dict, prompts: list[str], prompt_images, prompt_results, generated_all,

@@ -74,12 +74,17 @@ def guidance_sweep_section(rows: Sequence[dict] | None, headline_guidance: float
     lines = ["## Guidance sweep", "",
              "The headline's prompts and seeds at each classifier-free guidance scale (* marks the headline's).", ""]
     return lines + _table(
-        ["guidance", "conditioning_accuracy", "template / alternate", "side accuracy", "false positives (normal)",
-         "domain FID"],
+        ["guidance", "conditioning_accuracy", "presence_accuracy", "by wording", "side accuracy",
+         "false positives (normal)", "domain FID"],
         [[f"{row['guidance']:g}" + (" *" if row["guidance"] == headline_guidance else ""),
-          row["conditioning_accuracy"],
-          " / ".join(_fmt(row["conditioning_accuracy_by_style"][style]) for style in ("template", "alternate")),
+          row["conditioning_accuracy"], row["presence_accuracy"],
+          " / ".join(f"{style} {_fmt(v)}" for style, v in row["conditioning_accuracy_by_style"].items()),
           row["side_accuracy_overall"], row["normal_false_positive_rate_any"], row["domain_fid"]] for row in rows])
+
+
+def _interval(results: dict) -> str:
+    ci = results.get("conditioning_accuracy_ci")
+    return f"; 95 % interval [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
 
 
 def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence[str], pairs_file: str | None) -> None:
@@ -94,13 +99,19 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
     fid = results["fid"]
     lines += _table(["metric", "value", "note"], [
         ["conditioning_accuracy", results["conditioning_accuracy"],
-         "mean over prompts of the fraction of images with all prompted findings and no other major finding"],
+         "strict: mean over prompts of the fraction of images with every prompted finding, on its side, with its "
+         "grade, location and devices, and no other major finding" + _interval(results)],
+        ["presence_accuracy", results["presence_accuracy"], "the same counting finding types only"],
+        ["prompt set", results["prompt_set"]["name"],
+         f"{results['prompt_set']['num_prompts']} prompts, {results['prompt_set']['verbatim_in_training']} "
+         "of them word for word in a training report"],
         ["  real phantom studies of the same prompts", results.get("conditioning_accuracy_real_studies"),
          "the ceiling: what a perfect generator gets under this classifier"],
         ["  the same studies through the VAE", results.get("conditioning_accuracy_vae_reconstructed"),
          "the ceiling for a diffusion model that is perfect in this autoencoder's latent space"],
-        ["  template wording", cond["conditioning_accuracy_by_style"]["template"], ""],
-        ["  alternate wording", cond["conditioning_accuracy_by_style"]["alternate"], ""],
+        *[[f"  {style} wording", value, ""] for style, value in cond["conditioning_accuracy_by_style"].items()],
+        *[[f"  {attribute} accuracy (generated)", value, "detected findings whose stated attribute is right"]
+          for attribute, value in cond["attribute_accuracy"].items()],
         ["classifier_accuracy_real", results["classifier_accuracy_real"], results["classifier_accuracy_real_definition"]],
         ["classifier exact match (real)", results["classifier_exact_match_real"],
          "test images with every major finding right"],
@@ -138,7 +149,8 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
         detail = ", ".join(f"{k} {_fmt(v)}" for k, v in prompt["detection_rate"].items()) or "normal study"
         extra = ", ".join(f"{k} {_fmt(v)}" for k, v in prompt["unprompted_rate"].items())
         lines += [f"### {prompt['prompt']}  ({prompt['style']})", "",
-                  f"success {_fmt(prompt['success_rate'])}; detected: {detail}" + (f"; unprompted: {extra}" if extra else ""),
+                  f"success {_fmt(prompt['success_rate'])} (presence {_fmt(prompt['presence_rate'])}); "
+                  f"detected: {detail}" + (f"; unprompted: {extra}" if extra else ""),
                   "", f"![{prompt['prompt']}]({rel}/{grid})", ""]
     if results.get("skipped_prompts"):
         lines += ["Skipped prompts (findings the classifier does not know): "

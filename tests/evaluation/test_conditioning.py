@@ -5,10 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cxr_ldm.evaluation import conditioning, report
+from cxr_ldm.evaluation import conditioning, prompts, report
 from cxr_ldm.evaluation.classifier import Predictions
-from cxr_ldm.evaluation.conditioning import EvalPrompt
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, SIDES
+from cxr_ldm.evaluation.prompts import EvalPrompt
 
 OBSERVATIONS = ("Cardiomegaly", "Lung Opacity", "Consolidation", "Pneumothorax", "Pleural Effusion")
 SIDED = ("Consolidation", "Pleural Effusion")
@@ -47,14 +47,18 @@ def fake_generator(texts, seeds):
 
 
 class FakeClassifier:
-    observations, side_observations = OBSERVATIONS, SIDED
+    observations, side_observations, slots = OBSERVATIONS, SIDED, ()
     major_findings = tuple(n for n in OBSERVATIONS if n in MAJOR_FINDINGS)
 
     def predict(self, images):
         positive = images[:, 0, :, 0] > 0.5
         side = images[:, 1, [OBSERVATIONS.index(n) for n in SIDED], 0].astype(int)
         return Predictions(positive.astype(np.float32), positive, np.zeros(side.shape + (3,)), side,
-                           np.zeros((len(images), 2)))
+                           np.zeros((len(images), 2)), np.zeros((len(images), 0), int))
+
+
+def _sided(prompt: EvalPrompt) -> bool:
+    return any(side is not None and name in SIDED for name, side in prompt.findings.items())
 
 
 def test_conditioning_rates_equal_the_generator_rule():
@@ -63,9 +67,14 @@ def test_conditioning_rates_equal_the_generator_rule():
     summary, _ = conditioning.evaluate_conditioning(FakeClassifier(), images, PROMPTS)
 
     seeds = {p: [p * N + i for i in range(N)] for p in range(len(PROMPTS))}
-    expected_success = [np.mean([(not prompt.findings or s % 4 != 0) and s % 5 != 0 for s in seeds[p]])
+    expected_presence = [np.mean([(not prompt.findings or s % 4 != 0) and s % 5 != 0 for s in seeds[p]])
+                         for p, prompt in enumerate(PROMPTS)]
+    expected_success = [np.mean([(not prompt.findings or s % 4 != 0) and s % 5 != 0
+                                 and (not _sided(prompt) or s % 3 != 0) for s in seeds[p]])
                         for p, prompt in enumerate(PROMPTS)]
+    assert summary["presence_accuracy"] == pytest.approx(np.mean(expected_presence))
     assert summary["conditioning_accuracy"] == pytest.approx(np.mean(expected_success))
+    assert summary["conditioning_accuracy"] < summary["presence_accuracy"]  # the wrong sides fail the strict verdict
     assert summary["conditioning_accuracy_by_style"]["alternate"] == pytest.approx(expected_success[2])
     effusion_seeds = seeds[1] + seeds[3]
     assert summary["detection_rate"]["Pleural Effusion"] == pytest.approx(np.mean([s % 4 != 0 for s in effusion_seeds]))
@@ -94,39 +103,39 @@ def test_prompt_set_covers_every_phantom_finding_in_both_styles():
     for name in MAJOR_FINDINGS:
         if name == "Pleural Other":
             continue
-        styles = {p.style for p in conditioning.PROMPTS if name in p.findings}
+        styles = {p.style for p in prompts.HANDWRITTEN if name in p.findings}
         assert styles == {"template", "alternate"}, name
-    assert sum(not p.findings for p in conditioning.PROMPTS) >= 2
-    assert any(len(p.findings) >= 2 for p in conditioning.PROMPTS)
+    assert sum(not p.findings for p in prompts.HANDWRITTEN) >= 2
+    assert any(len(p.findings) >= 2 for p in prompts.HANDWRITTEN)
 
 
 def test_phantom_studies_state_what_each_prompt_states():
     """The phantom renders every prompt's findings, and its report labels them positive on the prompted side."""
     from cxr_ldm.data import phantom
 
-    for i, prompt in enumerate(conditioning.PROMPTS):
-        study = phantom.generate(conditioning.PHANTOM_REFERENCE_SEED + i, 32, prompt.phantom_findings())
+    for i, prompt in enumerate(prompts.HANDWRITTEN):
+        study = phantom.generate(prompts.PHANTOM_REFERENCE_SEED + i, 32, prompt.phantom_findings())
         major_positive = {n for n, v in study["labels"].items() if v == 1 and n in MAJOR_FINDINGS}
         assert major_positive == set(prompt.findings), prompt.text
         for name, side in prompt.findings.items():
             if side is not None:
                 assert study["side"][name] == side, (prompt.text, name)
-    images = conditioning.phantom_studies(conditioning.PROMPTS[:2], 3, 32)
+    images = conditioning.phantom_studies(prompts.HANDWRITTEN[:2], 3, 32)
     assert [x.shape for x in images] == [(3, 32, 32, 1)] * 2 and 0 <= images[0].min() < images[0].max() <= 1
 
 
 def test_prompts_reject_unknown_findings_and_sides():
-    with pytest.raises(ValueError, match="not major findings"):
+    with pytest.raises(ValueError, match=r"findings\['Lung Opacity'\] = null: expected a major finding"):
         EvalPrompt("x", {"Lung Opacity": None})
-    with pytest.raises(ValueError, match="sides"):
+    with pytest.raises(ValueError, match=r"findings\['Pleural Effusion'\] = \"up\": expected \"left\""):
         EvalPrompt("x", {"Pleural Effusion": "up"})
 
 
 def test_usable_prompts_skips_findings_the_classifier_lacks():
-    usable, skipped = conditioning.usable_prompts(conditioning.PROMPTS, FakeClassifier())
+    usable, skipped = conditioning.usable_prompts(prompts.HANDWRITTEN, FakeClassifier())
     assert all(set(p.findings) <= set(OBSERVATIONS) for p in usable)
     assert {p.text for p in skipped} >= {"Left clavicle fracture."}
-    assert len(usable) + len(skipped) == len(conditioning.PROMPTS)
+    assert len(usable) + len(skipped) == len(prompts.HANDWRITTEN)
 
 
 def test_report_tabulates_unprompted_findings_by_prompted_finding():
@@ -171,8 +180,12 @@ def test_guidance_sweep_scores_each_scale_on_the_headline_seeds():
     first = seeds["conditioning"]
     prompt_seeds = {p: [first + p * N + i for i in range(N)] for p in range(len(PROMPTS))}
     for row, misses in ((rows[0], False), (rows[1], True)):
-        expected = [np.mean([(not prompt.findings or not misses or s % 4 != 0) and s % 5 != 0 for s in prompt_seeds[p]])
+        presence = [np.mean([(not prompt.findings or not misses or s % 4 != 0) and s % 5 != 0 for s in prompt_seeds[p]])
                     for p, prompt in enumerate(PROMPTS)]
+        expected = [np.mean([(not prompt.findings or not misses or s % 4 != 0) and s % 5 != 0
+                             and (not _sided(prompt) or s % 3 != 0) for s in prompt_seeds[p]])
+                    for p, prompt in enumerate(PROMPTS)]
+        assert row["presence_accuracy"] == pytest.approx(np.mean(presence))
         assert row["conditioning_accuracy"] == pytest.approx(np.mean(expected))
         assert row["conditioning_accuracy_by_style"]["alternate"] == pytest.approx(expected[2])
         effusion = prompt_seeds[1] + prompt_seeds[3]
@@ -185,11 +198,12 @@ def test_guidance_sweep_scores_each_scale_on_the_headline_seeds():
 
 
 def test_report_tabulates_the_guidance_sweep():
-    row = {"guidance": 3.0, "conditioning_accuracy": 0.8, "conditioning_accuracy_by_style": {"template": 0.9, "alternate": 0.5},
+    row = {"guidance": 3.0, "conditioning_accuracy": 0.8, "presence_accuracy": 0.85,
+           "conditioning_accuracy_by_style": {"template": 0.9, "alternate": 0.5},
            "side_accuracy_overall": 0.95, "normal_false_positive_rate_any": 0.0, "domain_fid": 12.5}
     lines = report.guidance_sweep_section([{**row, "guidance": 2.0}, row], 3.0)
-    assert "| 2 | 0.800 | 0.900 / 0.500 | 0.950 | 0.000 | 12.500 |" in lines
-    assert "| 3 * | 0.800 | 0.900 / 0.500 | 0.950 | 0.000 | 12.500 |" in lines
+    assert "| 2 | 0.800 | 0.850 | template 0.900 / alternate 0.500 | 0.950 | 0.000 | 12.500 |" in lines
+    assert "| 3 * | 0.800 | 0.850 | template 0.900 / alternate 0.500 | 0.950 | 0.000 | 12.500 |" in lines
     assert report.guidance_sweep_section(None, 3.0) == []
 
 

@@ -11,7 +11,7 @@ from cxr_ldm.evaluation import evaluator
 from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.diffusion.schedules import SchedulerConfig
 from cxr_ldm.evaluation import classifier as clf
-from cxr_ldm.evaluation.conditioning import PROMPTS
+from cxr_ldm.evaluation.prompts import HANDWRITTEN as PROMPTS
 from cxr_ldm.models import autoencoder, text_encoder, unet
 from cxr_ldm.pipeline import Pipeline
 
@@ -71,6 +71,11 @@ def test_evaluate_end_to_end(tmp_path):
     assert [p["prompt"] for p in through_vae["per_prompt"]] == [p["prompt"] for p in usable]
     assert "the same studies through the VAE" in out.with_suffix(".md").read_text()
     assert saved["fid"]["domain"]["n"] == 12 and saved["fid"]["domain"]["real_vs_real"] >= 0
+    assert saved["fid"]["domain"]["real_vs_real_same_cases"] >= 0  # second renderings of the test studies
+    assert 0.0 <= saved["conditioning_accuracy"] <= saved["presence_accuracy"] <= 1.0
+    assert saved["prompt_set"] == {"name": "custom", "num_prompts": len(usable),
+                                   "verbatim_in_training": saved["prompt_set"]["verbatim_in_training"]}
+    assert saved["prompt_set"]["verbatim_in_training"] >= 1  # "Normal chest radiograph." is a phantom impression
     assert saved["fid"]["inception"] is None
     assert saved["reconstruction"]["num_images"] >= 12 and saved["reconstruction"]["psnr"] > 0
     assert saved["memorization"]["generated"]["copy_fraction"] == 0.0  # random weights copy nothing
