@@ -21,9 +21,11 @@ a malformed file stops the run before any work with a one-line error naming the 
                   (conditioning_accuracy_real_studies: what a perfect generator would get) and the
                   same studies through the checkpoint's VAE (conditioning_accuracy_vae_reconstructed:
                   the most its diffusion model can reach with this autoencoder)
-  fid             domain FID (classifier features) generated vs real test images generated from the
-                  test prompts, and real vs real (validation vs test) as the floor; Inception-V3 FID
-                  too when --inception-weights is given
+  fid             domain FID (classifier features) of images generated from the test studies' prompts
+                  vs those real test images; the fair floor (phantom_cxr): the same studies against a
+                  second rendering of their cases (other patients); real vs real (validation vs test);
+                  Inception-V3 FID with --inception-weights, torchxrayvision DenseNet-121 FID with
+                  --xrv-weights
   diversity       mean pairwise MS-SSIM within a prompt, and among real images with the same findings
   reconstruction  VAE round trip PSNR / SSIM / RMSE on the real test split
   memorization    nearest training image of each generated image (evaluation/memorization.py)
@@ -67,6 +69,13 @@ def _scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
 def main(argv=None) -> None:
     defaults = EvalSettings(checkpoint="")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,9 +108,15 @@ def main(argv=None) -> None:
                              "and seeds: conditioning accuracy and domain FID each (the guidance_sweep section)")
     parser.add_argument("--sampler", default=defaults.sampler, choices=SAMPLERS)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seeds", type=_seed_list, default=defaults.seeds,
+                        help="comma-separated sample seeds (e.g. 0,1,2) the strict headline is also scored at: "
+                             "its spread over seeds (conditioning_by_seed)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--inception-weights", default=None,
                         help="pytorch-fid Inception-V3 weights as safetensors (see cxr_ldm/evaluation/inception.py)")
+    parser.add_argument("--xrv-weights", default=None,
+                        help="torchxrayvision DenseNet-121 (densenet121-res224-all) weights as safetensors: an FID in "
+                             "the feature space RoentGen reported (see cxr_ldm/evaluation/xrv.py)")
     parser.add_argument("--classifier-dir", default=None,
                         help="classifier cache (default: <data-dir>/cxr_ldm_eval/classifier-<dataset>-<config>)")
     parser.add_argument("--copy-threshold", type=float, default=defaults.copy_threshold)

@@ -18,12 +18,13 @@ import numpy as np
 from cxr_ldm import imaging
 from cxr_ldm.data.builders import BUILDERS, prepare
 from cxr_ldm.evaluation import classifier as clf
-from cxr_ldm.evaluation import conditioning, memorization, report
+from cxr_ldm.evaluation import conditioning, intervals, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
 from cxr_ldm.evaluation.data import load_split
 from cxr_ldm.evaluation.metrics import fid_from_features
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, EvalPrompt, load_prompt_file, prompt_set, verbatim_in
 from cxr_ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics
+from cxr_ldm.evaluation.xrv import XRVFeatures
 from cxr_ldm.io.components import load_component
 from cxr_ldm.io.run_folder import export_dir, vae_dir
 from cxr_ldm.io.weights import write_json
@@ -58,13 +59,16 @@ class EvalSettings:
     guidance_sweep: tuple[float, ...] = ()  # more guidance scales to score (`guidance_sweep`); () = none
     sampler: str = "ddim"
     seed: int = 0  # sample seeds of different values do not overlap (see `generation_seeds`)
+    seeds: tuple[int, ...] = ()  # more sample seeds for the strict headline: its spread over seeds
     batch_size: int = 32
     inception_weights: str | None = None
+    xrv_weights: str | None = None  # torchxrayvision DenseNet-121 as safetensors (cxr_ldm/evaluation/xrv.py)
     classifier_dir: str | None = None  # None: <data_dir>/cxr_ldm_eval/classifier-<dataset>-<config>
     copy_threshold: float = 0.95
     augmentation_experiment: bool = False
     augmentation_real: int = 500
-    augmentation_synthetic: int = 1000
+    augmentation_ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real one
+    augmentation_seeds: tuple[int, ...] = (0, 1, 2)
 
 
 def _run_config(checkpoint: str) -> dict:
@@ -177,6 +181,11 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
                                                  seeds["conditioning"], settings.batch_size)
     conditioning_summary, prompt_results = conditioning.evaluate_conditioning(classifier, prompt_images, usable)
+    by_seed = [_seed_row(settings.seed, conditioning_summary, prompt_results)]
+    for seed in dict.fromkeys(s for s in settings.seeds if s != settings.seed):
+        images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
+                                              generation_seeds(seed)["conditioning"], settings.batch_size)
+        by_seed.append(_seed_row(seed, *conditioning.evaluate_conditioning(classifier, images, usable)))
     lap("conditioning")
     ceilings = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
     lap("ceilings")
@@ -189,13 +198,17 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     if test.seeds is not None:  # the fair floor: other patients with the same cases as test[:n]
         fid_sets["test_twins"] = conditioning.twin_studies(test.seeds[:n], size)
         features["test_twins"] = classifier.predict(fid_sets["test_twins"]).features
-    fid = {"domain": _fid(features), "inception": None}
+    fid = {"domain": _fid(features), "inception": None, "xrv": None}
     if settings.inception_weights:
         from cxr_ldm.evaluation.inception import InceptionFeatures
 
         inception = InceptionFeatures.from_file(settings.inception_weights)
         pool3 = {name: inception(imaging.as_float_images(x)) for name, x in fid_sets.items()}
         fid["inception"] = {**_fid(pool3), "weights": settings.inception_weights}
+    if settings.xrv_weights:
+        xrv = XRVFeatures.from_file(settings.xrv_weights)
+        fid["xrv"] = {**_fid({name: xrv(imaging.as_float_images(x)) for name, x in fid_sets.items()}),
+                      "weights": settings.xrv_weights}
     lap("fid")
 
     major_columns = [clf.CHEXPERT_LABELS.index(name) for name in classifier.major_findings]
@@ -223,7 +236,8 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     if settings.augmentation_experiment:
         augmentation = augmentation_experiment(
             train.data, train.prompts, validation.data, test.data, generate, classifier.observations,
-            classifier_config, num_real=settings.augmentation_real, num_synthetic=settings.augmentation_synthetic,
+            classifier_config, num_real=settings.augmentation_real, ratios=settings.augmentation_ratios,
+            seeds=settings.augmentation_seeds,
             seed=seeds["augmentation"], batch_size=settings.batch_size)
         lap("augmentation")
 
@@ -239,7 +253,11 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     results = {
         "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
+        "conditioning_accuracy_ci": by_seed[0]["conditioning_accuracy_ci"],
         "presence_accuracy": conditioning_summary["presence_accuracy"],
+        "presence_accuracy_ci": by_seed[0]["presence_accuracy_ci"],
+        "conditioning_by_seed": by_seed,
+        "conditioning_accuracy_seed_spread": intervals.spread([row["conditioning_accuracy"] for row in by_seed]),
         "attribute_accuracy": conditioning_summary["attribute_accuracy"],
         "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
         "classifier_accuracy_real": classifier_test["major_accuracy"],
@@ -403,6 +421,17 @@ def _fid(features: dict[str, np.ndarray]) -> dict:
     return {"n": len(features["test"]), "generated_vs_real": fid_from_features(features["generated"], features["test"]),
             "real_vs_real_same_cases": None if twins is None else fid_from_features(twins, features["test"]),
             "real_vs_real": fid_from_features(features["validation"], features["test"])}
+
+
+def _seed_row(seed: int, summary: dict, results) -> dict:
+    """The strict and presence headlines of one sample seed, each with its 95 % hierarchical bootstrap
+    interval over prompts and images (`intervals.hierarchical_bootstrap`)."""
+    row = {"seed": seed}
+    for key, flags in (("conditioning_accuracy", [r.success for r in results]),
+                       ("presence_accuracy", [r.present for r in results])):
+        interval = intervals.hierarchical_bootstrap(flags, seed=seed)
+        row[key], row[f"{key}_ci"] = summary[key], [interval.low, interval.high]
+    return row
 
 
 def resolve_prompts(prompts: str | Sequence[EvalPrompt]) -> tuple[str, tuple[EvalPrompt, ...]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_ldm.evaluation import augmentation
 from cxr_ldm.io.images import make_grid, save_png
 
 
@@ -165,10 +166,11 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
     if pairs_file:
         lines += [f"![worst pairs]({rel}/{pairs_file})", ""]
     if results.get("augmentation"):
-        aug = results["augmentation"]
         lines += ["## Augmentation experiment", ""]
-        lines += _table(["training set", "images", "mean AUROC (real test)", "exact match"],
-                        [[name, v["num_train"], v["mean_auroc"], v["exact_match"]] for name, v in aug.items()])
+        lines += _table(*augmentation.report_rows(results["augmentation"]))
+    lines += ["## Time per section", "",
+              "The headline (strict conditioning with its intervals) is `conditioning`; the rest are optional.", ""]
+    lines += _table(["section", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results["timings_s"].items()])
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
