@@ -223,12 +223,8 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     lap("reconstruction")
 
     generated_all = np.concatenate(prompt_images + [fid_images])
-    train_features = classifier.predict(train.data.images).features
-    generated_nn = memorization.nearest_training_images(classifier.predict(generated_all).features,
-                                                        imaging.as_float_images(generated_all), train_features,
-                                                        train.data.images)
-    heldout_nn = memorization.nearest_training_images(features["test"], fid_sets["test"], train_features,
-                                                      train.data.images)
+    generated_nn = memorization.nearest_training_images(generated_all, train.data.images, settings.copy_threshold)
+    heldout_nn = memorization.nearest_training_images(fid_sets["test"], train.data.images, settings.copy_threshold)
     memo = memorization.memorization_summary(generated_nn, heldout_nn, settings.copy_threshold)
     lap("memorization")
 

@@ -157,7 +157,8 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
         lines += ["Skipped prompts (findings the classifier does not know): "
                   + "; ".join(results["skipped_prompts"]), ""]
     lines += ["## Memorization", "",
-              "Nearest training image of every generated image (classifier features, then pixel SSIM); the "
+              "Nearest training image of every generated image (exact pixel search over the training split, "
+              "shifts up to 1 px, then SSIM); the "
               "held-out real test images give the SSIM two different patients reach.", ""]
     mem = results["memorization"]
     lines += _table(["set", "copy fraction", "median SSIM", "99th percentile", "max"],
