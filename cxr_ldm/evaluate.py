@@ -33,6 +33,9 @@ a malformed file stops the run before any work with a one-line error naming the 
   guidance_sweep  (--guidance-sweep) conditioning accuracy and domain FID at other guidance scales, on the
                   headline's prompts and seeds: the trade-off a recipe's guidance scale is chosen on
 
+`--judge-only` (no --checkpoint) measures the judge itself: the classifier's accuracy on real test images and,
+on phantom_cxr, the strict and presence ceilings of the prompt set.
+
 `--vae-only` judges an autoencoder alone (a train.py workdir's, a pipeline folder's `vae/`, or an
 AutoencoderKL folder), with no diffusion model: the classifier, the reconstruction section and, for
 phantom_cxr, the two conditioning ceilings above; r.md then holds those and a grid of test images beside
@@ -53,6 +56,7 @@ from cxr_ldm.evaluation.evaluator import (
     EvalSettings,
     evaluate,
     evaluate_autoencoder,
+    evaluate_judge,
     resolve_prompts,
 )
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, PromptFileError
@@ -79,7 +83,7 @@ def _seed_list(text: str) -> tuple[int, ...]:
 def main(argv=None) -> None:
     defaults = EvalSettings(checkpoint="")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="train.py workdir or diffusers pipeline folder")
+    parser.add_argument("--checkpoint", help="train.py workdir or diffusers pipeline folder")
     parser.add_argument("--out", required=True, help="output JSON file; the report goes beside it")
     parser.add_argument("--prompts", default="test",
                         help=f"a prompt set ({', '.join(PROMPT_SETS)}) or a prompt file (JSON list, see "
@@ -121,15 +125,26 @@ def main(argv=None) -> None:
                         help="classifier cache (default: <data-dir>/cxr_ldm_eval/classifier-<dataset>-<config>)")
     parser.add_argument("--copy-threshold", type=float, default=defaults.copy_threshold)
     parser.add_argument("--augmentation-experiment", action="store_true")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="no checkpoint: the classifier's accuracy on real images and, on phantoms, the prompt "
+                             "set's ceiling (real studies of each prompt scored as generated images are)")
     parser.add_argument("--vae-only", action="store_true",
                         help="judge the checkpoint's autoencoder alone: reconstruction and conditioning ceilings")
     args = parser.parse_args(argv)
+    if not args.checkpoint and not args.judge_only:
+        parser.error("--checkpoint is required (except with --judge-only)")
     try:
         resolve_prompts(args.prompts)
     except (PromptFileError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    options = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "vae_only")}
+    options = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "vae_only", "judge_only")}
+    if args.judge_only:
+        results = evaluate_judge(args.out, **options)
+        headline = ("conditioning_accuracy_real_studies", "conditioning_accuracy_real_studies_ci",
+                    "presence_accuracy_real_studies", "classifier_exact_match_real", "classifier_attribute_accuracy_real")
+        print(json.dumps({k: results[k] for k in headline}, indent=2))
+        return
     if args.vae_only:
         results = evaluate_autoencoder(args.checkpoint, args.out, **options)
         headline = ("conditioning_accuracy_vae_reconstructed", "classifier_accuracy_real")

@@ -395,17 +395,60 @@ def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size:
     """The results' ceiling fields: conditioning_real_studies (real phantom studies of each prompt, scored as
     generated images are: what a perfect generator would get), conditioning_vae_reconstructed (the same studies
     through the VAE: what a diffusion model that is perfect in latent space could reach with this autoencoder),
-    each with its conditioning_accuracy_* headline; all None unless phantom_cxr."""
-    summaries = {"real_studies": None, "vae_reconstructed": None}
+    each with its conditioning_accuracy_* headline and _ci interval; all None unless phantom_cxr (the VAE ones
+    also without a VAE)."""
+    sets = {"real_studies": None, "vae_reconstructed": None}
     if settings.dataset == DEFAULT_DATASET:
-        studies = conditioning.phantom_studies(usable, settings.num_samples, size)
-        reconstructed = np.split(reconstruct(vae, vae_params, np.concatenate(studies), settings.batch_size),
-                                 np.cumsum([len(x) for x in studies])[:-1])
-        summaries = {name: conditioning.evaluate_conditioning(classifier, images, usable)[0]
-                     for name, images in (("real_studies", studies), ("vae_reconstructed", reconstructed))}
-    return {**{f"conditioning_accuracy_{name}": summary and summary["conditioning_accuracy"]
-               for name, summary in summaries.items()},
-            **{f"conditioning_{name}": summary for name, summary in summaries.items()}}
+        sets["real_studies"] = conditioning.phantom_studies(usable, settings.num_samples, size)
+        if vae is not None:
+            reconstructed = reconstruct(vae, vae_params, np.concatenate(sets["real_studies"]), settings.batch_size)
+            sets["vae_reconstructed"] = np.split(reconstructed, np.cumsum([len(x) for x in sets["real_studies"]])[:-1])
+    out = {}
+    for name, images in sets.items():
+        summary, results = conditioning.evaluate_conditioning(classifier, images, usable) if images else (None, None)
+        interval = results and intervals.hierarchical_bootstrap([r.success for r in results])
+        out[f"conditioning_accuracy_{name}"] = summary and summary["conditioning_accuracy"]
+        out[f"conditioning_accuracy_{name}_ci"] = interval and [interval.low, interval.high]
+        out[f"conditioning_{name}"] = summary
+    return out
+
+
+def evaluate_judge(out: str | os.PathLike, *, prompts: str | Sequence[EvalPrompt] = "test",
+                   classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+    """`--judge-only`: the judge without a model. Writes `out` (JSON): the classifier's accuracy on the real test
+    split (per finding, side and attribute) and, on phantom_cxr, the strict and presence ceilings of the prompt
+    set: real phantom studies of each prompt scored as generated images are. options: EvalSettings fields
+    (the data ones; the data set config defaults to the one at 64 px)."""
+    settings = EvalSettings(checkpoint="", **options)
+    prompt_set_name, prompts = resolve_prompts(prompts)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    settings = resolve_data(settings, 64)
+    train, validation, test = _load_splits(settings)
+    size = train.data.images.shape[1]
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
+    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
+    classifier_test = clf.evaluate_classifier(classifier, test.data)
+    usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    ceilings = _ceilings(settings, classifier, usable, None, None, size)
+    real = ceilings["conditioning_real_studies"]
+    results = {
+        "classifier_accuracy_real": classifier_test["major_accuracy"],
+        "classifier_exact_match_real": classifier_test["exact_match"],
+        "classifier_attribute_accuracy_real": classifier_test["attribute_accuracy"],
+        "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
+        "conditioning_accuracy_real_studies": ceilings["conditioning_accuracy_real_studies"],
+        "conditioning_accuracy_real_studies_ci": ceilings["conditioning_accuracy_real_studies_ci"],
+        "presence_accuracy_real_studies": real and real["presence_accuracy"],
+        "conditioning_real_studies": real,
+        "skipped_prompts": [p.text for p in skipped],
+        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
+        "settings": _settings_record(settings, size),
+        "timings_s": {"total": round(time.perf_counter() - start, 1)},
+    }
+    write_json(out, results)
+    return results
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:

@@ -3,6 +3,7 @@ unless overridden; without one, phantom_cxr at the checkpoint's image size and g
 import json
 import os
 
+import numpy as np
 import pytest
 
 from cxr_ldm import evaluate
@@ -81,3 +82,26 @@ def test_vae_only_names_where_it_looked(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(FileNotFoundError, match="no AutoencoderKL folder .*autoencoder/vae"):
         evaluator.load_autoencoder(tmp_path)
+
+
+def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tmp_path):
+    from cxr_ldm.evaluation import classifier as clf
+    from cxr_ldm.evaluation.prompts import HANDWRITTEN
+
+    recipe = clf.TrainConfig(input_size=32, widths=(8, 16), feature_dim=32, min_positives=5, epochs=1,
+                             batch_size=32, warmup_steps=2)
+    prompts = HANDWRITTEN[:2] + HANDWRITTEN[3:5] + HANDWRITTEN[30:32]  # normal, effusion, cardiomegaly
+    out = tmp_path / "judge.json"
+    results = evaluator.evaluate_judge(out, prompts=prompts, classifier_config=recipe, dataset_config="tiny",
+                                       data_dir=str(tmp_path / "tfds"), num_samples=3)
+    assert json.loads(out.read_text()) == results
+    real = results["conditioning_real_studies"]
+    assert results["conditioning_accuracy_real_studies"] == pytest.approx(
+        np.mean([p["success_rate"] for p in real["per_prompt"]]))
+    low, high = results["conditioning_accuracy_real_studies_ci"]
+    assert low <= results["conditioning_accuracy_real_studies"] <= high
+    assert results["conditioning_accuracy_real_studies"] <= results["presence_accuracy_real_studies"]
+    assert results["prompt_set"]["name"] == "custom" and results["prompt_set"]["num_prompts"] == len(real["per_prompt"])
+    assert all(p["num_images"] == 3 for p in real["per_prompt"])
+    with pytest.raises(SystemExit):
+        evaluate.main(["--out", str(tmp_path / "x.json")])
