@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -323,26 +324,21 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     start = time.perf_counter()
     vae, vae_params = load_autoencoder(settings.checkpoint)
     settings = resolve_data(settings, vae.config.sample_size)
-    train, validation, test = _load_splits(settings)
-    size = train.data.images.shape[1]
-    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
-    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
-    classifier_test = clf.evaluate_classifier(classifier, test.data)
-    usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    judge = _judge(settings, prompts, classifier_config)
     results = {
-        "classifier_accuracy_real": classifier_test["major_accuracy"],
-        "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
-        **_ceilings(settings, classifier, usable, vae, vae_params, size),
-        "skipped_prompts": [p.text for p in skipped],
-        "reconstruction": reconstruction_metrics(vae, vae_params, test.data.images, settings.batch_size),
-        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
-        "settings": _settings_record(settings, size),
+        "classifier_accuracy_real": judge.classifier_test["major_accuracy"],
+        "prompt_set": _prompt_set_record(prompt_set_name, judge.usable, judge.train),
+        **_ceilings(settings, judge.classifier, judge.usable, vae, vae_params, judge.size),
+        "skipped_prompts": [p.text for p in judge.skipped],
+        "reconstruction": reconstruction_metrics(vae, vae_params, judge.test.data.images, settings.batch_size),
+        "classifier": _classifier_section(judge.classifier_dir, judge.classifier, judge.cached, judge.classifier_test),
+        "settings": _settings_record(settings, judge.size),
         "timings_s": {"total": round(time.perf_counter() - start, 1)},
     }
     write_json(out, results)
     assets = out.with_name(out.stem + "_assets")
     assets.mkdir(exist_ok=True)
-    shown = imaging.as_float_images(test.data.images[:8])
+    shown = imaging.as_float_images(judge.test.data.images[:8])
     reconstructed = reconstruct(vae, vae_params, shown, settings.batch_size)
     report.save_pair_grid(assets / "reconstructions.png", shown, reconstructed, ["test image"] * len(shown),
                           [f"VAE, {v:.1f} dB" for v in np.asarray(imaging.psnr(shown, reconstructed))])
@@ -425,30 +421,52 @@ def evaluate_judge(out: str | os.PathLike, *, prompts: str | Sequence[EvalPrompt
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     settings = resolve_data(settings, 64)
-    train, validation, test = _load_splits(settings)
-    size = train.data.images.shape[1]
-    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
-    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
-    classifier_test = clf.evaluate_classifier(classifier, test.data)
-    usable, skipped = conditioning.usable_prompts(prompts, classifier)
-    ceilings = _ceilings(settings, classifier, usable, None, None, size)
+    judge = _judge(settings, prompts, classifier_config)
+    ceilings = _ceilings(settings, judge.classifier, judge.usable, None, None, judge.size)
     real = ceilings["conditioning_real_studies"]
     results = {
-        "classifier_accuracy_real": classifier_test["major_accuracy"],
-        "classifier_exact_match_real": classifier_test["exact_match"],
-        "classifier_attribute_accuracy_real": classifier_test["attribute_accuracy"],
-        "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
+        "classifier_accuracy_real": judge.classifier_test["major_accuracy"],
+        "classifier_exact_match_real": judge.classifier_test["exact_match"],
+        "classifier_attribute_accuracy_real": judge.classifier_test["attribute_accuracy"],
+        "prompt_set": _prompt_set_record(prompt_set_name, judge.usable, judge.train),
         "conditioning_accuracy_real_studies": ceilings["conditioning_accuracy_real_studies"],
         "conditioning_accuracy_real_studies_ci": ceilings["conditioning_accuracy_real_studies_ci"],
         "presence_accuracy_real_studies": real and real["presence_accuracy"],
         "conditioning_real_studies": real,
-        "skipped_prompts": [p.text for p in skipped],
-        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
-        "settings": _settings_record(settings, size),
+        "skipped_prompts": [p.text for p in judge.skipped],
+        "classifier": _classifier_section(judge.classifier_dir, judge.classifier, judge.cached, judge.classifier_test),
+        "settings": _settings_record(settings, judge.size),
         "timings_s": {"total": round(time.perf_counter() - start, 1)},
     }
     write_json(out, results)
     return results
+
+
+@dataclasses.dataclass
+class _Judge:
+    """The real splits, the classifier (with its cache folder and test-split report) and the usable prompts."""
+    train: Any
+    validation: Any
+    test: Any
+    size: int
+    classifier_dir: Path
+    classifier: clf.FindingClassifier
+    cached: bool
+    classifier_test: dict
+    usable: list
+    skipped: list
+
+
+def _judge(settings: EvalSettings, prompts, classifier_config: clf.TrainConfig | None) -> _Judge:
+    """Loads the splits of the resolved `settings`, trains or reuses the classifier (default recipe at the data
+    resolution, <= 128 px) and keeps the prompts whose findings it knows."""
+    train, validation, test = _load_splits(settings)
+    size = train.data.images.shape[1]
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
+    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
+    usable, skipped = conditioning.usable_prompts(prompts, classifier)
+    return _Judge(train, validation, test, size, classifier_dir, classifier, cached,
+                  clf.evaluate_classifier(classifier, test.data), usable, skipped)
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cxr_ldm.io.weights import read_safetensors, write_safetensors
+from cxr_ldm.io.weights import read_tensor_file, write_safetensors
 
 PUBLISHED_FILE = "pt_inception-2015-12-05-6726825d.pth"
 PUBLISHED_SHA256_PREFIX = "6726825d"
@@ -234,37 +234,44 @@ def load_params(path: str | Path) -> dict:
             f"Inception weights {path} not found. The standard FID needs pytorch-fid's {PUBLISHED_FILE} "
             f"(sha256 {PUBLISHED_SHA256_PREFIX}...), converted with: python -m cxr_ldm.evaluation.inception "
             f"--convert {PUBLISHED_FILE} --out pt_inception-2015-12-05.safetensors --allow-pickle")
-    if path.suffix == ".safetensors":
-        state = read_safetensors(path)
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            state = {k: archive[k] for k in archive.files}
-    else:
-        raise ValueError(f"{path}: expected a .safetensors or .npz file; convert a .pth with "
-                         "`python -m cxr_ldm.evaluation.inception --convert FILE.pth --out FILE.safetensors --allow-pickle`")
+    state = read_tensor_file(path, "convert a .pth with `python -m cxr_ldm.evaluation.inception --convert FILE.pth "
+                                   "--out FILE.safetensors --allow-pickle`")
     return state_dict_to_params(state, str(path))
 
 
-class InceptionFeatures:
+class BatchedFeatures:
+    """Callable: images (N, H, W, C) -> features (N, feature_dim) of `dtype`, by a jitted `apply(params, x)` on
+    fixed-size batches (the last one padded), so that it compiles once."""
+
+    feature_dim: int
+    dtype = np.float64
+
+    def __init__(self, params: dict, apply, batch_size: int = 32):
+        self.params, self.batch_size = params, batch_size
+        self._apply = jax.jit(apply)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        out = [np.zeros((0, self.feature_dim), self.dtype)]
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            padded = np.pad(batch, ((0, self.batch_size - len(batch)),) + ((0, 0),) * 3)
+            out.append(np.asarray(self._apply(self.params, padded), self.dtype)[:len(batch)])
+        return np.concatenate(out)
+
+
+class InceptionFeatures(BatchedFeatures):
     """Callable: images (N, H, W, 1|3) in [0, 1] -> pool3 features (N, 2048) float64, in batches."""
 
+    feature_dim = FEATURE_DIM
+
     def __init__(self, params: dict, batch_size: int = 32):
-        self.params, self.batch_size = params, batch_size
         net = FIDInceptionV3()
-        self._apply = jax.jit(lambda p, x: net.apply({"params": p}, preprocess(x)))
+        super().__init__(params, lambda p, x: net.apply({"params": p}, preprocess(x)), batch_size)
 
     @classmethod
     def from_file(cls, path: str | Path, batch_size: int = 32) -> "InceptionFeatures":
         return cls(load_params(path), batch_size)
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, np.float32)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            padded = np.pad(batch, ((0, self.batch_size - len(batch)),) + ((0, 0),) * 3)
-            out.append(np.asarray(self._apply(self.params, padded), np.float64)[:len(batch)])
-        return np.concatenate(out)
 
 
 def convert(source: Path, out: Path, allow_pickle: bool) -> None:
@@ -281,11 +288,8 @@ def convert(source: Path, out: Path, allow_pickle: bool) -> None:
 
         state = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
                  for k, v in torch.load(source, map_location="cpu", weights_only=True).items()}
-    elif source.suffix == ".npz":
-        with np.load(source, allow_pickle=False) as archive:
-            state = {k: archive[k] for k in archive.files}
     else:
-        state = read_safetensors(source)
+        state = read_tensor_file(source, "or a .pth pickle with --allow-pickle")
     state_dict_to_params(state, str(source))  # refuse to write a file that would not load
     kept = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()
             if not k.endswith(IGNORED_SUFFIXES) and not k.startswith(IGNORED_PREFIXES)}

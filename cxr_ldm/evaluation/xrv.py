@@ -73,8 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cxr_ldm.evaluation.inception import FrozenBatchNorm
-from cxr_ldm.io.weights import read_safetensors, write_safetensors
+from cxr_ldm.evaluation.inception import BatchedFeatures, FrozenBatchNorm
+from cxr_ldm.io.weights import read_tensor_file, write_safetensors
 
 WEIGHTS_NAME = "densenet121-res224-all"
 PUBLISHED_FILE = "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt"
@@ -226,24 +226,20 @@ def load_params(path: str | Path) -> dict:
         raise FileNotFoundError(
             f"torchxrayvision weights {path} not found. The XRV FID needs torchxrayvision's {WEIGHTS_NAME} "
             f"weights ({PUBLISHED_URL}), converted with: {CONVERT_COMMAND}")
-    if path.suffix == ".safetensors":
-        state = read_safetensors(path)
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            state = {k: archive[k] for k in archive.files}
-    else:
-        raise ValueError(f"{path}: expected a .safetensors or .npz file; convert a .pt with "
-                         "`python -m cxr_ldm.evaluation.xrv --convert FILE.pt --out FILE.safetensors --allow-pickle`")
+    state = read_tensor_file(path, "convert a .pt with `python -m cxr_ldm.evaluation.xrv --convert FILE.pt "
+                                   "--out FILE.safetensors --allow-pickle`")
     return state_dict_to_params(state, str(path))
 
 
-class XRVFeatures:
+class XRVFeatures(BatchedFeatures):
     """Callable: images (N, S, S, 1|3) in [0, 1] -> torchxrayvision `features2` (N, 1024) float32, in batches."""
 
+    feature_dim = FEATURE_DIM
+    dtype = np.float32
+
     def __init__(self, params: dict, batch_size: int = 32):
-        self.params, self.batch_size = params, batch_size
         net = XRVDenseNet121()
-        self._apply = jax.jit(lambda p, x: net.apply({"params": p}, preprocess(x)))
+        super().__init__(params, lambda p, x: net.apply({"params": p}, preprocess(x)), batch_size)
 
     @classmethod
     def from_file(cls, path: str | Path, batch_size: int = 32) -> "XRVFeatures":
@@ -256,12 +252,7 @@ class XRVFeatures:
                              "crop to a square first, as xrv.datasets.XRayCenterCrop")
         if len(images) and (images.min() < 0.0 or images.max() > 1.0):
             raise ValueError(f"expected images in [0, 1], got values in [{images.min()}, {images.max()}]")
-        out = [np.zeros((0, FEATURE_DIM), np.float32)]
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            padded = np.pad(batch, ((0, self.batch_size - len(batch)),) + ((0, 0),) * 3)
-            out.append(np.asarray(self._apply(self.params, padded), np.float32)[:len(batch)])
-        return np.concatenate(out)
+        return super().__call__(images)
 
 
 # --- Reading torch pickles without running them (module doc) ---
@@ -388,11 +379,8 @@ def convert(source: Path, out: Path, allow_pickle: bool) -> None:
                              "you trust it (the converter then reads it without running its code: module doc "
                              "of cxr_ldm.evaluation.xrv)")
         state, held = read_torch_pickle(source)
-    elif source.suffix == ".npz":
-        with np.load(source, allow_pickle=False) as archive:
-            state = {k: archive[k] for k in archive.files}
     else:
-        state = read_safetensors(source)
+        state = read_tensor_file(source, "or a .pt pickle with --allow-pickle")
     state_dict_to_params(state, str(source))  # refuse to write a file that would not load
     kept = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items() if not _is_ignored(k)}
     write_safetensors(out, kept)

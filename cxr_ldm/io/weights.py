@@ -72,6 +72,18 @@ def read_weights(folder: str | os.PathLike, stem: str, *, variant: str | None = 
                             + (f"; found several .safetensors files: {[p.name for p in others]}" if others else ""))
 
 
+def read_tensor_file(path: Path, convert_hint: str) -> dict[str, np.ndarray]:
+    """Tensors of a .safetensors or .npz file (never unpickled); another suffix raises ValueError that ends
+    with `convert_hint` (how to convert such a file)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
+    raise ValueError(f"{path}: expected a .safetensors or .npz file; {convert_hint}")
+
+
 def write_json(path: str | os.PathLike, obj: Mapping) -> None:
     """Writes JSON atomically (temp file, then rename)."""
     path = Path(path)
