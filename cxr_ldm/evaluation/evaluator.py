@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,17 +167,11 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
     settings = resolve_guidance(resolve_data(settings, pipe.default_size()))
-    train, validation, test = _load_splits(settings)
-    size = train.data.images.shape[1]
-    lap("data")
-
-    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
-    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
-    classifier_test = clf.evaluate_classifier(classifier, test.data)
-    lap("classifier")
+    judge = _judge(settings, prompts, classifier_config, lap)
+    train, validation, test, size = judge.train, judge.validation, judge.test, judge.size
+    classifier, classifier_test, usable, skipped = judge.classifier, judge.classifier_test, judge.usable, judge.skipped
 
     generate = _generator(pipe, settings, size)
-    usable, skipped = conditioning.usable_prompts(prompts, classifier)
     seeds = generation_seeds(settings.seed)
     prompt_images = conditioning.generate_images(generate, [p.text for p in usable], settings.num_samples,
                                                  seeds["conditioning"], settings.batch_size)
@@ -264,7 +258,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "conditioning": conditioning_summary,
         **ceilings,
         "skipped_prompts": [p.text for p in skipped],
-        "classifier": _classifier_section(classifier_dir, classifier, cached, classifier_test),
+        "classifier": _classifier_section(judge.classifier_dir, classifier, judge.cached, classifier_test),
         "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
         "augmentation": augmentation, "guidance_sweep": sweep,
         "settings": _settings_record(settings, size),
@@ -457,16 +451,20 @@ class _Judge:
     skipped: list
 
 
-def _judge(settings: EvalSettings, prompts, classifier_config: clf.TrainConfig | None) -> _Judge:
+def _judge(settings: EvalSettings, prompts, classifier_config: clf.TrainConfig | None,
+           lap: Callable[[str], None] = lambda section: None) -> _Judge:
     """Loads the splits of the resolved `settings`, trains or reuses the classifier (default recipe at the data
-    resolution, <= 128 px) and keeps the prompts whose findings it knows."""
+    resolution, <= 128 px) and keeps the prompts whose findings it knows; lap("data") and lap("classifier")
+    mark the end of each part (section timings)."""
     train, validation, test = _load_splits(settings)
     size = train.data.images.shape[1]
+    lap("data")
     classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
     classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
+    classifier_test = clf.evaluate_classifier(classifier, test.data)
+    lap("classifier")
     usable, skipped = conditioning.usable_prompts(prompts, classifier)
-    return _Judge(train, validation, test, size, classifier_dir, classifier, cached,
-                  clf.evaluate_classifier(classifier, test.data), usable, skipped)
+    return _Judge(train, validation, test, size, classifier_dir, classifier, cached, classifier_test, usable, skipped)
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:
