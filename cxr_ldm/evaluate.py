@@ -142,7 +142,8 @@ def main(argv=None) -> None:
     if args.judge_only:
         results = evaluate_judge(args.out, **options)
         headline = ("conditioning_accuracy_real_studies", "conditioning_accuracy_real_studies_ci",
-                    "presence_accuracy_real_studies", "classifier_exact_match_real", "classifier_attribute_accuracy_real")
+                    "presence_accuracy_real_studies", "presence_accuracy_real_studies_ci",
+                    "classifier_exact_match_real", "classifier_attribute_accuracy_real")
         print(json.dumps({k: results[k] for k in headline}, indent=2))
         return
     if args.vae_only:

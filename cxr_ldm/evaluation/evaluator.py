@@ -385,7 +385,8 @@ def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size:
     """The results' ceiling fields: conditioning_real_studies (real phantom studies of each prompt, scored as
     generated images are: what a perfect generator would get), conditioning_vae_reconstructed (the same studies
     through the VAE: what a diffusion model that is perfect in latent space could reach with this autoencoder),
-    each with its conditioning_accuracy_* headline and _ci interval; all None unless phantom_cxr (the VAE ones
+    each with its conditioning_accuracy_* and presence_accuracy_* headlines and _ci intervals; all None unless
+    phantom_cxr (the VAE ones
     also without a VAE)."""
     sets = {"real_studies": None, "vae_reconstructed": None}
     if settings.dataset == DEFAULT_DATASET:
@@ -396,9 +397,10 @@ def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size:
     out = {}
     for name, images in sets.items():
         summary, results = conditioning.evaluate_conditioning(classifier, images, usable) if images else (None, None)
-        interval = results and intervals.hierarchical_bootstrap([r.success for r in results])
-        out[f"conditioning_accuracy_{name}"] = summary and summary["conditioning_accuracy"]
-        out[f"conditioning_accuracy_{name}_ci"] = interval and [interval.low, interval.high]
+        for key, attribute in (("conditioning_accuracy", "success"), ("presence_accuracy", "present")):
+            interval = results and intervals.hierarchical_bootstrap([getattr(r, attribute) for r in results])
+            out[f"{key}_{name}"] = summary and summary[key]
+            out[f"{key}_{name}_ci"] = interval and [interval.low, interval.high]
         out[f"conditioning_{name}"] = summary
     return out
 
@@ -417,16 +419,12 @@ def evaluate_judge(out: str | os.PathLike, *, prompts: str | Sequence[EvalPrompt
     settings = resolve_data(settings, 64)
     judge = _judge(settings, prompts, classifier_config)
     ceilings = _ceilings(settings, judge.classifier, judge.usable, None, None, judge.size)
-    real = ceilings["conditioning_real_studies"]
     results = {
         "classifier_accuracy_real": judge.classifier_test["major_accuracy"],
         "classifier_exact_match_real": judge.classifier_test["exact_match"],
         "classifier_attribute_accuracy_real": judge.classifier_test["attribute_accuracy"],
         "prompt_set": _prompt_set_record(prompt_set_name, judge.usable, judge.train),
-        "conditioning_accuracy_real_studies": ceilings["conditioning_accuracy_real_studies"],
-        "conditioning_accuracy_real_studies_ci": ceilings["conditioning_accuracy_real_studies_ci"],
-        "presence_accuracy_real_studies": real and real["presence_accuracy"],
-        "conditioning_real_studies": real,
+        **{k: v for k, v in ceilings.items() if k.endswith("real_studies") or k.endswith("real_studies_ci")},
         "skipped_prompts": [p.text for p in judge.skipped],
         "classifier": _classifier_section(judge.classifier_dir, judge.classifier, judge.cached, judge.classifier_test),
         "settings": _settings_record(settings, judge.size),

@@ -101,6 +101,8 @@ def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tm
     low, high = results["conditioning_accuracy_real_studies_ci"]
     assert low <= results["conditioning_accuracy_real_studies"] <= high
     assert results["conditioning_accuracy_real_studies"] <= results["presence_accuracy_real_studies"]
+    low, high = results["presence_accuracy_real_studies_ci"]
+    assert low <= results["presence_accuracy_real_studies"] <= high
     assert results["prompt_set"]["name"] == "custom" and results["prompt_set"]["num_prompts"] == len(real["per_prompt"])
     assert all(p["num_images"] == 3 for p in real["per_prompt"])
     with pytest.raises(SystemExit):
