@@ -30,9 +30,14 @@ def main(argv):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+    from cxr_ldm.io.run_folder import WorkdirError
     from cxr_ldm.training.trainer import run
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    run(_CONFIG.value, _WORKDIR.value or _CONFIG.value.workdir)  # stopped by SIGTERM: resumable, exit 0
+    try:
+        run(_CONFIG.value, _WORKDIR.value or _CONFIG.value.workdir)  # stopped by SIGTERM: resumable, exit 0
+    except WorkdirError as e:  # another run holds the workdir
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """The layout of a train.py workdir, and the writes that keep it consistent.
 
   <workdir>/config.json                 the run config
+  <workdir>/train.lock                  flock'ed by the train.py process that uses the workdir (its pid and host)
   <workdir>/<stage>/checkpoints/        Orbax checkpoints of a stage
   <workdir>/<stage>/done.json           the summary a finished stage writes last
   <workdir>/autoencoder/vae/            the trained VAE (a diffusers AutoencoderKL folder)
@@ -10,10 +11,13 @@
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
-from typing import Callable
+import socket
+from typing import Callable, Iterator
 
 AUTOENCODER_STAGE = "autoencoder"
 TEXT_PRETRAIN_STAGE = "text_pretrain"
@@ -21,6 +25,15 @@ LDM_STAGE = "ldm"
 EXPORT_DIRNAME = "pipeline"  # where train.py writes the diffusers-format export inside a workdir
 CHECKPOINTS_DIRNAME = "checkpoints"
 SAMPLES_DIRNAME = "samples"
+LOCK_FILENAME = "train.lock"
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot serve this run; the message (one line) says why and what to do."""
+
+
+class WorkdirBusyError(WorkdirError):
+    """Another process holds the workdir's lock."""
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -72,3 +85,28 @@ def write_folder_atomically(path: str, write: Callable[[str], None]) -> None:
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[str]:
+    """Holds an exclusive flock on <workdir>/train.lock (created if absent) while the block runs; yields its path.
+
+    The file records the holder's pid and host. The OS drops the lock when the holder exits, however it
+    exits, so a crashed run leaves no stale lock (the file stays; only the flock counts). Raises
+    WorkdirBusyError, naming the file and the holder, when another process holds it.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILENAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "an unknown process"
+            raise WorkdirBusyError(f"{workdir} is in use by {holder} (lock file {path}): wait for that run to "
+                                   "end, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)

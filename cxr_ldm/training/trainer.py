@@ -1,7 +1,8 @@
-"""train.py's job: prepare the data set, then run the configured stages in order (finished ones are
-skipped), resuming from the workdir's checkpoints (the workdir layout: `cxr_ldm.io.run_folder`)."""
+"""train.py's job: lock the workdir, prepare the data set, then run the configured stages in order (finished
+ones are skipped), resuming from the workdir's checkpoints (the workdir layout: `cxr_ldm.io.run_folder`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -11,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from cxr_ldm.data import builders
 from cxr_ldm.data.tokenizer import load_tokenizer
+from cxr_ldm.io.run_folder import workdir_lock
 from cxr_ldm.models.autoencoder import AutoencoderConfig
 from cxr_ldm.models.text_encoder import CLIPTextConfig
 from cxr_ldm.models.unet import UNetConfig
@@ -23,7 +25,11 @@ STAGES = {"autoencoder": train_autoencoder, "text_pretrain": pretrain_text_encod
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    """Runs every stage of `config.stages`; returns False if SIGTERM stopped the run (resumable)."""
+    """Runs every stage of `config.stages`; returns False if SIGTERM stopped the run (resumable).
+
+    Process 0 holds the workdir's lock (`run_folder.workdir_lock`) from before the data is prepared until
+    the end; raises `run_folder.WorkdirBusyError` if another run holds it.
+    """
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         renamed = " (the 'text_encoder' stage is now called 'text_pretrain')" if "text_encoder" in unknown else ""
@@ -31,7 +37,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
     check_models_fit(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config.data.data_dir = os.path.abspath(os.path.expanduser(config.data.data_dir))
-    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _run_stages(config, workdir)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str) -> bool:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -1,0 +1,57 @@
+"""train.py as a command: what it refuses, how it says so, its exit status."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from cxr_ldm.io.run_folder import WorkdirBusyError, workdir_lock
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_HOLD = "import sys, time\nfrom cxr_ldm.io.run_folder import workdir_lock\n" \
+        "with workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n"
+
+
+def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(workdir: pathlib.Path):
+    """A subprocess that holds `workdir`'s lock until it is killed (SIGKILL, as in a crash); yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(workdir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_lock_and_its_holder(tmp_path):
+    workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+    with lock_held_by_another_process(workdir) as pid:
+        result = train("--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir} is in use by pid {pid} on host {socket.gethostname()} (lock file {workdir}/train.lock): "
+        "wait for that run to end, or use another --workdir")
+    assert "Traceback" not in result.stderr
+    assert not data_dir.exists() and sorted(p.name for p in workdir.iterdir()) == ["train.lock"]
+
+
+def test_the_lock_of_a_crashed_run_is_free(tmp_path):
+    with lock_held_by_another_process(tmp_path) as pid:
+        with pytest.raises(WorkdirBusyError, match=f"in use by pid {pid} "):
+            with workdir_lock(str(tmp_path)):
+                pass
+    with workdir_lock(str(tmp_path)) as path:  # the holder was killed: the OS released its lock
+        assert pathlib.Path(path).read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
