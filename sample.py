@@ -2,6 +2,7 @@
 
     python sample.py --checkpoint workdir --prompt "Moderate left pleural effusion." --num-images 4
     python sample.py --checkpoint sd-folder --prompts-file prompts.txt --sampler dpmpp_2m --steps 25 --grid
+    python sample.py --checkpoint sd-fp16-folder --variant fp16 --prompt "Mild cardiomegaly."
 
 Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
 seed, sampler, steps, guidance (its rescale, and the projected-guidance settings when used) and checkpoint in PNG
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_ldm.io.images import make_grid, save_png
+from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.pipeline import SAMPLERS, Pipeline
 
 
@@ -26,6 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True,
                    help="diffusers StableDiffusionPipeline folder or a train.py workdir")
+    p.add_argument("--variant", default=None,
+                   help="weight variant of the checkpoint's components, e.g. fp16 for *.fp16.safetensors")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read components whose only weights are .bin pickles; only for files you trust")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None)
@@ -74,7 +80,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --apg-eta must be in [0, 1] and --apg-norm-threshold >= 0, got "
                          f"{args.apg_eta} and {args.apg_norm_threshold}")
     try:
-        pipe = Pipeline.from_pretrained(args.checkpoint)
+        pipe = Pipeline.from_pretrained(args.checkpoint, variant=args.variant, allow_pickle=args.allow_pickle)
+    except PickleRefusedError as e:
+        raise SystemExit(f"error: cannot load checkpoint {args.checkpoint}: {e.with_hint('--allow-pickle')}") from None
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: cannot load checkpoint {args.checkpoint}: {e}") from None
     out = Path(args.out)

@@ -3,7 +3,7 @@
     python -m cxr_ldm.evaluate --checkpoint workdir/default --out r.json [--prompts test|dev|FILE.json]
         [--dataset phantom_cxr]
         [--num-samples 10] [--steps 25] [--guidance G] [--guidance-sweep 2,3,4]
-        [--inception-weights pt_inception.safetensors]
+        [--inception-weights pt_inception.safetensors] [--variant fp16] [--allow-pickle]
 
 Writes the JSON (top level: conditioning_accuracy (strict: finding, side, grade, location, device types,
 nothing unprompted), presence_accuracy (finding types only), attribute_accuracy, prompt_set,
@@ -60,6 +60,7 @@ from cxr_ldm.evaluation.evaluator import (
     resolve_prompts,
 )
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, PromptFileError
+from cxr_ldm.io.weights import PickleRefusedError
 
 
 def _scales(text: str) -> tuple[float, ...]:
@@ -85,6 +86,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="train.py workdir or diffusers pipeline folder")
     parser.add_argument("--out", required=True, help="output JSON file; the report goes beside it")
+    parser.add_argument("--variant", default=None,
+                        help="weight variant of the checkpoint's components, e.g. fp16 for *.fp16.safetensors")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read components whose only weights are .bin pickles; only for files you trust")
     parser.add_argument("--prompts", default="test",
                         help=f"a prompt set ({', '.join(PROMPT_SETS)}) or a prompt file (JSON list, see "
                              "cxr_ldm/evaluation/prompts.py); recipes are chosen on dev, test is reported")
@@ -133,12 +138,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.judge_only:
         parser.error("--checkpoint is required (except with --judge-only)")
+    if args.vae_only and (args.variant or args.allow_pickle):
+        parser.error("--vae-only reads the autoencoder's safetensors weights only; --variant and --allow-pickle "
+                     "apply to the pipeline")
     try:
         resolve_prompts(args.prompts)
     except (PromptFileError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    options = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out", "vae_only", "judge_only")}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("checkpoint", "out", "vae_only", "judge_only", "variant", "allow_pickle")}
     if args.judge_only:
         results = evaluate_judge(args.out, **options)
         headline = ("conditioning_accuracy_real_studies", "conditioning_accuracy_real_studies_ci",
@@ -151,7 +160,14 @@ def main(argv=None) -> None:
         headline = ("conditioning_accuracy_vae_reconstructed", "classifier_accuracy_real")
         print(json.dumps({**{k: results[k] for k in headline}, **results["reconstruction"]}, indent=2))
         return
-    results = evaluate(args.checkpoint, args.out, **options)
+    from cxr_ldm.pipeline import Pipeline  # the pipeline pulls in every model; import when evaluating
+
+    try:
+        pipe = Pipeline.from_pretrained(args.checkpoint, variant=args.variant, allow_pickle=args.allow_pickle)
+    except PickleRefusedError as err:
+        parser.exit(2, f"{parser.prog}: error: cannot load checkpoint {args.checkpoint}: "
+                       f"{err.with_hint('--allow-pickle')}\n")
+    results = evaluate(args.checkpoint, args.out, pipe=pipe, **options)
     print(json.dumps({k: results[k] for k in ("conditioning_accuracy", "presence_accuracy", "classifier_accuracy_real")},
                      indent=2))
 

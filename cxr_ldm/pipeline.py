@@ -60,20 +60,27 @@ class Pipeline:
     scheduler_file: dict | None = None  # the scheduler_config.json read, written back unchanged on save
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None) -> "Pipeline":
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, variant: str | None = None,
+                        allow_pickle: bool = False) -> "Pipeline":
         """Loads a diffusers `StableDiffusionPipeline` folder (or a train.py workdir's export).
 
         Args:
           path: folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
           dtype: compute dtype of the modules (None: float32; bfloat16 on accelerators is typical).
+          variant: weight variant of every component, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`
+            and `model.fp16.safetensors` (as diffusers' `variant=`).
+          allow_pickle: read components whose only weights are legacy `.bin` pickles; only for files you trust.
+        Raises:
+          io.weights.PickleRefusedError: a component holds only a pickle and `allow_pickle` is False.
         """
         folder = _resolve_folder(Path(path))
         for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if not (folder / sub).is_dir():
                 raise FileNotFoundError(f"pipeline folder {folder} lacks the {sub}/ component")
-        unet, unet_params = load_component(folder / "unet", dtype=dtype)
-        vae, vae_params = load_component(folder / "vae", dtype=dtype)
-        text_encoder, text_params = load_component(folder / "text_encoder", dtype=dtype)
+        load = functools.partial(load_component, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+        unet, unet_params = load(folder / "unet")
+        vae, vae_params = load(folder / "vae")
+        text_encoder, text_params = load(folder / "text_encoder")
         scheduler_file = folder / "scheduler" / "scheduler_config.json"
         raw = json.loads(scheduler_file.read_text())
         return cls(unet, unet_params, vae, vae_params, text_encoder, text_params,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
 
-from cxr_ldm.data.tokenizer import load_tokenizer  # noqa: E402
+from helpers import pipelines  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("moderate left pleural effusion.", "no acute cardiopulmonary process.")
@@ -32,35 +32,12 @@ def _load_sample_cli():
 sample_cli = _load_sample_cli()
 
 
-def save_tiny_pipeline(folder: Path) -> Path:
-    """Writes a random diffusers StableDiffusionPipeline with a 1-channel VAE (16x16 px, latents 8x8x4)."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = diffusers.AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
-        norm_num_groups=8, sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=16))
-    with torch.no_grad():  # diffusers zero-initialises output layers; make the prompt and the noise matter
-        for model in (unet, vae, text_encoder):
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-    diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))
+    """A tiny random diffusers pipeline folder (1-channel VAE, 16x16 px, latents 8x8x4)."""
+    folder = tmp_path_factory.mktemp("tiny_pipeline")
+    pipelines.tiny_sd_pipeline().save_pretrained(folder)
+    return folder
 
 
 def _run(checkpoint: Path, out: Path, *extra: str) -> Path:

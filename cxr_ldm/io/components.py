@@ -107,6 +107,8 @@ def load_component(path: str | os.PathLike, *, dtype: Any = None, param_dtype: A
       allow_pickle: read a legacy `.bin` pickle; only for files you trust.
     Returns:
       (Flax module, params pytree of numpy arrays).
+    Raises:
+      weights.PickleRefusedError: the folder holds only a pickle and `allow_pickle` is False.
     """
     path = Path(path)
     config_file = path / "config.json"

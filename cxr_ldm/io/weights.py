@@ -11,6 +11,27 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 
+class PickleRefusedError(ValueError):
+    """A component folder holds only a pickle weight file and pickles were not allowed.
+
+    The message says how to allow it in `allow_hint`, the words of the entry point the user called; an entry
+    point that is not Python re-raises `err.with_hint("--allow-pickle")` in its own words.
+
+    Attributes:
+      path: the pickle file.
+      allow_hint: how to allow it, e.g. "allow_pickle=True" (Python) or "--allow-pickle" (a CLI).
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_hint: str = "allow_pickle=True"):
+        self.path, self.allow_hint = Path(path), allow_hint
+        super().__init__(f"{self.path.parent} holds only the pickle file {self.path.name}; pickles can run code "
+                         f"when loaded. Pass {allow_hint} only for a file you trust, or convert it to safetensors.")
+
+    def with_hint(self, allow_hint: str) -> "PickleRefusedError":
+        """The same refusal, saying how to allow it in `allow_hint`."""
+        return PickleRefusedError(self.path, allow_hint)
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes)."""
     try:  # framework="flax" understands bfloat16, which plain numpy does not.
@@ -42,6 +63,8 @@ def read_weights(folder: str | os.PathLike, stem: str, *, variant: str | None = 
       stem: the weight file stem the library uses ("diffusion_pytorch_model" or "model").
     Returns:
       key -> numpy array in the file's dtype (bfloat16 arrays use ml_dtypes).
+    Raises:
+      PickleRefusedError: the folder holds only a pickle and `allow_pickle` is False.
     """
     folder = Path(folder)
     name = f"{stem}.{variant}" if variant else stem
@@ -65,9 +88,7 @@ def read_weights(folder: str | os.PathLike, stem: str, *, variant: str | None = 
     if pickles and allow_pickle:
         return read_pickle(pickles[0])
     if pickles:
-        raise ValueError(f"{folder} holds only the pickle file {pickles[0].name}; pickles can run code when "
-                         "loaded. Pass allow_pickle=True (--trust-pickle) only for a file you trust, or convert "
-                         "it to safetensors.")
+        raise PickleRefusedError(pickles[0])
     raise FileNotFoundError(f"no weights in {folder}: expected {single.name} or {index.name}"
                             + (f"; found several .safetensors files: {[p.name for p in others]}" if others else ""))
 
