@@ -85,6 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.ldm = ml_collections.ConfigDict()
     c.ldm.init_from = placeholder(str)  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
+    c.ldm.init_variant = placeholder(str)  # init_from's weight variant, e.g. "fp16" for *.fp16.safetensors
+    c.ldm.init_allow_pickle = False  # read init_from components whose only weights are .bin pickles (trusted only)
     # What trains: unet | unet+text_encoder | text_encoder | textual_inversion | lora. "unet" keeps the text
     # encoder as the text_pretrain stage left it, and skips its backward pass.
     c.ldm.finetune = "unet"

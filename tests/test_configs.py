@@ -81,6 +81,8 @@ def test_optional_fields_take_values_and_none_fields_take_numbers(monkeypatch):
     assert (config.ldm.init_from, config.ldm.scaling_factor) == ("/models/sd15", 0.18215)
     assert (config.ldm.unet.num_attention_heads, config.ldm.snr_gamma) == (8, 2.5)
     assert config.ldm.unet.to_dict()["num_attention_heads"] == 8
+    loading = _parse(["--config.ldm.init_variant=fp16", "--config.ldm.init_allow_pickle=True"])
+    assert (loading.ldm.init_variant, loading.ldm.init_allow_pickle) == ("fp16", True)
     # mimic_sd15 turns min-SNR weighting off; the command line can turn it back on.
     assert _parse(["--config=configs/mimic_sd15.py"]).ldm.snr_gamma is None
     assert _parse(["--config=configs/mimic_sd15.py", "--config.ldm.snr_gamma=5"]).ldm.snr_gamma == 5.0

@@ -2,7 +2,8 @@
 
 Starts from scratch (the VAE of stage 1, and the text encoder of the optional "text_pretrain" stage when
 it ran) or from a diffusers StableDiffusionPipeline folder
-(`config.ldm.init_from`: SD 1.x/2.x, RoentGen), and trains what `config.ldm.finetune` selects.
+(`config.ldm.init_from`: SD 1.x/2.x, RoentGen; its weight variant and whether its pickles may be read:
+`config.ldm.init_variant`, `config.ldm.init_allow_pickle`), and trains what `config.ldm.finetune` selects.
 With `config.ldm.cache_latents` the training images are encoded once (<workdir>/ldm/latent_cache/,
 see `latent_cache`) rather than at every step. Writes <workdir>/ldm/checkpoints/, sample grids in <workdir>/samples/, ldm/done.json and, with
 `config.export`, the diffusers pipeline folder <workdir>/pipeline/ that `Pipeline.from_pretrained`
@@ -11,6 +12,7 @@ see `latent_cache`) rather than at every step. Writes <workdir>/ldm/checkpoints/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -33,6 +35,7 @@ from cxr_ldm.io.run_folder import (
     vae_dir,
     write_folder_atomically,
 )
+from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
 from cxr_ldm.models.unet import dummy_inputs as unet_dummy_inputs
 from cxr_ldm.pipeline import Pipeline
@@ -64,9 +67,13 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
     rng = jax.random.PRNGKey(config.seed)
     if c.init_from:
         folder = os.path.expanduser(c.init_from)
-        unet, unet_params = load_component(os.path.join(folder, "unet"), dtype=dtype)
-        text_encoder, text_params = load_component(os.path.join(folder, "text_encoder"), dtype=dtype)
-        vae, vae_params = load_component(os.path.join(folder, "vae"), dtype=dtype)
+        load = functools.partial(load_component, dtype=dtype, variant=c.init_variant, allow_pickle=c.init_allow_pickle)
+        try:
+            unet, unet_params = load(os.path.join(folder, "unet"))
+            text_encoder, text_params = load(os.path.join(folder, "text_encoder"))
+            vae, vae_params = load(os.path.join(folder, "vae"))
+        except PickleRefusedError as err:
+            raise err.with_hint("--config.ldm.init_allow_pickle=True") from None
         with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
             scheduler_file = json.load(f)
     else:
