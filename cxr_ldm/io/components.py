@@ -1,7 +1,7 @@
 """`load_component` / `save_component`: diffusers / transformers component folders <-> Flax.
 
 A component folder holds `config.json` and safetensors weights, as `save_pretrained` writes them for
-`UNet2DConditionModel`, `AutoencoderKL` (diffusers) and `CLIPTextModel` (transformers).
+`UNet2DConditionModel`, `AutoencoderKL` (diffusers), `CLIPTextModel` and `BertModel` (transformers).
 """
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ SPECS = {
         # writes them without and reads both.
         ComponentSpec("CLIPTextModel", "cxr_ldm.models.text_encoder", "CLIPTextConfig", "CLIPTextModel",
                       "model", "transformers", ignore=(r"embeddings\.position_ids",), prefix="text_model."),
+        # Domain text encoders (CXR-BERT, PubMedBERT, RadBERT); older transformers saved the two buffers.
+        ComponentSpec("BertModel", "cxr_ldm.models.bert", "BertConfig", "BertModel", "model", "transformers",
+                      ignore=(r"embeddings\.position_ids", r"embeddings\.token_type_ids")),
     )
 }
 
@@ -77,8 +80,13 @@ def _class_name(config: dict, path: Path) -> str:
     name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     if name is None and config.get("model_type") in ("clip_text_model", "clip"):
         name = "CLIPTextModel"
+    if name is None and config.get("model_type") == "bert":
+        name = "BertModel"
     if name not in SPECS:
-        raise ValueError(f"{path}: component class {name!r} is not supported; expected one of {sorted(SPECS)}")
+        hint = ("; a BERT checkpoint with a task head loads once its encoder is saved alone: "
+                "transformers.BertModel.from_pretrained(folder).save_pretrained(out)"
+                if config.get("model_type") == "bert" else "")
+        raise ValueError(f"{path}: component class {name!r} is not supported; expected one of {sorted(SPECS)}{hint}")
     return name
 
 

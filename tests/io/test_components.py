@@ -183,6 +183,6 @@ def test_missing_or_unsupported_config_names_path(tmp_path, folder):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"{folder / 'config.json'} is not valid JSON"):
         load_component(folder)
-    (folder / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    with pytest.raises(ValueError, match="'BertModel' is not supported"):
+    (folder / "config.json").write_text(json.dumps({"architectures": ["T5EncoderModel"]}))
+    with pytest.raises(ValueError, match="'T5EncoderModel' is not supported"):
         load_component(folder)
