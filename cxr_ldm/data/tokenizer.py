@@ -1,4 +1,5 @@
-"""CLIP BPE tokenizer: the embedded openai/clip-vit-large-patch14 vocabulary, or a checkpoint's own.
+"""CLIP BPE tokenizer: the embedded openai/clip-vit-large-patch14 vocabulary, or a checkpoint's own; and the
+WordPiece tokenizer of a BERT-family text encoder (`load_wordpiece_tokenizer`).
 
 The embedded files (`cxr_ldm/assets/tokenizer/`) are the vocabulary Stable Diffusion 1.x uses: 49408 entries,
 `<|startoftext|>` = 49406, `<|endoftext|>` = 49407 (also the padding token), 77 tokens per prompt.
@@ -18,6 +19,7 @@ import numpy as np
 import transformers
 
 _VOCAB_FILES = ("vocab.json", "merges.txt")
+_WORDPIECE_FILES = ("vocab.txt",)
 
 
 def embedded_tokenizer_dir() -> Path:
@@ -25,14 +27,15 @@ def embedded_tokenizer_dir() -> Path:
     return Path(str(resources.files("cxr_ldm") / "assets" / "tokenizer"))
 
 
-def _tokenizer_dir(path: str | os.PathLike) -> Path:
-    """`path` itself if it holds tokenizer files, else its `tokenizer/` subfolder (a pipeline folder)."""
+def _tokenizer_dir(path: str | os.PathLike, vocab_files: tuple[str, ...] = _VOCAB_FILES, kind: str = "CLIP") -> Path:
+    """`path` itself if it holds tokenizer files (`vocab_files`, or tokenizer.json), else its `tokenizer/`
+    subfolder (a pipeline folder); `kind` names the tokenizer in the error."""
     path = Path(path)
     for candidate in (path, path / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file() or all((candidate / f).is_file() for f in _VOCAB_FILES):
+        if (candidate / "tokenizer.json").is_file() or all((candidate / f).is_file() for f in vocab_files):
             return candidate
     raise FileNotFoundError(
-        f"no CLIP tokenizer in {path}: expected vocab.json and merges.txt (or tokenizer.json) in {path} "
+        f"no {kind} tokenizer in {path}: expected {' and '.join(vocab_files)} (or tokenizer.json) in {path} "
         f"or in {path / 'tokenizer'}")
 
 
@@ -45,6 +48,14 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> transformers.CLIPTo
     """
     folder = embedded_tokenizer_dir() if path is None else _tokenizer_dir(path)
     return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_wordpiece_tokenizer(path: str | os.PathLike) -> transformers.BertTokenizerFast:
+    """Loads the WordPiece tokenizer of a BERT-family text encoder (CXR-BERT, PubMedBERT, RadBERT) from local
+    files only: a tokenizer folder (vocab.txt, or tokenizer.json, with its tokenizer_config.json) or a folder
+    with a `tokenizer/` subfolder."""
+    folder = _tokenizer_dir(path, _WORDPIECE_FILES, "WordPiece")
+    return transformers.BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
 # What transformers sets model_max_length to when a tokenizer folder leaves it out.

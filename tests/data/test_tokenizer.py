@@ -1,12 +1,21 @@
-"""The embedded CLIP vocabulary tokenizes as openai/clip-vit-large-patch14 (Stable Diffusion 1.x)."""
+"""The embedded CLIP vocabulary tokenizes as openai/clip-vit-large-patch14 (Stable Diffusion 1.x); a BERT
+text encoder's WordPiece vocabulary loads from its folder and tokenizes as BERT's algorithm says."""
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 import regex
 
-from cxr_ldm.data.tokenizer import embedded_tokenizer_dir, load_tokenizer, prompt_length, set_prompt_length, tokenize
+from cxr_ldm.data.tokenizer import (
+    embedded_tokenizer_dir,
+    load_tokenizer,
+    load_wordpiece_tokenizer,
+    prompt_length,
+    set_prompt_length,
+    tokenize,
+)
 
 SENTENCES = [
     "moderate right pleural effusion. mild cardiomegaly.",
@@ -146,3 +155,48 @@ def test_a_tokenizer_folder_without_a_length_pads_to_77(tmp_path):
     loaded = load_tokenizer(folder)
     assert loaded.model_max_length > 10**6 and prompt_length(loaded) == 77
     assert tokenize(loaded, "effusion").shape == (1, 77)
+
+
+WORDPIECE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", ";", "mild", "moderate", "right", "left",
+                   "pleural", "eff", "##usion", "card", "##io", "##me", "##gal", "##y", "no", "acute", "process",
+                   "tube", "lung", "##s", "are", "clear", "bi", "##lateral", "##ly", "small", "pneumo", "##thorax"]
+
+
+def reference_wordpiece(text: str) -> list[int]:
+    """BERT's uncased tokenization written out for ASCII text: lowercase, split on whitespace and punctuation,
+    greedy longest-match-first pieces ("##" inside a word), [UNK] for a word that does not split."""
+    index = {token: i for i, token in enumerate(WORDPIECE_VOCAB)}
+    ids = [index["[CLS]"]]
+    for word in re.findall(r"[a-z0-9]+|[^a-z0-9\s]", text.lower()):
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start and ("##" * bool(start) + word[start:end]) not in index:
+                end -= 1
+            if end == start:
+                pieces = [index["[UNK]"]]
+                break
+            pieces.append(index["##" * bool(start) + word[start:end]])
+            start = end
+        ids += pieces
+    return ids + [index["[SEP]"]]
+
+
+def test_wordpiece_tokenizer_loads_from_a_text_encoder_folder(tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.txt").write_text("\n".join(WORDPIECE_VOCAB) + "\n")
+    tokenizer = load_wordpiece_tokenizer(tmp_path)
+    tokenizer.save_pretrained(tmp_path / "saved")  # the tokenizer.json layout
+    saved = load_wordpiece_tokenizer(tmp_path / "saved")
+    sentences = SENTENCES[:2] + ["Moderate right pleural effusion. Mild Cardiomegaly, NG-tube; small pneumothorax."]
+    for text in sentences:
+        assert tokenizer(text).input_ids == saved(text).input_ids == reference_wordpiece(text), text
+    ids = tokenize(tokenizer, sentences, max_length=24)  # padded with [PAD] = 0
+    for row, text in zip(ids, sentences):
+        want = reference_wordpiece(text)
+        np.testing.assert_array_equal(row, want + [0] * (24 - len(want)))
+
+
+def test_missing_wordpiece_files_error_names_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no WordPiece tokenizer .*vocab\.txt \(or tokenizer\.json\)"):
+        load_wordpiece_tokenizer(tmp_path)
