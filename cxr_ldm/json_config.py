@@ -40,6 +40,37 @@ def _json_value(value: Any) -> Any:
     return [_json_value(v) for v in value] if isinstance(value, tuple) else value
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [2]} -> {"a.b": 1, "c": [2]}: the leaves of nested mappings under dotted names."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """"a.b OLD -> NEW" for each leaf (`flatten`) that differs between two nested configs, in name order.
+
+    Values are written as a config file writes them (lists as tuples: `(32, 32) -> (64, 64)`); a leaf
+    on one side only is "absent" on the other.
+    """
+    old, new = flatten(old), flatten(new)
+    absent = object()
+
+    def show(value):
+        return "absent" if value is absent else repr(_tuples(value))
+    return [f"{key} {show(old.get(key, absent))} -> {show(new.get(key, absent))}"
+            for key in sorted(set(old) | set(new)) if old.get(key, absent) != new.get(key, absent)]
+
+
+def _tuples(value: Any) -> Any:
+    """Lists (nested ones too) -> tuples; other values unchanged."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 class JsonConfig:
     """Mixin of a frozen dataclass stored as JSON: `from_dict`, `from_file` and `to_dict` (module doc)."""
 

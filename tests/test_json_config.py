@@ -8,7 +8,7 @@ import pytest
 
 from cxr_ldm.diffusion.schedules import SchedulerConfig
 from cxr_ldm.evaluation.classifier import TrainConfig
-from cxr_ldm.json_config import JsonConfig
+from cxr_ldm.json_config import JsonConfig, differences, flatten
 from cxr_ldm.models.autoencoder import AutoencoderConfig
 from cxr_ldm.models.text_encoder import CLIPTextConfig
 from cxr_ldm.models.unet import UNetConfig
@@ -210,3 +210,12 @@ def test_class_specific_keys():
     assert [w.filename for w in record] == [__file__]
     with pytest.raises(ValueError, match=r"^s: 'trained_betas' must be a list"):
         SchedulerConfig.from_dict({"trained_betas": "0.1"}, source="s")
+
+
+def test_differences_name_each_differing_leaf_as_a_config_file_writes_it():
+    old = {"unet": {"block_out_channels": [32, 32], "layers": 1}, "finetune": "unet", "gone": 1}
+    new = {"unet": {"block_out_channels": [64, 64], "layers": 1}, "finetune": "lora", "added": [[1, 2]]}
+    assert flatten(old) == {"unet.block_out_channels": [32, 32], "unet.layers": 1, "finetune": "unet", "gone": 1}
+    assert differences(old, new) == ["added absent -> ((1, 2),)", "finetune 'unet' -> 'lora'", "gone 1 -> absent",
+                                     "unet.block_out_channels (32, 32) -> (64, 64)"]
+    assert differences(old, old) == []

@@ -10,17 +10,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers.training import run_train_py
 
 from cxr_ldm.io.run_folder import WorkdirBusyError, workdir_lock
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 _HOLD = "import sys, time\nfrom cxr_ldm.io.run_folder import workdir_lock\n" \
         "with workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n"
-
-
-def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 @contextlib.contextmanager
@@ -39,7 +34,7 @@ def lock_held_by_another_process(workdir: pathlib.Path):
 def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_lock_and_its_holder(tmp_path):
     workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
     with lock_held_by_another_process(workdir) as pid:
-        result = train("--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}")
+        result = run_train_py("--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}")
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {workdir} is in use by pid {pid} on host {socket.gethostname()} (lock file {workdir}/train.lock): "

@@ -3,6 +3,7 @@
   <workdir>/config.json                 the run config
   <workdir>/train.lock                  flock'ed by the train.py process that uses the workdir (its pid and host)
   <workdir>/<stage>/checkpoints/        Orbax checkpoints of a stage
+  <workdir>/<stage>/fingerprint.json    what the stage trains with (its config fields and inputs), written first
   <workdir>/<stage>/done.json           the summary a finished stage writes last
   <workdir>/autoencoder/vae/            the trained VAE (a diffusers AutoencoderKL folder)
   <workdir>/text_pretrain/text_encoder/ the pretrained text encoder (a transformers CLIPTextModel folder)
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ from typing import Callable, Iterator
 AUTOENCODER_STAGE = "autoencoder"
 TEXT_PRETRAIN_STAGE = "text_pretrain"
 LDM_STAGE = "ldm"
+STAGES = (AUTOENCODER_STAGE, TEXT_PRETRAIN_STAGE, LDM_STAGE)  # in the order they run
 EXPORT_DIRNAME = "pipeline"  # where train.py writes the diffusers-format export inside a workdir
 CHECKPOINTS_DIRNAME = "checkpoints"
 SAMPLES_DIRNAME = "samples"
@@ -60,21 +63,58 @@ def done_path(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage, "done.json")
 
 
+def fingerprint_path(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage, "fingerprint.json")
+
+
 def read_done(workdir: str, stage: str) -> dict | None:
     """The summary a finished stage wrote, or None if the stage has not finished."""
-    path = done_path(workdir, stage)
+    return _read_json(done_path(workdir, stage))
+
+
+def write_done(workdir: str, stage: str, summary: dict) -> None:
+    write_file_atomically(done_path(workdir, stage), json.dumps(summary, indent=2))
+
+
+def read_fingerprint(workdir: str, stage: str) -> dict | None:
+    """What `stage` was started with (see `training.fingerprint`), or None if it never started."""
+    return _read_json(fingerprint_path(workdir, stage))
+
+
+def write_fingerprint(workdir: str, stage: str, fingerprint: dict) -> None:
+    write_file_atomically(fingerprint_path(workdir, stage), json.dumps(fingerprint, indent=2))
+
+
+def write_file_atomically(path: str, text: str) -> None:
+    """Writes `text` to a temporary name beside `path`, then renames it: `path` is never half-written."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def folder_digest(path: str) -> str | None:
+    """"sha256:<16 hex digits>" of the names and contents of every file under `path` (None if absent):
+    what a stage records of a weights folder it loads, to notice when it is replaced."""
+    if not os.path.isdir(path):
+        return None
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            file = os.path.join(root, name)
+            digest.update(f"{os.path.relpath(file, path)}\0{os.path.getsize(file)}\0".encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _read_json(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def write_done(workdir: str, stage: str, summary: dict) -> None:
-    path = done_path(workdir, stage)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def write_folder_atomically(path: str, write: Callable[[str], None]) -> None:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cxr_ldm.json_config import differences
 from cxr_ldm.training.sharding import path_to_str
 from cxr_ldm.training.state import TrainState
 
@@ -32,7 +33,8 @@ class Checkpointer:
 
     save_interval_steps: `save` writes when step % save_interval_steps == 0 (or force=True).
     config: JSON-serialisable settings that must not change on resume (model, fine-tune mode, ...);
-      `restore` raises if the checkpoint was written with different values.
+      `restore` raises if the checkpoint was written with different values, naming each differing leaf
+      of the nested settings (`json_config.differences`).
     """
 
     def __init__(self, directory: str, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
@@ -125,8 +127,7 @@ class Checkpointer:
     def _check_config(self, stored: Mapping | None, where: str) -> None:
         if self.config is None or stored is None or stored == self.config:
             return
-        keys = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
-        details = "; ".join(f"{k}: checkpoint {stored.get(k)!r}, now {self.config.get(k)!r}" for k in keys)
+        details = "; ".join(differences(stored, self.config))
         raise ValueError(f"{where} was written with a different config ({details}); use another workdir "
                          "or the original config")
 

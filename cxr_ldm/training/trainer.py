@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 
 import jax
@@ -12,10 +13,18 @@ from jax.experimental import multihost_utils
 
 from cxr_ldm.data import builders
 from cxr_ldm.data.tokenizer import load_tokenizer
-from cxr_ldm.io.run_folder import workdir_lock
+from cxr_ldm.io.run_folder import (
+    LDM_STAGE,
+    SAMPLES_DIRNAME,
+    export_dir,
+    stage_dir,
+    workdir_lock,
+    write_file_atomically,
+)
 from cxr_ldm.models.autoencoder import AutoencoderConfig
 from cxr_ldm.models.text_encoder import CLIPTextConfig
 from cxr_ldm.models.unet import UNetConfig
+from cxr_ldm.training import fingerprint
 from cxr_ldm.training.autoencoder_stage import train_autoencoder
 from cxr_ldm.training.ldm_stage import train_ldm
 from cxr_ldm.training.sharding import make_mesh
@@ -24,37 +33,69 @@ from cxr_ldm.training.text_pretrain_stage import pretrain_text_encoder
 STAGES = {"autoencoder": train_autoencoder, "text_pretrain": pretrain_text_encoder, "ldm": train_ldm}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
+def run(config: ml_collections.ConfigDict, workdir: str, retrain_from: str | None = None) -> bool:
     """Runs every stage of `config.stages`; returns False if SIGTERM stopped the run (resumable).
 
     Process 0 holds the workdir's lock (`run_folder.workdir_lock`) from before the data is prepared until
-    the end; raises `run_folder.WorkdirBusyError` if another run holds it.
+    the end; raises `run_folder.WorkdirBusyError` if another run holds it. Then the stages the workdir
+    holds are checked against `config` (`fingerprint.check_workdir`): a stage trained otherwise raises
+    `fingerprint.ConfigMismatchError`, or, at or after the stage `retrain_from` names, is deleted with the
+    later stages to be trained again. Only then is <workdir>/config.json (re)written.
     """
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         renamed = " (the 'text_encoder' stage is now called 'text_pretrain')" if "text_encoder" in unknown else ""
         raise ValueError(f"config.stages: unknown stage(s) {unknown}; expected some of {sorted(STAGES)}{renamed}")
+    if retrain_from is not None and retrain_from not in STAGES:
+        raise ValueError(f"retrain_from: unknown stage {retrain_from!r}; expected one of {list(STAGES)}")
     check_models_fit(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config.data.data_dir = os.path.abspath(os.path.expanduser(config.data.data_dir))
     with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        retrain = fingerprint.check_workdir(config, workdir, retrain_from)
+        if jax.process_index() == 0:
+            _delete_stages(workdir, retrain)
+            _write_config(config, workdir)
         return _run_stages(config, workdir)
 
 
 def _run_stages(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     prepare_data(config)
     mesh = make_mesh(data=None if config.mesh.data == -1 else config.mesh.data, fsdp=config.mesh.fsdp)
     _say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.default_backend()} device(s); workdir {workdir}")
     for stage in config.stages:
         tokenizer = load_tokenizer(config.data.tokenizer)
+        if jax.process_index() == 0:
+            fingerprint.record(config, workdir, stage)
         if not STAGES[stage](config, workdir, mesh, tokenizer):
             _say(f"stopped by SIGTERM in the {stage} stage after saving a checkpoint; rerun the same "
                  "command to resume")
             return False
     return True
+
+
+def _delete_stages(workdir: str, stages: list[str]) -> None:
+    """Deletes the folders of `stages` (and the export and sample grids with the LDM stage's)."""
+    paths = [stage_dir(workdir, s) for s in stages]
+    if LDM_STAGE in stages:
+        paths += [export_dir(workdir), os.path.join(workdir, SAMPLES_DIRNAME)]
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+    if stages:
+        _say(f"retraining the stage(s) {stages}: their settings differ from what the workdir recorded; deleted "
+             f"{[os.path.relpath(p, workdir) for p in paths]}")
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes <workdir>/config.json (if it changed), after the fingerprint check found the config true of
+    every stage the workdir holds: other fields may differ only where they change no model or describe
+    stages still to train."""
+    path, text = os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    write_file_atomically(path, text)
 
 
 def check_models_fit(config: ml_collections.ConfigDict) -> None:

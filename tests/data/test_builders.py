@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from cxr_ldm.data import phantom
-from cxr_ldm.data.builders import common, manual, mimic_cxr_jpg, openi_cxr, phantom_cxr, prepare
+from cxr_ldm.data.builders import builder_class, common, manual, mimic_cxr_jpg, openi_cxr, phantom_cxr, prepare
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.labeler import label_report
 
@@ -421,3 +421,12 @@ def test_data_source_reads_without_tensorflow(phantom_tiny_dir, tmp_path):
                             env={**os.environ, "PYTHONPATH": f"{no_tf}{os.pathsep}{repo}"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "16"]
+
+
+def test_unknown_data_sets_and_configs_are_named(tmp_path):
+    assert builder_class("phantom_cxr") is phantom_cxr.PhantomCxr
+    with pytest.raises(ValueError, match=r"Unknown data set 'phantom'; expected one of \['mimic_cxr_jpg', "):
+        prepare("phantom/tiny", tmp_path)
+    with pytest.raises(ValueError, match=r"Unknown config '32' of phantom_cxr; expected one of \['64', "):
+        prepare("phantom_cxr", tmp_path, config="32")
+    assert list(tmp_path.iterdir()) == []

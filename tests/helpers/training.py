@@ -111,6 +111,12 @@ def run_steps(num_steps: int, **build_options) -> dict:
     return {"losses": losses, "trainable": jax.tree_util.tree_map(np.asarray, trainable)}
 
 
+def run_train_py(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train.py *args` from the repository root on the CPU, its output captured."""
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
 def run_worker(runs: list[dict], workdir: str, devices: int = 8, distributed: dict | None = None) -> tuple:
     """Starts `run_steps(**options)` for each options dict of `runs` in a fresh Python with `devices`
     simulated CPU devices (optionally as one process of a jax.distributed job). Its results (losses,

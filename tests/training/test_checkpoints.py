@@ -90,11 +90,11 @@ def test_restore_is_an_exact_round_trip_in_the_target_shardings(tmp_path):
 
 def test_mismatched_checkpoints_raise_naming_what_differs(tmp_path):
     st, _ = _noisy_regression(width=3)
-    with Checkpointer(str(tmp_path), config={"width": 3}) as ckpt:
+    with Checkpointer(str(tmp_path), config={"model": {"width": 3, "depth": 2}, "seed": 0}) as ckpt:
         ckpt.save(0, st, force=True)
         ckpt.wait_until_finished()
-    with Checkpointer(str(tmp_path), config={"width": 5}) as ckpt:
-        with pytest.raises(ValueError, match=r"width: checkpoint 3, now 5"):
+    with Checkpointer(str(tmp_path), config={"model": {"width": 5, "depth": 2}, "seed": 0}) as ckpt:
+        with pytest.raises(ValueError, match=r"a different config \(model.width 3 -> 5\); use"):
             ckpt.restore(st)
     other, _ = _noisy_regression(width=5)
     with Checkpointer(str(tmp_path)) as ckpt:

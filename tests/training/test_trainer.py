@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+from helpers.training import run_train_py
 
 from cxr_ldm.data.tokenizer import prompt_length
-from cxr_ldm.training import checkpoints
+from cxr_ldm.training import checkpoints, fingerprint
 from cxr_ldm.training import logger as logger_lib
 from cxr_ldm.training import trainer
 from configs import tiny
@@ -15,17 +17,38 @@ from configs import tiny
 STAGES = ("autoencoder", "text_pretrain", "ldm")
 
 
+# configs/tiny.py at 6 steps a stage, logged at every step
+OVERRIDES = {"autoencoder.num_steps": 6, "autoencoder.eval_every": 6, "autoencoder.warmup_steps": 1,
+             "text_pretrain.num_steps": 6, "text_pretrain.warmup_steps": 1, "ldm.num_steps": 6,
+             "ldm.warmup_steps": 1, "log_every": 1, "checkpoint_every": 2, "sample_every": 6, "sample.steps": 2}
+
+
 def _config(data_dir):
     config = tiny.get_config()
     assert tuple(config.stages) == STAGES
     config.data.data_dir = str(data_dir)
-    config.autoencoder.update(num_steps=6, eval_every=6)
-    config.ldm.update(num_steps=6, warmup_steps=1)
-    config.text_pretrain.update(num_steps=6, warmup_steps=1)
-    config.autoencoder.warmup_steps = 1
-    config.update(log_every=1, checkpoint_every=2, sample_every=6)
-    config.sample.steps = 2
+    for name, value in OVERRIDES.items():
+        _set(config, name, value)
     return config
+
+
+def _set(config, dotted_name: str, value) -> None:
+    *sections, field = dotted_name.split(".")
+    for section in sections:
+        config = config[section]
+    config[field] = value
+
+
+def _flags(data_dir, workdir) -> list[str]:
+    """The train.py arguments of `_config(data_dir)` and `workdir`."""
+    return ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            *(f"--config.{name}={value}" for name, value in OVERRIDES.items())]
+
+
+def _files(folder) -> dict:
+    """{relative path: (size, mtime)} of every file under `folder` but the lock (which each run takes)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file() and p.name != "train.lock"}
 
 
 def _losses(workdir):
@@ -87,8 +110,12 @@ def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, 
 def test_finished_run_is_skipped_and_exports_a_loadable_pipeline(data_dir, straight):
     import cxr_ldm
     before = (straight / "metrics.jsonl").read_text()
-    assert trainer.run(_config(data_dir), str(straight))  # all stages done: nothing is retrained
+    config = _config(data_dir)
+    config.update(log_every=3, checkpoint_every=3)  # settings that change no model: accepted, and recorded
+    config.sample.steps, config.autoencoder.eval_every = 3, 3
+    assert trainer.run(config, str(straight))  # all stages done: nothing is retrained
     assert (straight / "metrics.jsonl").read_text() == before
+    assert json.loads((straight / "config.json").read_text())["log_every"] == 3
     pipe = cxr_ldm.Pipeline.from_pretrained(straight)
     images = pipe(["Large left pleural effusion."], num_inference_steps=2, seed=0)
     assert images.shape == (1, 32, 32, 1) and np.isfinite(images).all()
@@ -111,3 +138,76 @@ def test_unknown_stage_and_missing_vae_are_named(data_dir, tmp_path):
     config.stages = ("ldm",)
     with pytest.raises(FileNotFoundError, match="train the autoencoder first"):
         trainer.run(config, str(tmp_path / "b"))
+
+
+def test_a_finished_run_rerun_with_a_wider_unet_exits_before_any_work(data_dir, straight):
+    before, config_json = _files(straight), (straight / "config.json").read_bytes()
+    result = run_train_py(*_flags(data_dir, straight), "--config.ldm.unet.block_out_channels=(64, 64)")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the ldm stage in {straight} was trained with other settings: ldm.unet.block_out_channels "
+        "(32, 32) -> (64, 64). Use a new --workdir, or pass --retrain_from=ldm to delete that stage and the "
+        "later ones and train them again")
+    assert (straight / "config.json").read_bytes() == config_json
+    assert _files(straight) == before
+
+
+@pytest.mark.parametrize("field, value, retrain_from, message", [
+    ("autoencoder.model.block_out_channels", (16, 64), None,
+     "the autoencoder stage in {} was trained with other settings: autoencoder.model.block_out_channels "
+     "(16, 32) -> (16, 64). Use a new --workdir, or pass --retrain_from=autoencoder"),
+    ("autoencoder.model.block_out_channels", (16, 64), "ldm", "--retrain_from=autoencoder"),  # too late a stage
+    ("ldm.num_steps", 12, None, "the ldm stage in {} was trained with other settings: ldm.num_steps 6 -> 12."),
+])
+def test_a_finished_stage_trained_otherwise_is_refused_before_any_work(data_dir, straight, monkeypatch, field,
+                                                                      value, retrain_from, message):
+    monkeypatch.setattr(trainer, "prepare_data", lambda config: pytest.fail("the data was prepared"))
+    before, config_json = _files(straight), (straight / "config.json").read_bytes()
+    config = _config(data_dir)
+    _set(config, field, value)
+    with pytest.raises(fingerprint.ConfigMismatchError) as raised:
+        trainer.run(config, str(straight), retrain_from=retrain_from)
+    assert message.format(straight) in str(raised.value)
+    assert (straight / "config.json").read_bytes() == config_json
+    assert _files(straight) == before
+
+
+def test_a_started_stage_is_checked_as_a_finished_one(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "prepare_data", lambda config: pytest.fail("the data was prepared"))
+    fingerprint.record(_config(data_dir), str(tmp_path), "autoencoder")
+    config = _config(data_dir)
+    config.autoencoder.learning_rate, config.seed = 1e-3, 7
+    with pytest.raises(fingerprint.ConfigMismatchError,
+                       match=r"other settings: autoencoder.learning_rate 0.002 -> 0.001; seed 0 -> 7\. Use"):
+        trainer.run(config, str(tmp_path))
+
+
+def test_a_replaced_input_folder_is_refused(data_dir, straight, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "prepare_data", lambda config: pytest.fail("the data was prepared"))
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    with open(workdir / "autoencoder" / "vae" / "config.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(fingerprint.ConfigMismatchError, match=r"the ldm stage in \S+ was trained with other "
+                       r"settings: inputs.vae 'sha256:[0-9a-f]{16}' -> 'sha256:[0-9a-f]{16}'\. Use"):
+        trainer.run(_config(data_dir), str(workdir))
+
+
+def test_retrain_from_retrains_the_stage_that_differs_and_the_later_ones(data_dir, straight, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    kept = {s: (workdir / s / "done.json").stat().st_mtime_ns for s in ("autoencoder", "text_pretrain")}
+    config = _config(data_dir)
+    config.ldm.learning_rate = 5e-4
+    assert trainer.run(config, str(workdir), retrain_from="autoencoder")  # the first stage that differs: ldm
+    assert {s: (workdir / s / "done.json").stat().st_mtime_ns for s in kept} == kept
+    recorded = json.loads((workdir / "ldm" / "fingerprint.json").read_text())
+    assert recorded["config"]["ldm.learning_rate"] == 5e-4
+    assert json.loads((workdir / "config.json").read_text())["ldm"]["learning_rate"] == 5e-4
+    ldm = [(n, loss) for s, n, loss in _losses(workdir) if s == "ldm"]
+    expected = [(n, loss) for s, n, loss in _losses(straight) if s == "ldm"]
+    assert [n for n, _ in ldm] == list(range(1, 7))
+    assert ldm[0] == expected[0] and ldm[1:] != expected[1:]  # the same start, then the lower rate
+    before = _files(workdir)
+    assert trainer.run(config, str(workdir), retrain_from="autoencoder")  # the same command: nothing to redo
+    assert _files(workdir) == before

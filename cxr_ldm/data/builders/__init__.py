@@ -24,6 +24,13 @@ BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
 }
 
 
+def builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
+    """The builder of data set `name` (its VERSION, BUILDER_CONFIGS); ValueError naming the known ones."""
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown data set {name!r}; expected one of {sorted(BUILDERS)}.")
+    return BUILDERS[name]
+
+
 def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
             manual_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
     """The builder of data set `name` (config `config`, None = default) with its files in `data_dir`.
@@ -37,9 +44,7 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
         if config is not None:
             raise ValueError(f"Data set {name!r} names a config and config={config!r} names another.")
         name, config = name.split("/", 1)
-    if name not in BUILDERS:
-        raise ValueError(f"Unknown data set {name!r}; expected one of {sorted(BUILDERS)}.")
-    builder_cls = BUILDERS[name]
+    builder_cls = builder_class(name)
     config_names = [c.name for c in builder_cls.BUILDER_CONFIGS]
     if config is not None and config not in config_names:
         raise ValueError(f"Unknown config {config!r} of {name}; expected one of {config_names}.")
@@ -59,4 +64,4 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
     return builder
 
 
-__all__ = ["BUILDERS", "MimicCxrJpg", "OpeniCxr", "PhantomCxr", "prepare"]
+__all__ = ["BUILDERS", "MimicCxrJpg", "OpeniCxr", "PhantomCxr", "builder_class", "prepare"]
