@@ -45,9 +45,9 @@ CONFIG_FIELDS = {
     LDM_STAGE: _COMMON_FIELDS + ("data", "ldm"),
 }
 # Fields inside those that change neither the model nor its inputs: where files are (an `init_from`
-# folder is recorded by the digest of its contents instead) and how often to validate.
+# folder is recorded by the digest of its contents instead), whether pickles may be read, how often to validate.
 IGNORED_FIELDS = frozenset({
-    "data.data_dir", "data.manual_dir", "autoencoder.init_from", "ldm.init_from",
+    "data.data_dir", "data.manual_dir", "autoencoder.init_from", "ldm.init_from", "ldm.init_allow_pickle",
     "autoencoder.eval_every", "autoencoder.num_eval_batches", "text_pretrain.num_eval_batches"})
 
 
