@@ -6,7 +6,9 @@ with other settings is refused (exit status 1) unless --retrain_from names the s
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distributed on a TPU pod / SLURM
 cluster where jax.distributed.initialize() finds them itself.
 """
+import difflib
 import os
+import runpy
 import sys
 
 from absl import app, flags, logging
@@ -25,9 +27,57 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing and the config file's loading; a bad argument ends the program with one
+    `error: ...` line and exit status 2."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.workdir  # loads the config file, if it was not loaded yet
+    except flags.Error as e:  # unknown flag, bad value
+        _usage_error(" ".join(str(e).split()))
+    except (AttributeError, KeyError) as e:  # --config.a.b=v for a field the config does not have
+        _usage_error(_unknown_config_field(argv) or f"--config: {e}")
+    except OSError as e:  # the config file cannot be loaded
+        _usage_error(f"--config: {str(e).strip().splitlines()[-1].strip()}")
+    if len(rest) > 1:
+        _usage_error(f"unexpected arguments {rest[1:]}")
+    return rest
+
+
+def _unknown_config_field(argv: list[str]) -> str | None:
+    """Names the first --config.a.b override whose field the config file lacks, with its full path."""
+    config_file = _DEFAULT_CONFIG
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            config_file = argv[i + 1]
+    path, _, arg = config_file.partition(":")  # ml_collections' "file.py:argument"
+    get_config = runpy.run_path(path)["get_config"]
+    config = get_config(arg) if arg else get_config()
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0].lstrip("-")
+        if not name.startswith(("config.", "noconfig.")):
+            continue
+        node, path = config, "config"
+        for part in name.split(".")[1:]:
+            part = part.split("[", 1)[0]
+            if not hasattr(node, "keys") or part not in node:
+                fields = sorted(node.keys()) if hasattr(node, "keys") else []
+                close = difflib.get_close_matches(part, fields, n=1)
+                return f"unknown config field {path}.{part} in {arg}" + (
+                    f" (did you mean {path}.{close[0]}?)" if close else f"; {path} has {fields}")
+            node, path = node[part], f"{path}.{part}"
+    return None
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # parse_flags refused positional arguments
     import jax
     if _COORDINATOR.value or _DISTRIBUTED.value:
         if jax.default_backend() == "cpu":
@@ -35,10 +85,13 @@ def main(argv):
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
     from cxr_ldm.io.run_folder import WorkdirError
+    from cxr_ldm.training.config_check import ConfigError
     from cxr_ldm.training.trainer import run
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
         run(_CONFIG.value, _WORKDIR.value or _CONFIG.value.workdir, _RETRAIN_FROM.value)  # SIGTERM: exit 0
+    except ConfigError as e:  # checked before any data or model work
+        _usage_error(str(e))
     except WorkdirError as e:  # another run holds the workdir, or it holds stages trained otherwise
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -46,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=parse_flags))

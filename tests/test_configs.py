@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import default
-from cxr_ldm.training import trainer
+from cxr_ldm.training import config_check, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "__init__.py")
@@ -91,7 +91,7 @@ def test_optional_fields_take_values_and_none_fields_take_numbers(monkeypatch):
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_shipped_configs_build_models_that_fit_together(name, monkeypatch):
     monkeypatch.chdir(REPO)
-    trainer.check_models_fit(_parse([f"--config=configs/{name}"]))
+    config_check.check_models_fit(_parse([f"--config=configs/{name}"]))
 
 
 def test_models_scaled_for_accelerators_fit_together(monkeypatch):
@@ -100,7 +100,7 @@ def test_models_scaled_for_accelerators_fit_together(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     default.scale_for_accelerators(config)
     assert (config.data.resolution, config.ldm.unet.sample_size) == (128, 32)
-    trainer.check_models_fit(config)
+    config_check.check_models_fit(config)
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -117,4 +117,4 @@ def test_models_that_do_not_fit_are_named_before_anything_is_written(flag, messa
         trainer.run(config, str(tmp_path / "run"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     # Models loaded from a pipeline folder are not the config's: nothing to check.
-    trainer.check_models_fit(_parse([flag, "--config.ldm.init_from=/models/sd15"]))
+    config_check.check_models_fit(_parse([flag, "--config.ldm.init_from=/models/sd15"]))

@@ -50,3 +50,24 @@ def test_the_lock_of_a_crashed_run_is_free(tmp_path):
                 pass
     with workdir_lock(str(tmp_path)) as path:  # the holder was killed: the OS released its lock
         assert pathlib.Path(path).read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.ldm.nonexistent=1"], "error: unknown config field config.ldm.nonexistent in "
+                                     "--config.ldm.nonexistent=1; config.ldm has ['batch_size', "),
+    (["--config.ldm.unet.block_out_channel=(64, 64)"], "error: unknown config field config.ldm.unet.block_out_channel "
+     "in --config.ldm.unet.block_out_channel=(64, 64) (did you mean config.ldm.unet.block_out_channels?)"),
+    (["--config.log_every=often"], "error: flag --config.log_every=often: invalid literal for int()"),
+    (["--config.checkpoint_every=0"], "error: config.checkpoint_every = 0: expected an integer >= 1"),
+    (["--retrain_from=vae"], "error: retrain_from = 'vae': expected one of ['autoencoder', 'text_pretrain', 'ldm']"),
+    (["runs/x"], "error: unexpected arguments ['runs/x']"),
+    (["--config=configs/nonexistent.py"], "error: --config: [Errno 2] No such file or directory"),
+])
+def test_argument_errors_are_one_line_with_exit_status_2(tmp_path, args, message):
+    workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+    result = run_train_py("--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+                          *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists() and not data_dir.exists()

@@ -21,11 +21,9 @@ from cxr_ldm.io.run_folder import (
     workdir_lock,
     write_file_atomically,
 )
-from cxr_ldm.models.autoencoder import AutoencoderConfig
-from cxr_ldm.models.text_encoder import CLIPTextConfig
-from cxr_ldm.models.unet import UNetConfig
 from cxr_ldm.training import fingerprint
 from cxr_ldm.training.autoencoder_stage import train_autoencoder
+from cxr_ldm.training.config_check import ConfigError, check_config
 from cxr_ldm.training.ldm_stage import train_ldm
 from cxr_ldm.training.sharding import make_mesh
 from cxr_ldm.training.text_pretrain_stage import pretrain_text_encoder
@@ -36,19 +34,16 @@ STAGES = {"autoencoder": train_autoencoder, "text_pretrain": pretrain_text_encod
 def run(config: ml_collections.ConfigDict, workdir: str, retrain_from: str | None = None) -> bool:
     """Runs every stage of `config.stages`; returns False if SIGTERM stopped the run (resumable).
 
+    First the config is checked (`config_check.check_config`: raises `ConfigError`, naming the fields).
     Process 0 holds the workdir's lock (`run_folder.workdir_lock`) from before the data is prepared until
     the end; raises `run_folder.WorkdirBusyError` if another run holds it. Then the stages the workdir
     holds are checked against `config` (`fingerprint.check_workdir`): a stage trained otherwise raises
     `fingerprint.ConfigMismatchError`, or, at or after the stage `retrain_from` names, is deleted with the
     later stages to be trained again. Only then is <workdir>/config.json (re)written.
     """
-    unknown = [s for s in config.stages if s not in STAGES]
-    if unknown:
-        renamed = " (the 'text_encoder' stage is now called 'text_pretrain')" if "text_encoder" in unknown else ""
-        raise ValueError(f"config.stages: unknown stage(s) {unknown}; expected some of {sorted(STAGES)}{renamed}")
+    check_config(config, jax.device_count())
     if retrain_from is not None and retrain_from not in STAGES:
-        raise ValueError(f"retrain_from: unknown stage {retrain_from!r}; expected one of {list(STAGES)}")
-    check_models_fit(config)
+        raise ConfigError(f"retrain_from = {retrain_from!r}: expected one of {list(STAGES)}")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config.data.data_dir = os.path.abspath(os.path.expanduser(config.data.data_dir))
     with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
@@ -96,39 +91,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             if f.read() == text:
                 return
     write_file_atomically(path, text)
-
-
-def check_models_fit(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError, naming the config fields, if the models this config builds from scratch cannot
-    work together; run before any stage, so that a mismatch is not found hours into training.
-
-    Checked where the config (not an `init_from` folder) defines the models: the text encoder's width
-    against the UNet's `cross_attention_dim` (the UNet would otherwise train key/value weights that its own
-    config and diffusers contradict), and, when this run trains the VAE, its latent channels against the
-    UNet's channels and `data.resolution` / the VAE's downsampling factor against `ldm.unet.sample_size`
-    (the exported pipeline's default image size).
-    """
-    if "ldm" not in config.stages or config.ldm.init_from:
-        return
-    unet = UNetConfig.from_dict(config.ldm.unet.to_dict(), source="config.ldm.unet")
-    text = CLIPTextConfig.from_dict(config.ldm.text_encoder.to_dict(), source="config.ldm.text_encoder")
-    problems = []
-    if text.hidden_size != unet.cross_attention_dim:
-        problems.append(f"config.ldm.text_encoder.hidden_size={text.hidden_size} differs from "
-                        f"config.ldm.unet.cross_attention_dim={unet.cross_attention_dim}")
-    if "autoencoder" in config.stages and not config.autoencoder.init_from:
-        vae = AutoencoderConfig.from_dict(config.autoencoder.model.to_dict(), source="config.autoencoder.model")
-        for name in ("in_channels", "out_channels"):
-            if getattr(unet, name) != vae.latent_channels:
-                problems.append(f"config.ldm.unet.{name}={getattr(unet, name)} differs from "
-                                f"config.autoencoder.model.latent_channels={vae.latent_channels}")
-        latent_size, rest = divmod(config.data.resolution, vae.downsampling_factor)
-        if rest or unet.sample_size not in (latent_size, (latent_size, latent_size)):
-            problems.append(f"config.ldm.unet.sample_size={unet.sample_size} is not config.data.resolution="
-                            f"{config.data.resolution} / {vae.downsampling_factor} (the downsampling factor of "
-                            f"config.autoencoder.model's {len(vae.block_out_channels)} blocks)")
-    if problems:
-        raise ValueError("the configured models do not fit together: " + "; ".join(problems))
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> None:
