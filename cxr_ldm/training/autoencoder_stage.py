@@ -22,6 +22,7 @@ from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, dummy_i
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import sharding as sharding_lib
 from cxr_ldm.training import steps as steps_lib
+from cxr_ldm.training.checkpoints import StopSignal
 from cxr_ldm.training.discriminator import PatchDiscriminator
 from cxr_ldm.training.sharding import to_host
 from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
@@ -30,9 +31,9 @@ from cxr_ldm.training.state import init_train_state
 STAGE = AUTOENCODER_STAGE
 
 
-def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
-    """Trains (or resumes) the autoencoder stage; returns False if SIGTERM stopped it before the end."""
-    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer))
+def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer, stop: StopSignal) -> bool:
+    """Trains (or resumes) the autoencoder stage; returns False if `stop` stopped it before the end."""
+    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer), stop)
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:

@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from cxr_ldm.json_config import differences
 from cxr_ldm.training.sharding import path_to_str
@@ -133,31 +134,45 @@ class Checkpointer:
 
 
 class StopSignal:
-    """A flag set by SIGTERM (preemption of spot / preemptible VMs) that a train loop polls.
+    """The stop request of a preemption (SIGTERM on spot / preemptible VMs), polled at every step.
 
-    `requested()` is True on every process once any process got the signal (an all-gather when there
-    are several processes, so poll it every few steps, at the same steps on all processes). Then the
-    loop saves with force=True, calls `wait_until_finished()` and exits with status 0.
+    One process: a Python SIGTERM handler sets a flag that `requested()` reads (no device or network work).
+    Several processes (jax.distributed): JAX's preemption service catches SIGTERM on any process and agrees
+    on a call at which all of them stop; `requested()` asks it (`multihost_utils.reached_preemption_sync_point`
+    with the count of its own calls), so every process must call it at the same points of the run. Once
+    True, it stays True. As a context manager it restores the previous SIGTERM handler on exit.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self):
+        self._multihost = jax.process_count() > 1
         self._flag = False
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+        self._calls = 0
+        self._installed = not self._multihost
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         del signum, frame
         self._flag = True
 
     def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self._flag
-        from jax.experimental import multihost_utils
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self._flag))))
+        if self._multihost and not self._flag:
+            self._calls += 1
+            self._flag = multihost_utils.reached_preemption_sync_point(self._calls)
+        return self._flag
 
     def uninstall(self) -> None:
-        """Restores the signal handlers that were installed before."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        """Restores the SIGTERM handler that was installed before."""
+        if self._installed:
+            # None: the handler was not set from Python (it cannot be restored); the default is the closest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
 
 
 def _saved_fields(state: TrainState) -> dict:

@@ -43,6 +43,7 @@ from cxr_ldm.training import finetune as finetune_lib
 from cxr_ldm.training import latent_cache
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import steps as steps_lib
+from cxr_ldm.training.checkpoints import StopSignal
 from cxr_ldm.training.sharding import to_host
 from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
 from cxr_ldm.training.state import init_train_state
@@ -109,9 +110,9 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
                     {"unet": unet_params, "text_encoder": text_params, "vae": vae_params}, scheduler_file)
 
 
-def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
-    """Trains (or resumes) the LDM stage; returns False if SIGTERM stopped it before the end."""
-    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer))
+def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer, stop: StopSignal) -> bool:
+    """Trains (or resumes) the LDM stage; returns False if `stop` stopped it before the end."""
+    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer), stop)
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:

@@ -18,7 +18,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def run_steps(*, stage: str, state: TrainState, step_fn: Callable, iterator: Any, mesh: Mesh,
-              checkpointer: Checkpointer, logger: MetricsLogger, num_steps: int, log_every: int,
+              checkpointer: Checkpointer, logger: MetricsLogger, stop: StopSignal, num_steps: int, log_every: int,
               max_nonfinite_streak: int, batch_keys: Sequence[str],
               prepare_batch: Callable[[dict], dict] | None = None,
               hooks: Sequence[tuple[int, Callable[[int, TrainState], dict | None]]] = ()) -> tuple[TrainState, bool]:
@@ -28,11 +28,12 @@ def run_steps(*, stage: str, state: TrainState, step_fn: Callable, iterator: Any
       `prepare_batch` (if given) mapped the batch (e.g. record indices -> cached latents).
     hooks: (every, fn): fn(step, state) after step % every == 0 steps and at the end; a returned dict
       is logged as metrics of that step (e.g. validation PSNR, a sample grid's path).
-    Returns (state, finished): finished is False when SIGTERM asked the run to stop; a checkpoint of
-    the current step was then written and the caller should exit cleanly.
+    stop: polled after every step (the last one included), after that step's checkpoint if the interval
+      saves one.
+    Returns (state, finished): finished is False when `stop` was requested; a checkpoint of the step
+    reached was then written (once) and the caller should exit cleanly.
     Raises NonFiniteLossError after `max_nonfinite_streak` skipped updates in a row.
     """
-    stop = StopSignal()
     step = int(jax.device_get(state.step))
     previous = None  # (step, metrics) of the step before: checked one step late, so the host never waits
 
@@ -46,37 +47,33 @@ def run_steps(*, stage: str, state: TrainState, step_fn: Callable, iterator: Any
                 f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning rate or "
                 "check the data.")
 
-    try:
-        while step < num_steps:
-            batch = next(iterator)
-            if prepare_batch is not None:
-                batch = prepare_batch(batch)
-            global_batch = sharding_lib.global_batch_from_process({k: batch[k] for k in batch_keys}, mesh)
-            state, metrics = step_fn(state, global_batch)
-            step += 1
-            if previous is not None:
-                check_finite(*previous)
-            previous = (step, metrics)
-            if step % log_every == 0 or step == num_steps:
-                logger.log(step, jax.device_get(metrics))
-            else:
-                logger.advance(step)
-            for every, hook in hooks:
-                if step % every == 0 or step == num_steps:
-                    start = time.perf_counter()
-                    extra = hook(step, state)
-                    if extra:
-                        logger.log_extra(step, extra)
-                    logger.exclude_time(time.perf_counter() - start)
-            if step == num_steps:
-                check_finite(*previous)
-            checkpointer.save(step, state, iterator, force=step == num_steps)
-            # The poll is an all-gather with several processes: at log steps only, the same on every process.
-            if step < num_steps and step % log_every == 0 and stop.requested():
-                checkpointer.save(step, state, iterator, force=True)
-                checkpointer.wait_until_finished()
-                return state, False
-        checkpointer.wait_until_finished()
-        return state, True
-    finally:
-        stop.uninstall()
+    while step < num_steps:
+        batch = next(iterator)
+        if prepare_batch is not None:
+            batch = prepare_batch(batch)
+        global_batch = sharding_lib.global_batch_from_process({k: batch[k] for k in batch_keys}, mesh)
+        state, metrics = step_fn(state, global_batch)
+        step += 1
+        if previous is not None:
+            check_finite(*previous)
+        previous = (step, metrics)
+        if step % log_every == 0 or step == num_steps:
+            logger.log(step, jax.device_get(metrics))
+        else:
+            logger.advance(step)
+        for every, hook in hooks:
+            if step % every == 0 or step == num_steps:
+                start = time.perf_counter()
+                extra = hook(step, state)
+                if extra:
+                    logger.log_extra(step, extra)
+                logger.exclude_time(time.perf_counter() - start)
+        if step == num_steps:
+            check_finite(*previous)
+        stopping = stop.requested()
+        checkpointer.save(step, state, iterator, force=step == num_steps or stopping)
+        if stopping:
+            checkpointer.wait_until_finished()
+            return state, False
+    checkpointer.wait_until_finished()
+    return state, True

@@ -14,7 +14,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from cxr_ldm.io.run_folder import checkpoints_dir, read_done, write_done
-from cxr_ldm.training.checkpoints import Checkpointer
+from cxr_ldm.training.checkpoints import Checkpointer, StopSignal
 from cxr_ldm.training.logger import MetricsLogger
 from cxr_ldm.training.loop import run_steps
 from cxr_ldm.training.state import TrainState
@@ -50,8 +50,9 @@ class StageSetup:
 
 
 def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
-              setup: Callable[[], StageSetup]) -> bool:
-    """Runs (or resumes) `stage` in `workdir`; returns False if SIGTERM stopped it (a checkpoint was saved).
+              setup: Callable[[], StageSetup], stop: StopSignal) -> bool:
+    """Runs (or resumes) `stage` in `workdir`; returns False if `stop` was requested during its steps (the
+    step reached was checkpointed; the stage's outputs are written when it resumes).
 
     A stage whose done.json exists is skipped without calling `setup`.
     """
@@ -68,7 +69,7 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str, mesh:
     try:
         state, finished = run_steps(
             stage=stage, state=state, step_fn=s.step_fn, iterator=s.iterator, mesh=mesh, checkpointer=checkpointer,
-            logger=logger, num_steps=s.num_steps, log_every=config.log_every,
+            logger=logger, stop=stop, num_steps=s.num_steps, log_every=config.log_every,
             max_nonfinite_streak=config.max_nonfinite_steps, batch_keys=s.batch_keys,
             prepare_batch=s.prepare_batch, hooks=s.hooks)
     finally:

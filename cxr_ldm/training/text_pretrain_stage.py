@@ -34,6 +34,7 @@ from cxr_ldm.models.text_encoder import dummy_inputs as text_dummy_inputs
 from cxr_ldm.training import optimizer as optimizer_lib
 from cxr_ldm.training import sharding as sharding_lib
 from cxr_ldm.training import steps as steps_lib
+from cxr_ldm.training.checkpoints import StopSignal
 from cxr_ldm.training.sharding import to_host
 from cxr_ldm.training.stage import StageSetup, dataset_name, run_stage
 from cxr_ldm.training.state import init_train_state
@@ -94,9 +95,9 @@ def make_matching_loss(text_encoder: CLIPTextModel, head: SectionProjection):
     return loss_fn
 
 
-def pretrain_text_encoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> bool:
-    """Trains (or resumes) this stage; returns False if SIGTERM stopped it before the end."""
-    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer))
+def pretrain_text_encoder(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer, stop: StopSignal) -> bool:
+    """Trains (or resumes) this stage; returns False if `stop` stopped it before the end."""
+    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer), stop)
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:

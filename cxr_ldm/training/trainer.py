@@ -23,6 +23,7 @@ from cxr_ldm.io.run_folder import (
 )
 from cxr_ldm.training import fingerprint
 from cxr_ldm.training.autoencoder_stage import train_autoencoder
+from cxr_ldm.training.checkpoints import StopSignal
 from cxr_ldm.training.config_check import ConfigError, check_config
 from cxr_ldm.training.ldm_stage import train_ldm
 from cxr_ldm.training.sharding import make_mesh
@@ -32,7 +33,8 @@ STAGES = {"autoencoder": train_autoencoder, "text_pretrain": pretrain_text_encod
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, retrain_from: str | None = None) -> bool:
-    """Runs every stage of `config.stages`; returns False if SIGTERM stopped the run (resumable).
+    """Runs every stage of `config.stages`; returns False if SIGTERM stopped the run (resumable: each
+    stage's progress is checkpointed).
 
     First the config is checked (`config_check.check_config`: raises `ConfigError`, naming the fields).
     Process 0 holds the workdir's lock (`run_folder.workdir_lock`) from before the data is prepared until
@@ -46,23 +48,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, retrain_from: str | Non
         raise ConfigError(f"retrain_from = {retrain_from!r}: expected one of {list(STAGES)}")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config.data.data_dir = os.path.abspath(os.path.expanduser(config.data.data_dir))
-    with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(), StopSignal() as stop:
         retrain = fingerprint.check_workdir(config, workdir, retrain_from)
         if jax.process_index() == 0:
             _delete_stages(workdir, retrain)
             _write_config(config, workdir)
-        return _run_stages(config, workdir)
+        return _run_stages(config, workdir, stop)
 
 
-def _run_stages(config: ml_collections.ConfigDict, workdir: str) -> bool:
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSignal) -> bool:
+    """Prepares the data and runs the stages; a SIGTERM (`stop`) is honoured after the step it came in, or,
+    when it came during the data build or a stage's setup or outputs, once that work is done."""
     prepare_data(config)
     mesh = make_mesh(data=None if config.mesh.data == -1 else config.mesh.data, fsdp=config.mesh.fsdp)
     _say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.default_backend()} device(s); workdir {workdir}")
     for stage in config.stages:
+        if stop.requested():
+            _say(f"stopped by SIGTERM before the {stage} stage; rerun the same command to resume")
+            return False
         tokenizer = load_tokenizer(config.data.tokenizer)
         if jax.process_index() == 0:
             fingerprint.record(config, workdir, stage)
-        if not STAGES[stage](config, workdir, mesh, tokenizer):
+        if not STAGES[stage](config, workdir, mesh, tokenizer, stop):
             _say(f"stopped by SIGTERM in the {stage} stage after saving a checkpoint; rerun the same "
                  "command to resume")
             return False

@@ -2,6 +2,9 @@
 iterator position), clear errors on mismatched runs, frozen params saved once, SIGTERM flag."""
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import grain
 import jax
@@ -119,11 +122,42 @@ def test_frozen_params_are_written_once_and_restored(tmp_path):
 
 def test_sigterm_sets_the_stop_flag():
     before = signal.getsignal(signal.SIGTERM)
-    stop = StopSignal()
-    try:
+    with StopSignal() as stop:
         assert not stop.requested()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested()
-    finally:
-        stop.uninstall()
+        assert stop.requested() and stop.requested()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+_STOP_WORKER = """
+import sys, time
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from cxr_ldm.training.checkpoints import StopSignal
+with StopSignal() as stop:
+    print("ready", flush=True)
+    for call in range(1, 3000):
+        if stop.requested():
+            break
+        time.sleep(0.01)
+    print(call, stop.requested(), flush=True)
+"""
+
+
+def test_a_sigterm_to_one_process_stops_every_process_at_the_same_call():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    workers = [subprocess.Popen([sys.executable, "-c", _STOP_WORKER, address, str(i)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for i in range(2)]
+    try:
+        assert [w.stdout.readline().strip() for w in workers] == ["ready", "ready"]
+        workers[1].send_signal(signal.SIGTERM)  # JAX's preemption service catches it, on process 1 only
+        results = [w.communicate(timeout=120)[0].split() for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0]
+    assert results[0] == results[1] and results[0][1] == "True" and int(results[0][0]) < 2999

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
 from helpers.training import run_train_py
 
 from cxr_ldm.data.tokenizer import prompt_length
-from cxr_ldm.training import checkpoints, fingerprint
+from cxr_ldm.training import autoencoder_stage, checkpoints, fingerprint, ldm_stage, text_pretrain_stage
 from cxr_ldm.training import logger as logger_lib
 from cxr_ldm.training import trainer
 from configs import tiny
@@ -69,33 +71,56 @@ def straight(data_dir, tmp_path_factory):
     return workdir
 
 
-def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, monkeypatch):
-    interrupted = tmp_path / "interrupted"
-    stops = [("autoencoder", 3), ("text_pretrain", 3), ("ldm", 3)]  # one SIGTERM after each of these steps
-    logged = []
+def _sigterm_at(monkeypatch, events: list) -> None:
+    """Sends this process a SIGTERM at each of `events` in turn: (stage, step) just after that step was
+    logged, (stage, "outputs") as that stage starts writing its exported folder, "data" as the data is
+    prepared. Each event is popped from `events` when its SIGTERM is sent."""
+    def at(event):
+        if events and events[0] == event:
+            events.pop(0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     log = logger_lib.MetricsLogger.log
 
-    def log_and_remember(self, step, metrics):
-        logged.append((self.stage, step))
-        return log(self, step, metrics)
+    def log_then_sigterm(self, step, metrics):
+        record = log(self, step, metrics)
+        at((self.stage, step))
+        return record
+    monkeypatch.setattr(logger_lib.MetricsLogger, "log", log_then_sigterm)
+    for module in (autoencoder_stage, text_pretrain_stage, ldm_stage):
+        write = module.write_folder_atomically
+        monkeypatch.setattr(module, "write_folder_atomically",
+                            lambda path, fn, write=write, stage=module.STAGE: (at((stage, "outputs")), write(path, fn)))
+    prepare_data = trainer.prepare_data
+    monkeypatch.setattr(trainer, "prepare_data", lambda config: (at("data"), prepare_data(config)))
 
-    def requested_after_the_next_stop(self):  # polled after each logged step (log_every = 1)
-        if stops and logged[-1] == stops[0]:
-            stops.pop(0)
-            return True
-        return False
 
-    with monkeypatch.context() as m:
-        m.setattr(logger_lib.MetricsLogger, "log", log_and_remember)
-        m.setattr(checkpoints.StopSignal, "requested", requested_after_the_next_stop)
-        assert not trainer.run(_config(data_dir), str(interrupted))
-        assert not (interrupted / "autoencoder" / "done.json").exists()
-        assert [n for _, n, _ in _losses(interrupted)] == [1, 2, 3]
-        assert not trainer.run(_config(data_dir), str(interrupted))
-        assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("text_pretrain", 3)
-        assert not trainer.run(_config(data_dir), str(interrupted))
-        assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("ldm", 3)
-    assert not stops
+def test_preempted_run_resumes_to_the_same_weights(data_dir, straight, tmp_path, monkeypatch):
+    """SIGTERM at a step that writes a periodic checkpoint (checkpoint_every = 2), while a stage exports its
+    outputs, at a stage's last step and at a step between checkpoints: each run stops with exit status 0 (False
+    here) and the last rerun ends with the losses and weights of the run never stopped."""
+    interrupted = tmp_path / "interrupted"
+    events = [("autoencoder", 4), ("autoencoder", "outputs"), ("text_pretrain", 6), ("ldm", 3)]
+    _sigterm_at(monkeypatch, events)
+    assert not trainer.run(_config(data_dir), str(interrupted))
+    with checkpoints.Checkpointer(str(interrupted / "autoencoder" / "checkpoints")) as saved:
+        assert saved.all_steps() == [2, 4]  # step 4 saved once, though both the interval and the stop asked
+    assert not (interrupted / "autoencoder" / "done.json").exists()
+    assert [n for _, n, _ in _losses(interrupted)] == [1, 2, 3, 4]
+
+    assert not trainer.run(_config(data_dir), str(interrupted))  # stopped after the export it was writing
+    assert (interrupted / "autoencoder" / "done.json").exists() and (interrupted / "autoencoder" / "vae").is_dir()
+    assert not (interrupted / "text_pretrain").exists()  # the next stage did not start
+
+    assert not trainer.run(_config(data_dir), str(interrupted))  # the last step's checkpoint; outputs on resume
+    assert not (interrupted / "text_pretrain" / "done.json").exists()
+    with checkpoints.Checkpointer(str(interrupted / "text_pretrain" / "checkpoints")) as saved:
+        assert saved.latest_step() == 6
+
+    assert not trainer.run(_config(data_dir), str(interrupted))
+    assert (interrupted / "text_pretrain" / "text_encoder").is_dir()
+    assert [(s, n) for s, n, _ in _losses(interrupted)][-1] == ("ldm", 3)
+    assert not events
     cache = interrupted / "ldm" / "latent_cache" / "train-shard0of1.npy"
     stamp = cache.stat().st_mtime_ns
     assert trainer.run(_config(data_dir), str(interrupted))
@@ -105,6 +130,16 @@ def test_preempted_run_resumes_to_the_same_losses(data_dir, straight, tmp_path, 
     assert [(s, n) for s, n, _ in got] == [(s, n) for s in STAGES for n in range(1, 7)]
     assert got == expected
     assert (interrupted / "samples" / "ldm_step_000006.png").exists()
+    weights = sorted(p.relative_to(straight) for p in straight.glob("pipeline/*/*.safetensors"))
+    assert len(weights) == 3  # unet, text_encoder, vae
+    for path in weights:
+        assert (interrupted / path).read_bytes() == (straight / path).read_bytes(), path
+
+
+def test_a_sigterm_during_the_data_build_stops_before_the_first_stage(data_dir, tmp_path, monkeypatch):
+    _sigterm_at(monkeypatch, ["data"])
+    assert not trainer.run(_config(data_dir), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "train.lock"]
 
 
 def test_finished_run_is_skipped_and_exports_a_loadable_pipeline(data_dir, straight):
