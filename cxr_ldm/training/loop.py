@@ -41,11 +41,14 @@ def run_steps(*, stage: str, state: TrainState, step_fn: Callable, iterator: Any
         streak = int(jax.device_get(metrics["nonfinite_streak"]))
         if streak >= max_nonfinite_streak:
             checkpointer.wait_until_finished()
+            first = at_step - streak + 1
+            good = [s for s in sorted(checkpointer.all_steps()) if s < first]
+            where = (f"The last checkpoint written before step {first} is step {good[-1]}" if good else
+                     f"No checkpoint written before step {first} is left")
             raise NonFiniteLossError(
-                f"{stage}: the loss or gradient was NaN/Inf in the {streak} steps up to step {at_step}; "
-                f"those updates were skipped and the run stops. The last good checkpoint is step "
-                f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower the learning rate or "
-                "check the data.")
+                f"{stage}: the loss or gradient was NaN/Inf in the {streak} steps {first} to {at_step}; those "
+                f"updates were skipped and the run stops. {where} in {checkpointer.directory} (later ones "
+                "were written during the NaN/Inf steps). Lower the learning rate or check the data.")
 
     while step < num_steps:
         batch = next(iterator)

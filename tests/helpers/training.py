@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
@@ -58,6 +60,38 @@ def tiny_params(models: steps.LDMModels, seed: int = 0) -> dict:
             "text_encoder": random_params(models.text_encoder,
                                           *text_encoder.dummy_inputs(models.text_encoder.config), seed=seed + 1),
             "vae": random_params(models.vae, *autoencoder.dummy_inputs(models.vae.config), seed=seed + 2)}
+
+
+def noisy_regression(width: int = 3, total_steps: int = 10):
+    """(state, jitted step) of a small model whose step uses everything a real one does: rng draws, AdamW +
+    warmup/cosine, EMA, frozen params, the NaN/Inf guard. Batches: `numbered_batches`."""
+    def loss_fn(trainable, frozen, batch, rng, update_index):
+        del update_index
+        x = batch["x"] + 0.1 * jax.random.normal(rng, batch["x"].shape)
+        return jnp.mean((jnp.tanh(x @ trainable["w"]) @ frozen["v"] - batch["y"]) ** 2), {}
+    config = optimizer.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=total_steps)
+    tx = optimizer.make_optimizer(config)
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(0)
+    trainable = {"w": rng.standard_normal((4, width)).astype(np.float32)}
+    frozen = {"v": rng.standard_normal((width, 2)).astype(np.float32)}
+    st, shardings = state.init_train_state(trainable, frozen, tx, jax.random.PRNGKey(1), mesh, use_ema=True)
+    step = steps.make_train_step(loss_fn, tx, mesh, shardings, ema_decay=0.9,
+                                 learning_rate_fn=optimizer.learning_rate_schedule(config))
+    return st, step
+
+
+def numbered_batches(nan_from: int | None = None):
+    """A Grain iterator of numbered batches {"x": (4, 4), "y": (4, 2)} (NaN from batch `nan_from` on, if
+    given); its position is checkpointable."""
+    def make(i):
+        rng = np.random.default_rng(int(i))
+        batch = {"x": rng.standard_normal((4, 4)).astype(np.float32),
+                 "y": rng.standard_normal((4, 2)).astype(np.float32)}
+        if nan_from is not None and i >= nan_from:
+            batch["x"][:] = np.nan
+        return batch
+    return iter(grain.MapDataset.range(100).map(make).to_iter_dataset())
 
 
 def tiny_batch(index: int, batch_size: int = 8) -> dict:

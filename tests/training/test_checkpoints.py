@@ -6,41 +6,14 @@ import socket
 import subprocess
 import sys
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import training as common
+
 from cxr_ldm.training.checkpoints import Checkpointer, StopSignal
-from cxr_ldm.training import optimizer, sharding, state, steps
-
-
-def _noisy_regression(width=3):
-    """A small step that uses everything a real one does: rng draws, AdamW + warmup/cosine, EMA, frozen."""
-    def loss_fn(trainable, frozen, batch, rng, update_index):
-        del update_index
-        x = batch["x"] + 0.1 * jax.random.normal(rng, batch["x"].shape)
-        return jnp.mean((jnp.tanh(x @ trainable["w"]) @ frozen["v"] - batch["y"]) ** 2), {}
-    config = optimizer.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, total_steps=10)
-    tx = optimizer.make_optimizer(config)
-    mesh = sharding.make_mesh()
-    rng = np.random.default_rng(0)
-    trainable = {"w": rng.standard_normal((4, width)).astype(np.float32)}
-    frozen = {"v": rng.standard_normal((width, 2)).astype(np.float32)}
-    st, shardings = state.init_train_state(trainable, frozen, tx, jax.random.PRNGKey(1), mesh, use_ema=True)
-    step = steps.make_train_step(loss_fn, tx, mesh, shardings, ema_decay=0.9,
-                                 learning_rate_fn=optimizer.learning_rate_schedule(config))
-    return st, step
-
-
-def _batches():
-    """A Grain iterator of numbered batches {"x": (4, 4), "y": (4, 2)}; its position is checkpointable."""
-    def make(i):
-        rng = np.random.default_rng(int(i))
-        return {"x": rng.standard_normal((4, 4)).astype(np.float32),
-                "y": rng.standard_normal((4, 2)).astype(np.float32)}
-    return iter(grain.MapDataset.range(100).map(make).to_iter_dataset())
 
 
 def _copy(tree):
@@ -58,16 +31,16 @@ def _run(st, step, data, num_steps, checkpointer=None):
 
 
 def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path):
-    st0, step = _noisy_regression()
+    st0, step = common.noisy_regression()
     fresh = _copy(st0)
-    reference_state, reference = _run(_copy(st0), step, _batches(), 6)
+    reference_state, reference = _run(_copy(st0), step, common.numbered_batches(), 6)
 
     with Checkpointer(str(tmp_path), save_interval_steps=2, max_to_keep=2, config={"width": 3}) as ckpt:
-        _run(st0, step, _batches(), 3, ckpt)  # "preempted" after step 3; last saved step is 2
+        _run(st0, step, common.numbered_batches(), 3, ckpt)  # "preempted" after step 3; last saved step is 2
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [2]
     with Checkpointer(str(tmp_path), save_interval_steps=2, max_to_keep=2, config={"width": 3}) as ckpt:
-        data = _batches()
+        data = common.numbered_batches()
         resumed = ckpt.restore(fresh, data)
         assert int(resumed.step) == 2
         resumed_state, losses = _run(resumed, step, data, 4, ckpt)
@@ -79,8 +52,8 @@ def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path):
 
 
 def test_restore_is_an_exact_round_trip_in_the_target_shardings(tmp_path):
-    st, step = _noisy_regression()
-    st, _ = _run(st, step, _batches(), 3)
+    st, step = common.noisy_regression()
+    st, _ = _run(st, step, common.numbered_batches(), 3)
     with Checkpointer(str(tmp_path), async_save=True) as ckpt:
         assert ckpt.save(3, st, force=True)
         ckpt.wait_until_finished()
@@ -92,25 +65,25 @@ def test_restore_is_an_exact_round_trip_in_the_target_shardings(tmp_path):
 
 
 def test_mismatched_checkpoints_raise_naming_what_differs(tmp_path):
-    st, _ = _noisy_regression(width=3)
+    st, _ = common.noisy_regression(width=3)
     with Checkpointer(str(tmp_path), config={"model": {"width": 3, "depth": 2}, "seed": 0}) as ckpt:
         ckpt.save(0, st, force=True)
         ckpt.wait_until_finished()
     with Checkpointer(str(tmp_path), config={"model": {"width": 5, "depth": 2}, "seed": 0}) as ckpt:
         with pytest.raises(ValueError, match=r"a different config \(model.width 3 -> 5\); use"):
             ckpt.restore(st)
-    other, _ = _noisy_regression(width=5)
+    other, _ = common.noisy_regression(width=5)
     with Checkpointer(str(tmp_path)) as ckpt:
         with pytest.raises(ValueError, match=r"item 'frozen': v is float32\(3, 2\) in the checkpoint.*\(5, 2\)"):
             ckpt.restore(other)
         with pytest.raises(ValueError, match=r"item 'state': (ema|trainable)/w is float32\(4, 3\).*\(4, 5\)"):
             ckpt.restore(other.replace(frozen=st.frozen))
         with pytest.raises(ValueError, match="no 'data' item"):
-            ckpt.restore(st, _batches())
+            ckpt.restore(st, common.numbered_batches())
 
 
 def test_frozen_params_are_written_once_and_restored(tmp_path):
-    st, _ = _noisy_regression()
+    st, _ = common.noisy_regression()
     with Checkpointer(str(tmp_path)) as ckpt:
         assert not ckpt.has_frozen()
         ckpt.save_frozen(st.frozen)
