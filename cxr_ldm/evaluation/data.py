@@ -7,11 +7,14 @@ come from the phantom case of the example's `seed` (phantom_cxr); other data set
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from cxr_ldm.data.builders import phantom_cxr
 from cxr_ldm.data.builders.common import as_text
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.labeler import label_report_details
@@ -31,6 +34,13 @@ class RealSplit:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def concatenate(self, other: "RealSplit") -> "RealSplit":
+        """This split followed by `other` (both with seeds, or both without)."""
+        data = LabelledImages(*(np.concatenate([getattr(self.data, k), getattr(other.data, k)])
+                                for k in ("images", "labels", "sides", "slots")))
+        seeds = None if self.seeds is None or other.seeds is None else self.seeds + other.seeds
+        return RealSplit(data, self.prompts + other.prompts, self.reports + other.reports, seeds)
 
 
 def sides_from_report(report: str) -> np.ndarray:
@@ -63,3 +73,19 @@ def load_split(builder, split: str, limit: int | None = None, chunk: int = 256) 
     slots = phantom_slot_codes(seeds) if seeds else None
     return RealSplit(LabelledImages(np.stack(images), np.stack(labels), np.stack(sides), slots), prompts, reports,
                      seeds or None)
+
+
+def phantom_split(seeds: range, resolution: int, num_workers: int = 2) -> RealSplit:
+    """The phantom_cxr examples of `seeds`, drawn in memory rather than read from a built data set: the
+    same images, labels, sides and slots that `load_split` reads for those seeds (in seed order)."""
+    images, labels, sides, prompts, reports = [], [], [], [], []
+    examples = phantom_cxr.generate_examples(seeds, resolution, num_workers)
+    for _, example in tqdm(examples, total=len(seeds), desc="drawing phantom studies", unit="study", leave=False):
+        images.append(np.asarray(Image.open(io.BytesIO(example["image"])), np.uint8).reshape(resolution, resolution, 1))
+        labels.append(example["labels"])
+        sides.append(example["side"])
+        prompts.append(example["prompt"])
+        reports.append(example["report"])
+    data = LabelledImages(np.stack(images), np.stack(labels).astype(np.int8), np.stack(sides).astype(np.int8),
+                          phantom_slot_codes(seeds))
+    return RealSplit(data, prompts, reports, list(seeds))

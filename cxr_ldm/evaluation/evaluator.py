@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from cxr_ldm import imaging
-from cxr_ldm.data.builders import BUILDERS, prepare
+from cxr_ldm.data.builders import BUILDERS, phantom_cxr, prepare
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation import conditioning, intervals, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
-from cxr_ldm.evaluation.data import load_split
+from cxr_ldm.evaluation.data import RealSplit, load_split, phantom_split
 from cxr_ldm.evaluation.metrics import fid_from_features
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, EvalPrompt, load_prompt_file, prompt_set, verbatim_in
 from cxr_ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics
@@ -33,6 +33,7 @@ from cxr_ldm.io.weights import write_json
 DEFAULT_DATASET = "phantom_cxr"
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 DEFAULT_GUIDANCE = 3.0  # when neither --guidance nor the workdir config gives one
+JUDGE_TRAIN_FACTOR = 4  # phantom_cxr: the judge trains on this many times the train split (docs/recipes.md)
 CLASSIFIER_ACCURACY_DEFINITION = (
     "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
     "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
@@ -65,6 +66,9 @@ class EvalSettings:
     inception_weights: str | None = None
     xrv_weights: str | None = None  # torchxrayvision DenseNet-121 as safetensors (cxr_ldm/evaluation/xrv.py)
     classifier_dir: str | None = None  # None: <data_dir>/cxr_ldm_eval/classifier-<dataset>-<config>
+    # Studies the judge's classifier trains on. None: JUDGE_TRAIN_FACTOR x the train split on phantom_cxr (the
+    # split, then the next seeds of the training range, drawn in memory), the train split elsewhere.
+    judge_train_size: int | None = None
     copy_threshold: float = 0.95
     augmentation_experiment: bool = False
     augmentation_real: int = 500
@@ -258,7 +262,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "conditioning": conditioning_summary,
         **ceilings,
         "skipped_prompts": [p.text for p in skipped],
-        "classifier": _classifier_section(judge.classifier_dir, classifier, judge.cached, classifier_test),
+        "classifier": _classifier_section(judge),
         "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
         "augmentation": augmentation, "guidance_sweep": sweep,
         "settings": _settings_record(settings, size),
@@ -325,7 +329,7 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
         **_ceilings(settings, judge.classifier, judge.usable, vae, vae_params, judge.size),
         "skipped_prompts": [p.text for p in judge.skipped],
         "reconstruction": reconstruction_metrics(vae, vae_params, judge.test.data.images, settings.batch_size),
-        "classifier": _classifier_section(judge.classifier_dir, judge.classifier, judge.cached, judge.classifier_test),
+        "classifier": _classifier_section(judge),
         "settings": _settings_record(settings, judge.size),
         "timings_s": {"total": round(time.perf_counter() - start, 1)},
     }
@@ -366,6 +370,27 @@ def _load_splits(settings: EvalSettings):
     return tuple(load_split(builder, split) for split in ("train", "validation", "test"))
 
 
+def judge_training_studies(settings: EvalSettings, train: RealSplit) -> RealSplit:
+    """What the judge's classifier trains on (EvalSettings.judge_train_size): the train split, extended on
+    phantom_cxr by the next seeds of the training range. Never a validation, test, prompt or reference seed."""
+    if settings.dataset != DEFAULT_DATASET or train.seeds is None:
+        if settings.judge_train_size not in (None, len(train)):
+            raise ValueError(f"judge_train_size={settings.judge_train_size}: only phantom_cxr studies can be drawn "
+                             f"beyond the train split ({len(train)} examples of {settings.dataset})")
+        return train
+    size = JUDGE_TRAIN_FACTOR * len(train) if settings.judge_train_size is None else settings.judge_train_size
+    if size < len(train):
+        raise ValueError(f"judge_train_size={size}: below the train split's {len(train)} examples")
+    first = max(train.seeds) + 1
+    if sorted(train.seeds) != list(range(first)) or size > phantom_cxr.SPLIT_SEED_OFFSETS["validation"]:
+        raise ValueError(f"judge_train_size={size}: the train split is not the seed range [0, {len(train)}) or "
+                         f"the studies would leave the training seed range")
+    if size == len(train):
+        return train
+    workers = min(4, os.cpu_count() or 1)
+    return train.concatenate(phantom_split(range(first, size), train.data.images.shape[1], workers))
+
+
 def _classifier(settings: EvalSettings, train, validation, classifier_config: clf.TrainConfig):
     """(cache folder, classifier, whether it came from the cache)."""
     classifier_dir = Path(settings.classifier_dir or Path(settings.data_dir) / "cxr_ldm_eval" /
@@ -374,11 +399,13 @@ def _classifier(settings: EvalSettings, train, validation, classifier_config: cl
     return classifier_dir, classifier, cached
 
 
-def _classifier_section(classifier_dir: Path, classifier, cached: bool, classifier_test: dict) -> dict:
-    return {"dir": str(classifier_dir), "cached": cached, "observations": list(classifier.observations),
+def _classifier_section(judge: "_Judge") -> dict:
+    classifier = judge.classifier
+    return {"dir": str(judge.classifier_dir), "cached": judge.cached, "training_studies": judge.training_studies,
+            "observations": list(classifier.observations),
             "side_observations": list(classifier.side_observations),
             "thresholds": classifier.thresholds.tolist(), "config": classifier.config.to_dict(),
-            "training": classifier.training_report, "test": classifier_test}
+            "training": classifier.training_report, "test": judge.classifier_test}
 
 
 def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int) -> dict:
@@ -426,7 +453,7 @@ def evaluate_judge(out: str | os.PathLike, *, prompts: str | Sequence[EvalPrompt
         "prompt_set": _prompt_set_record(prompt_set_name, judge.usable, judge.train),
         **{k: v for k, v in ceilings.items() if k.endswith("real_studies") or k.endswith("real_studies_ci")},
         "skipped_prompts": [p.text for p in judge.skipped],
-        "classifier": _classifier_section(judge.classifier_dir, judge.classifier, judge.cached, judge.classifier_test),
+        "classifier": _classifier_section(judge),
         "settings": _settings_record(settings, judge.size),
         "timings_s": {"total": round(time.perf_counter() - start, 1)},
     }
@@ -436,7 +463,8 @@ def evaluate_judge(out: str | os.PathLike, *, prompts: str | Sequence[EvalPrompt
 
 @dataclasses.dataclass
 class _Judge:
-    """The real splits, the classifier (with its cache folder and test-split report) and the usable prompts."""
+    """The real splits, the classifier (with its cache folder, test-split report and training-set size) and the
+    usable prompts."""
     train: Any
     validation: Any
     test: Any
@@ -447,6 +475,7 @@ class _Judge:
     classifier_test: dict
     usable: list
     skipped: list
+    training_studies: int  # examples the classifier trained on (judge_training_studies)
 
 
 def _judge(settings: EvalSettings, prompts, classifier_config: clf.TrainConfig | None,
@@ -456,13 +485,17 @@ def _judge(settings: EvalSettings, prompts, classifier_config: clf.TrainConfig |
     mark the end of each part (section timings)."""
     train, validation, test = _load_splits(settings)
     size = train.data.images.shape[1]
+    judge_train = judge_training_studies(settings, train)
     lap("data")
-    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128))
-    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
+    # the default recipe's optimizer steps stay those of 24 epochs on the train split, whatever judge_train holds
+    epochs = max(1, round(clf.TrainConfig.epochs * len(train) / len(judge_train)))
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128), epochs=epochs)
+    classifier_dir, classifier, cached = _classifier(settings, judge_train, validation, classifier_config)
     classifier_test = clf.evaluate_classifier(classifier, test.data)
     lap("classifier")
     usable, skipped = conditioning.usable_prompts(prompts, classifier)
-    return _Judge(train, validation, test, size, classifier_dir, classifier, cached, classifier_test, usable, skipped)
+    return _Judge(train, validation, test, size, classifier_dir, classifier, cached, classifier_test, usable, skipped,
+                  len(judge_train))
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:

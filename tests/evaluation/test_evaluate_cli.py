@@ -95,6 +95,7 @@ def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tm
     results = evaluator.evaluate_judge(out, prompts=prompts, classifier_config=recipe, dataset_config="tiny",
                                        data_dir=str(tmp_path / "tfds"), num_samples=3)
     assert json.loads(out.read_text()) == results
+    assert results["classifier"]["training_studies"] == evaluator.JUDGE_TRAIN_FACTOR * 128  # the tiny train split x4
     real = results["conditioning_real_studies"]
     assert results["conditioning_accuracy_real_studies"] == pytest.approx(
         np.mean([p["success_rate"] for p in real["per_prompt"]]))
