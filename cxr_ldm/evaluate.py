@@ -138,9 +138,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.judge_only:
         parser.error("--checkpoint is required (except with --judge-only)")
-    if args.vae_only and (args.variant or args.allow_pickle):
-        parser.error("--vae-only reads the autoencoder's safetensors weights only; --variant and --allow-pickle "
-                     "apply to the pipeline")
     try:
         resolve_prompts(args.prompts)
     except (PromptFileError, ValueError) as err:
@@ -156,7 +153,12 @@ def main(argv=None) -> None:
         print(json.dumps({k: results[k] for k in headline}, indent=2))
         return
     if args.vae_only:
-        results = evaluate_autoencoder(args.checkpoint, args.out, **options)
+        try:
+            results = evaluate_autoencoder(args.checkpoint, args.out, variant=args.variant,
+                                           allow_pickle=args.allow_pickle, **options)
+        except PickleRefusedError as err:
+            parser.exit(2, f"{parser.prog}: error: cannot load the autoencoder of {args.checkpoint}: "
+                           f"{err.with_hint('--allow-pickle')}\n")
         headline = ("conditioning_accuracy_vae_reconstructed", "classifier_accuracy_real")
         print(json.dumps({**{k: results[k] for k in headline}, **results["reconstruction"]}, indent=2))
         return

@@ -104,6 +104,13 @@ def test_evaluate_cli_takes_allow_pickle_and_variant(downloads, tmp_path, monkey
     evaluate.main(["--checkpoint", str(downloads.variants), "--out", out, "--variant", "fp16"])
     assert_weights(handed[0], downloads.fp32)
     assert_weights(handed[1], downloads.fp16)
-    with pytest.raises(SystemExit):
-        evaluate.main(["--checkpoint", str(downloads.variants), "--out", out, "--vae-only", "--variant", "fp16"])
-    assert "--vae-only reads the autoencoder's safetensors weights only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(["--checkpoint", str(downloads.pickle), "--out", out, "--vae-only"])
+    assert refused.value.code == 2
+    message = capsys.readouterr().err
+    assert re.search(REFUSED.replace("unet", "vae")
+                     .format("--allow-pickle"), message) and "allow_pickle=True" not in message
+    _, vae_params = evaluator.load_autoencoder(downloads.pickle, allow_pickle=True)
+    pipelines.assert_params_equal(vae_params, downloads.fp32["vae"])
+    _, vae_params = evaluator.load_autoencoder(downloads.variants, variant="fp16")
+    pipelines.assert_params_equal(vae_params, downloads.fp16["vae"])

@@ -310,17 +310,19 @@ def guidance_sweep(generator_at, classifier, prompts, scales, num_samples: int, 
 
 def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
                          prompts: str | Sequence[EvalPrompt] = "test",
-                         classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+                         classifier_config: clf.TrainConfig | None = None, variant: str | None = None,
+                         allow_pickle: bool = False, **options) -> dict:
     """`--vae-only`: what an autoencoder allows a diffusion model on it, with no diffusion model. Writes `out`
     (JSON: classifier_accuracy_real, reconstruction, and for phantom_cxr conditioning_accuracy_real_studies and
     conditioning_accuracy_vae_reconstructed with their sections, as `evaluate` names them) and a Markdown
-    report beside it. options: the fields of EvalSettings (the sampling ones are unused)."""
+    report beside it. variant, allow_pickle: how to read the autoencoder's weights (`load_component`).
+    options: the fields of EvalSettings (the sampling ones are unused)."""
     settings = EvalSettings(checkpoint=str(checkpoint), **options)
     prompt_set_name, prompts = resolve_prompts(prompts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    vae, vae_params = load_autoencoder(settings.checkpoint)
+    vae, vae_params = load_autoencoder(settings.checkpoint, variant=variant, allow_pickle=allow_pickle)
     settings = resolve_data(settings, vae.config.sample_size)
     judge = _judge(settings, prompts, classifier_config)
     results = {
@@ -344,15 +346,15 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     return results
 
 
-def load_autoencoder(checkpoint: str | os.PathLike):
+def load_autoencoder(checkpoint: str | os.PathLike, *, variant: str | None = None, allow_pickle: bool = False):
     """(AutoencoderKL module, params) of a train.py workdir (its autoencoder stage's VAE), a diffusers pipeline
-    folder (or a workdir's export) or an AutoencoderKL folder itself."""
+    folder (or a workdir's export) or an AutoencoderKL folder itself. variant, allow_pickle: as `load_component`."""
     path = Path(checkpoint)
     candidates = [Path(vae_dir(str(path))), path / "vae", Path(export_dir(str(path))) / "vae", path]
     for folder in candidates:
         config_file = folder / "config.json"
         if config_file.is_file() and json.loads(config_file.read_text()).get("_class_name") == "AutoencoderKL":
-            return load_component(folder)
+            return load_component(folder, variant=variant, allow_pickle=allow_pickle)
     raise FileNotFoundError(f"no AutoencoderKL folder (config.json with _class_name AutoencoderKL) in "
                             f"{', '.join(str(c) for c in candidates)}")
 
