@@ -7,6 +7,7 @@ Multi-host: pass --coordinator_address/--num_processes/--process_id, or --distri
 cluster where jax.distributed.initialize() finds them itself.
 """
 import difflib
+import errno
 import os
 import runpy
 import sys
@@ -88,14 +89,32 @@ def main(argv):
     from cxr_ldm.training.config_check import ConfigError
     from cxr_ldm.training.trainer import run
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value or _CONFIG.value.workdir))
     try:
-        run(_CONFIG.value, _WORKDIR.value or _CONFIG.value.workdir, _RETRAIN_FROM.value)  # SIGTERM: exit 0
+        run(_CONFIG.value, workdir, _RETRAIN_FROM.value)  # SIGTERM: exit 0
     except ConfigError as e:  # checked before any data or model work
         _usage_error(str(e))
     except WorkdirError as e:  # another run holds the workdir, or it holds stages trained otherwise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        print(f"error: no space left on device writing {full.filename or workdir}: free some space and rerun the "
+              "same command to resume (checkpoints and exports are written atomically; the last whole ones are kept)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    """The ENOSPC OSError that `error` is or was caused by (Orbax and others wrap it), if any."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -71,3 +71,17 @@ def test_argument_errors_are_one_line_with_exit_status_2(tmp_path, args, message
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
     assert not workdir.exists() and not data_dir.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose writes fail with ENOSPC")
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json.tmp").symlink_to("/dev/full")  # config.json is written first, through its .tmp
+    result = run_train_py("--config=configs/tiny.py", f"--workdir={workdir}",
+                          f"--config.data.data_dir={tmp_path / 'tfds'}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on device writing {workdir}: free some space and rerun the same command to resume "
+        "(checkpoints and exports are written atomically; the last whole ones are kept)")
+    assert "Traceback" not in result.stderr
