@@ -41,6 +41,15 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"cannot read safetensors file {path}: {err}") from err
 
 
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header ({} if it has none)."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises several error types for corrupt headers
+        raise ValueError(f"cannot read safetensors file {path}: {err}") from err
+
+
 def read_pickle(path: Path) -> dict[str, np.ndarray]:
     """Tensors of a PyTorch pickle (its "state_dict" entry if it has one), floats as float32."""
     import torch  # only for legacy files the user declared trusted
