@@ -8,6 +8,7 @@
   <workdir>/autoencoder/vae/            the trained VAE (a diffusers AutoencoderKL folder)
   <workdir>/text_pretrain/text_encoder/ the pretrained text encoder (a transformers CLIPTextModel folder)
   <workdir>/pipeline/                   the final model (a diffusers StableDiffusionPipeline folder)
+  <workdir>/adapter/                    a "lora" / "textual_inversion" run's LoRA or embeddings alone (io.adapters)
   <workdir>/samples/                    sample grids
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ TEXT_PRETRAIN_STAGE = "text_pretrain"
 LDM_STAGE = "ldm"
 STAGES = (AUTOENCODER_STAGE, TEXT_PRETRAIN_STAGE, LDM_STAGE)  # in the order they run
 EXPORT_DIRNAME = "pipeline"  # where train.py writes the diffusers-format export inside a workdir
+ADAPTER_DIRNAME = "adapter"  # the LoRA / textual-inversion files of a run that trains an adapter
 CHECKPOINTS_DIRNAME = "checkpoints"
 SAMPLES_DIRNAME = "samples"
 LOCK_FILENAME = "train.lock"
@@ -57,6 +59,10 @@ def pretrained_text_encoder_dir(workdir: str) -> str:
 
 def export_dir(workdir: str) -> str:
     return os.path.join(workdir, EXPORT_DIRNAME)
+
+
+def adapter_dir(workdir: str) -> str:
+    return os.path.join(workdir, ADAPTER_DIRNAME)
 
 
 def done_path(workdir: str, stage: str) -> str:

@@ -17,21 +17,26 @@ of it train (trainable {"text_encoder": {..., "embeddings": {"token_embedding": 
 the full table frozen): the rows of the tokens the training prompts hold update exactly as with the whole
 table trained, and AdamW and the EMA touch k rows instead of the vocabulary (rows no prompt reaches get
 zero gradients, so whole-table training only shrinks them by weight decay).
-`merge_params` rebuilds the full params the models run with (and that are exported).
+`merge_params` rebuilds the full params the models run with (and that are exported); `save_adapter` writes
+what "lora" and "textual_inversion" train as the files diffusers, PEFT and `Pipeline` load onto the base model.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cxr_ldm.io import adapters
+from cxr_ldm.io.run_folder import write_folder_atomically
+
 FINETUNE_MODES = ("unet", "unet+text_encoder", "text_encoder", "textual_inversion", "lora")
 COMPONENTS = ("unet", "text_encoder", "vae")
-TOKEN_EMBEDDING_PATH = ("embeddings", "token_embedding", "embedding")
+TOKEN_EMBEDDING_PATH = adapters.TOKEN_EMBEDDING_PATH
 TRAINED_TOKEN_ROWS_PATH = ("embeddings", "token_embedding", "trained_rows")
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -149,6 +154,34 @@ def merge_params(config: FinetuneConfig, trainable: dict, frozen: dict) -> dict:
         params["text_encoder"] = merge_lora(frozen["text_encoder"], trainable["text_encoder_lora"],
                                             config.lora_scale)
     return params
+
+
+def save_adapter(config: FinetuneConfig, trained: dict, folder: str, placeholder_tokens: Sequence[str] = ()) -> None:
+    """Writes what a "lora" or "textual_inversion" run trained, alone, as files for the base model it started
+    from; `folder` is replaced whole (never half-written). Other modes train no adapter: `folder` is removed
+    if an earlier run left one.
+
+    lora: pytorch_lora_weights.safetensors (diffusers' `load_lora_weights`, `Pipeline.load_lora_weights`) and
+    unet/ (a PEFT adapter), the scale lora_alpha / lora_rank folded into lora_B (`io.adapters.save_lora`).
+    textual_inversion: learned_embeds.safetensors {token: (1, D)} for one placeholder token, or
+    learned_embeds_<i>.safetensors for the i-th of several (`io.adapters.save_embeddings`).
+
+    Args:
+      trained: the trainable params as `split_params` made them (or their EMA), on the host.
+      placeholder_tokens: textual inversion: the new tokens, in the order of trained["new_token_embeddings"].
+    """
+    if config.mode == "lora":
+        lora = {"unet": adapters.lora_from_factors(trained["unet_lora"], config.lora_scale)}
+        if "text_encoder_lora" in trained:
+            lora["text_encoder"] = adapters.lora_from_factors(trained["text_encoder_lora"], config.lora_scale)
+        write_folder_atomically(folder, lambda tmp: adapters.save_lora(tmp, lora))
+    elif config.mode == "textual_inversion":
+        rows = np.asarray(trained["new_token_embeddings"], np.float32)
+        if len(placeholder_tokens) != len(rows):
+            raise ValueError(f"{len(placeholder_tokens)} placeholder tokens for {len(rows)} trained embeddings")
+        write_folder_atomically(folder, lambda tmp: adapters.save_embeddings(tmp, dict(zip(placeholder_tokens, rows))))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def init_lora(params: dict, targets: Sequence[str], rank: int, rng: jax.Array) -> dict:
