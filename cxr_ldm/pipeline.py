@@ -3,6 +3,8 @@
     pipe = Pipeline.from_pretrained("dir")      # diffusers StableDiffusionPipeline folder or train.py workdir
     images = pipe(["Large right pleural effusion."], num_inference_steps=50, guidance_scale=4.0)
     # float32 (B, H, W, C) in [0, 1]
+    pipe.load_lora_weights("lora_dir", scale=1.0)            # diffusers / PEFT / kohya-ss LoRA, merged
+    pipe.load_textual_inversion("learned_embeds.safetensors")  # a new token for prompts
 
 Text encoding, the whole sampling loop and the VAE decode run in one `jax.jit`, compiled once per
 (batch, resolution, steps, sampler, guidance on/off) and reused. Batches are sharded over all local
@@ -20,12 +22,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cxr_ldm.data.tokenizer import load_tokenizer, tokenize
 from cxr_ldm.diffusion import samplers
 from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.diffusion.schedules import SchedulerConfig
+from cxr_ldm.io import adapters
 from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.io.run_folder import EXPORT_DIRNAME
 from cxr_ldm.io.weights import write_json
@@ -111,6 +115,68 @@ class Pipeline:
             "vae": ["diffusers", "AutoencoderKL"],
         })
 
+    def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0) -> None:
+        """Merges a LoRA into the UNet params (and the text encoder's, where the file adapts it), in place:
+        W += scale * (alpha / r) up @ down for each adapted layer, as diffusers' `load_lora_weights` followed by
+        `fuse_lora(lora_scale=scale)`.
+
+        Args:
+          path: a LoRA .safetensors file or folder written by diffusers (`save_lora_weights`), PEFT
+            (adapter_config.json + adapter_model.safetensors) or kohya-ss, or by train.py (<workdir>/adapter/).
+          scale: the LoRA strength (0 leaves the model as it is).
+        Raises:
+          ValueError naming the file and what does not fit (format, modules the model lacks, shapes).
+        """
+        lora = adapters.read_lora(path)
+        if "unet" in lora:
+            self.unet_params = adapters.merge_lora(self.unet_params, lora["unet"], scale, source=f"{path} (unet)")
+        if "text_encoder" in lora:
+            self.text_encoder_params = adapters.merge_lora(self.text_encoder_params, lora["text_encoder"], scale,
+                                                           source=f"{path} (text_encoder)")
+
+    def load_textual_inversion(self, path: str | os.PathLike, token: str | None = None) -> None:
+        """Adds textual-inversion tokens, in place: each to the tokenizer and its vectors as new rows of the text
+        encoder's token table, as diffusers' `load_textual_inversion` does. An embedding of n > 1 vectors adds
+        the tokens token, token_1, ..., token_{n-1}, and prompts that hold the token use all n.
+
+        Args:
+          path: learned_embeds.safetensors ({token: (n, D)} or {"emb_params": (n, D)}), or a folder holding it
+            (or learned_embeds_<i>.safetensors, one per token, as train.py writes several).
+          token: the token for the file's embedding (needed for "emb_params"; else it replaces the file's name).
+        Raises:
+          ValueError if a token is already in the tokenizer or the vectors' width is not the text encoder's.
+        """
+        for name, vectors in adapters.read_embeddings(path, token):
+            self._add_tokens([name] + [f"{name}_{i}" for i in range(1, len(vectors))], vectors, source=str(path))
+
+    def _add_tokens(self, tokens: list[str], rows: np.ndarray, source: str) -> None:
+        """Appends `tokens` to the tokenizer and `rows` (len(tokens), D) to the token table (rows beyond the
+        tokenizer's, which no prompt reaches, are dropped, as diffusers' resize does)."""
+        flat = traverse_util.flatten_dict(self.text_encoder_params)
+        table = np.asarray(flat[adapters.TOKEN_EMBEDDING_PATH])
+        vocab = self.tokenizer.get_vocab()
+        taken = [t for t in tokens if t in vocab]
+        if taken:
+            raise ValueError(f"{source}: token(s) {taken} are already in the tokenizer; pass another token=")
+        if rows.shape[1] != table.shape[1]:
+            raise ValueError(f"{source}: embedding width {rows.shape[1]}, but the text encoder's tokens have "
+                             f"{table.shape[1]}")
+        first = len(self.tokenizer)
+        if table.shape[0] < first:
+            raise ValueError(f"the text encoder's token table has {table.shape[0]} rows for a tokenizer of {first}")
+        self.tokenizer.add_tokens(tokens)
+        ids = self.tokenizer.convert_tokens_to_ids(tokens)
+        if ids != list(range(first, first + len(tokens))):
+            raise ValueError(f"{source}: tokens {tokens} got ids {ids}; expected consecutive ids from {first}")
+        flat[adapters.TOKEN_EMBEDDING_PATH] = np.concatenate([table[:first], rows.astype(table.dtype)])
+        self.text_encoder_params = traverse_util.unflatten_dict(flat)
+        self.text_encoder = self.text_encoder.clone(
+            config=dataclasses.replace(self.text_encoder.config, vocab_size=first + len(tokens)))
+
+    def _token_ids(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids (B, L) of `prompts`, a multi-vector textual-inversion token written out as all its tokens."""
+        return tokenize(self.tokenizer, [_expand_multi_vector_tokens(self.tokenizer, p) for p in prompts])
+
     @property
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
@@ -125,7 +191,7 @@ class Pipeline:
 
     def encode_text(self, prompts: Sequence[str]) -> jax.Array:
         """Prompts -> text encoder states (B, L, D), L = `prompt_length(self.tokenizer)`."""
-        ids = tokenize(self.tokenizer, list(prompts))
+        ids = self._token_ids(prompts)
         return self.text_encoder.apply({"params": self.text_encoder_params}, jnp.asarray(ids))
 
     def __call__(self, prompts: str | Sequence[str], num_inference_steps: int = 50,
@@ -180,8 +246,8 @@ class Pipeline:
         if tuple(np.shape(latents)) != shape:
             raise ValueError(f"latents must have shape {shape} (NHWC), got {np.shape(latents)}")
         noise_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 1) for s in seeds])
-        ids = tokenize(self.tokenizer, prompts)
-        neg_ids = tokenize(self.tokenizer, negative)
+        ids = self._token_ids(prompts)
+        neg_ids = self._token_ids(negative)
         args = _shard_batch((jnp.asarray(ids), jnp.asarray(neg_ids), jnp.asarray(latents, jnp.float32)))
         use_cfg = guidance_scale > 1.0
         projection = jnp.float32([0.0 if apg_eta is None else apg_eta, apg_norm_threshold])
@@ -205,6 +271,18 @@ class Pipeline:
     def __eq__(self, other) -> bool:
         return isinstance(other, Pipeline) and (self.unet, self.vae, self.text_encoder, self.scheduler) == (
             other.unet, other.vae, other.text_encoder, other.scheduler)
+
+
+def _expand_multi_vector_tokens(tokenizer, prompt: str) -> str:
+    """`prompt` with each added token t that has companions t_1, t_2, ... (a multi-vector textual inversion)
+    written "t t_1 t_2 ..." (diffusers' `TextualInversionLoaderMixin.maybe_convert_prompt`)."""
+    for token in set(tokenizer.tokenize(prompt)):
+        if token in tokenizer.added_tokens_encoder:
+            replacement, i = token, 1
+            while f"{token}_{i}" in tokenizer.added_tokens_encoder:
+                replacement, i = f"{replacement} {token}_{i}", i + 1
+            prompt = prompt.replace(token, replacement)
+    return prompt
 
 
 def _shard_batch(arrays: tuple) -> tuple:
