@@ -2,6 +2,8 @@
 through cxr_ldm.Pipeline from the same latents; save_pretrained round-trips through diffusers."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import cxr_ldm  # noqa: E402
 from cxr_ldm.data.tokenizer import load_tokenizer  # noqa: E402
+from cxr_ldm.io.run_folder import write_folder_atomically  # noqa: E402
 
 PROMPTS = ["moderate left pleural effusion.", "no acute cardiopulmonary process."]
 SCHEDULERS = {
@@ -98,6 +101,21 @@ def test_save_pretrained_round_trip(pipelines, tmp_path):
     a = pipe(PROMPTS, num_inference_steps=10, seed=5)
     b = again(PROMPTS, num_inference_steps=10, seed=5)
     np.testing.assert_array_equal(a, b)
+
+
+def test_export_files_get_the_umask_mode(pipelines, tmp_path):
+    """As train.py's LDM stage exports: save_pretrained into a folder replaced atomically. Every file (weights,
+    configs, tokenizer) gets the mode open() gives a new file, so a shared model folder is readable by others."""
+    _, pipe, _ = pipelines
+    previous = os.umask(0o027)
+    try:
+        write_folder_atomically(str(tmp_path / "pipeline"), pipe.save_pretrained)
+    finally:
+        os.umask(previous)
+    modes = {str(f.relative_to(tmp_path / "pipeline")): f.stat().st_mode & 0o777
+             for f in (tmp_path / "pipeline").rglob("*") if f.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in modes and "model_index.json" in modes
+    assert modes == dict.fromkeys(modes, 0o640)
 
 
 def test_seeds_are_per_image_and_guidance_values_do_not_recompile(pipelines):

@@ -123,8 +123,18 @@ def write_json(path: str | os.PathLike, obj: Mapping) -> None:
 
 
 def write_safetensors(path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> None:
-    """Writes a PyTorch-layout state dict as safetensors atomically."""
+    """Writes a PyTorch-layout state dict as safetensors atomically, with the mode open() gives a new file
+    (0o666 less the umask: 0644 under the usual 022), so that a shared model folder is readable by its group
+    and others as its config.json is."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(dict(state), str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is set back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
