@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,30 @@ from tqdm import tqdm
 from cxr_ldm.io.images import make_grid, save_png
 from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.pipeline import SAMPLERS, Pipeline
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _number(low: float, high: float = math.inf, note: str = ""):
+    """An argparse type: a finite float in [low, high]; `note` is added to the error."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}{note}, got {text!r}")
+        return value
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,22 +60,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--guidance-rescale", type=float, default=0.0,
+    p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--guidance", type=_number(1.0, note=" (1 = no guidance)"), default=4.0,
+                   help="classifier-free guidance scale, >= 1 (1 = no guidance)")
+    p.add_argument("--guidance-rescale", type=_number(0.0, 1.0), default=0.0,
                    help="diffusers' guidance_rescale in [0, 1] (0 = off), for zero-terminal-SNR models")
-    p.add_argument("--apg-eta", type=float, default=None,
+    p.add_argument("--apg-eta", type=_number(0.0, 1.0), default=None,
                    help="adaptive projected guidance: weight in [0, 1] of the guidance update's part parallel to "
                         "the conditional prediction, 0 against saturation at strong guidance (default: plain "
                         "classifier-free guidance)")
-    p.add_argument("--apg-norm-threshold", type=float, default=0.0,
+    p.add_argument("--apg-norm-threshold", type=_number(0.0), default=0.0,
                    help="with --apg-eta: cap on the guidance update's L2 norm per image (0 = none)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--eta", type=_number(0.0, 1.0), default=0.0, help="DDIM noise in [0, 1] (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * num_images + j")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--size", type=int, default=None, help="height = width in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="height = width in pixels, a multiple of the VAE's downsampling factor (default: the model's)")
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="PNG bit depth for grayscale")
     p.add_argument("--grid", action="store_true", help="also write grid.png, a labelled contact sheet")
     p.add_argument("--out", default="samples")
@@ -72,19 +99,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    if args.num_images < 1 or args.batch_size < 1 or args.steps < 1:
-        raise SystemExit("error: --num-images, --batch-size and --steps must be >= 1")
-    if not 0.0 <= args.guidance_rescale <= 1.0:
-        raise SystemExit(f"error: --guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    if args.apg_eta is not None and not 0.0 <= args.apg_eta <= 1.0 or args.apg_norm_threshold < 0.0:
-        raise SystemExit(f"error: --apg-eta must be in [0, 1] and --apg-norm-threshold >= 0, got "
-                         f"{args.apg_eta} and {args.apg_norm_threshold}")
     try:
         pipe = Pipeline.from_pretrained(args.checkpoint, variant=args.variant, allow_pickle=args.allow_pickle)
     except PickleRefusedError as e:
         raise SystemExit(f"error: cannot load checkpoint {args.checkpoint}: {e.with_hint('--allow-pickle')}") from None
     except (FileNotFoundError, ValueError, OSError) as e:
         raise SystemExit(f"error: cannot load checkpoint {args.checkpoint}: {e}") from None
+    if args.size is not None and args.size % pipe.vae_scale:
+        raise SystemExit(f"error: --size {args.size}: expected a multiple of {pipe.vae_scale}, the downsampling "
+                         f"factor of {args.checkpoint}'s VAE")
+    if args.steps > pipe.scheduler.num_train_timesteps:
+        raise SystemExit(f"error: --steps {args.steps}: expected at most the {pipe.scheduler.num_train_timesteps} "
+                         f"training timesteps of {args.checkpoint}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(i, prompt, args.seed + i * args.num_images + j)

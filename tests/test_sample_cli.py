@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -158,3 +159,31 @@ def test_no_prompts_is_a_clear_error(checkpoint, tmp_path):
         sample_cli.main(["--checkpoint", str(checkpoint), "--prompts-file", str(empty)])
     with pytest.raises(SystemExit, match="does not exist"):
         sample_cli.main(["--checkpoint", str(checkpoint), "--prompts-file", str(tmp_path / "absent.txt")])
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--size", "-8", "an integer >= 1"), ("--size", "0", "an integer >= 1"), ("--steps", "0", "an integer >= 1"),
+    ("--num-images", "0", "an integer >= 1"), ("--batch-size", "-2", "an integer >= 1"),
+    ("--steps", "2.5", "an integer >= 1"), ("--guidance", "0.5", r"a number >= 1 \(1 = no guidance\)"),
+    ("--guidance", "nan", r"a number >= 1 \(1 = no guidance\)"), ("--guidance-rescale", "1.5", r"a number in \[0, 1\]"),
+    ("--apg-eta", "-0.1", r"a number in \[0, 1\]"), ("--apg-norm-threshold", "-1", "a number >= 0"),
+    ("--eta", "2", r"a number in \[0, 1\]"),
+])
+def test_out_of_range_arguments_stop_before_loading_with_status_2(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint does not exist: loading would say so
+        sample_cli.main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x", "--out", str(tmp_path / "out"),
+                         flag, value])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"\S+: error: argument {flag}: expected {expected}, got '{re.escape(value)}'", error)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--size", "13", r"--size 13: expected a multiple of 2, the downsampling factor of .*'s VAE"),
+    ("--steps", "1001", r"--steps 1001: expected at most the 1000 training timesteps of "),
+])
+def test_arguments_the_checkpoint_cannot_take_stop_before_sampling(checkpoint, tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}"):
+        sample_cli.main(["--checkpoint", str(checkpoint), "--prompt", "x", "--out", str(tmp_path / "out"), flag, value])
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 unless overridden; without one, phantom_cxr at the checkpoint's image size and guidance 3."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -108,3 +109,18 @@ def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tm
     assert all(p["num_images"] == 3 for p in real["per_prompt"])
     with pytest.raises(SystemExit):
         evaluate.main(["--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--num-samples", "0", "an integer >= 1"), ("--num-fid", "-5", "an integer >= 1"), ("--steps", "0", "an integer >= 1"),
+    ("--batch-size", "0", "an integer >= 1"), ("--guidance", "0.5", r"a number >= 1 \(1 = no guidance\)"),
+    ("--guidance-rescale", "2", r"a number in \[0, 1\]"), ("--apg-eta", "1.5", r"a number in \[0, 1\]"),
+    ("--apg-norm-threshold", "-1", "a number >= 0"),
+])
+def test_out_of_range_arguments_stop_before_any_work_with_status_2(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint does not exist: loading it would raise
+        evaluate.main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json"), flag, value])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"\S+: error: argument {flag}: expected {expected}, got '{re.escape(value)}'", error)
+    assert not list(tmp_path.iterdir())
