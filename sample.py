@@ -5,8 +5,9 @@
     python sample.py --checkpoint sd-fp16-folder --variant fp16 --prompt "Mild cardiomegaly."
 
 Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
-seed, sampler, steps, guidance (its rescale, and the projected-guidance settings when used) and checkpoint in PNG
-text chunks and in a JSON sidecar next to it.
+what the text encoder read of it (prompt_used: the start of a prompt longer than its window, with truncated
+true), seed, sampler, steps, guidance (its rescale, and the projected-guidance settings when used) and checkpoint
+in PNG text chunks and in a JSON sidecar next to it.
 """
 from __future__ import annotations
 
@@ -96,6 +97,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _prompt_read(pipe: Pipeline, prompt: str) -> dict:
+    """What the text encoder reads of `prompt`: all of it, or its start when it is longer than the encoder's
+    window (the pipeline warns then too)."""
+    cut = pipe.prompt_truncation(prompt)
+    return {"prompt_used": cut[0] if cut else prompt, "truncated": cut is not None}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
@@ -113,6 +121,7 @@ def main(argv=None) -> int:
                          f"training timesteps of {args.checkpoint}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    read = {prompt: _prompt_read(pipe, prompt) for prompt in prompts}
     jobs = [(i, prompt, args.seed + i * args.num_images + j)
             for i, prompt in enumerate(prompts) for j in range(args.num_images)]
     bits = args.bits if pipe.vae.config.out_channels == 1 else 8
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
                          negative_prompt=args.negative_prompt, sampler=args.sampler, eta=args.eta,
                          seed=[s for _, _, s in batch], height=args.size, width=args.size)
         for (index, prompt, seed), image in zip(batch, generated):
-            meta = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
+            meta = {"prompt": prompt, **read[prompt], "negative_prompt": args.negative_prompt or "", "seed": seed,
                     "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
                     "guidance_rescale": args.guidance_rescale, "eta": args.eta,
                     "checkpoint": str(Path(args.checkpoint).resolve())}

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cxr_ldm.data.tokenizer import load_tokenizer, tokenize
+from cxr_ldm.data.tokenizer import load_tokenizer, prompt_length, tokenize, truncation
 from cxr_ldm.diffusion import samplers
 from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.diffusion.schedules import SchedulerConfig
@@ -173,8 +174,21 @@ class Pipeline:
         self.text_encoder = self.text_encoder.clone(
             config=dataclasses.replace(self.text_encoder.config, vocab_size=first + len(tokens)))
 
+    def prompt_truncation(self, prompt: str) -> tuple[str, int] | None:
+        """None when the text encoder reads all of `prompt`; else (the start of `prompt` it reads, the tokens
+        `prompt` takes, start and end tokens included). Prompts are cut to `prompt_length(self.tokenizer)`
+        tokens; a multi-vector textual-inversion token counts, and is written in the kept part, as all its tokens."""
+        kept, num_tokens = truncation(self.tokenizer, _expand_multi_vector_tokens(self.tokenizer, prompt))
+        return (kept, num_tokens) if num_tokens > prompt_length(self.tokenizer) else None
+
     def _token_ids(self, prompts: Sequence[str]) -> np.ndarray:
-        """Token ids (B, L) of `prompts`, a multi-vector textual-inversion token written out as all its tokens."""
+        """Token ids (B, L) of `prompts`, a multi-vector textual-inversion token written out as all its tokens;
+        warns (UserWarning) of each prompt longer than L tokens, with the part the text encoder reads."""
+        for prompt in dict.fromkeys(prompts):
+            cut = self.prompt_truncation(prompt)
+            if cut:
+                warnings.warn(f"prompt truncated to {prompt_length(self.tokenizer)} tokens (it has {cut[1]}); the "
+                              f"text encoder reads only {cut[0]!r}", stacklevel=3)
         return tokenize(self.tokenizer, [_expand_multi_vector_tokens(self.tokenizer, p) for p in prompts])
 
     @property
@@ -202,7 +216,8 @@ class Pipeline:
         """Generates one image per prompt.
 
         Args:
-          prompts: a prompt or a list of B prompts.
+          prompts: a prompt or a list of B prompts. One longer than the tokenizer's `prompt_length` is cut to
+            it with a warning that shows the part kept (`prompt_truncation`).
           guidance_scale: classifier-free guidance scale; <= 1 disables guidance (one UNet pass).
           negative_prompt: the unconditional prompt(s); None means "".
           sampler: "ddim", "dpmpp_2m" or "ddpm".

@@ -18,6 +18,8 @@ pytest.importorskip("transformers")
 
 from helpers import pipelines  # noqa: E402
 
+from cxr_ldm.data.tokenizer import load_tokenizer, tokenize  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("moderate left pleural effusion.", "no acute cardiopulmonary process.")
 NUM_IMAGES, SEED = 2, 10
@@ -85,7 +87,8 @@ def test_writes_pngs_sidecars_and_grid(full_run, checkpoint):
         [f"{s}.png" for s in expected] + [f"{s}.json" for s in expected] + ["grid.png"])
     for stem, (prompt, seed) in expected.items():
         sidecar = json.loads((full_run / f"{stem}.json").read_text())
-        assert sidecar == {"prompt": prompt, "negative_prompt": "", "seed": seed, "sampler": "ddim",
+        assert sidecar == {"prompt": prompt, "prompt_used": prompt, "truncated": False, "negative_prompt": "",
+                           "seed": seed, "sampler": "ddim",
                            "steps": 3, "guidance": 4.0, "guidance_rescale": 0.0, "eta": 0.0,
                            "checkpoint": str(checkpoint.resolve())}
         with Image.open(full_run / f"{stem}.png") as image:
@@ -159,6 +162,20 @@ def test_no_prompts_is_a_clear_error(checkpoint, tmp_path):
         sample_cli.main(["--checkpoint", str(checkpoint), "--prompts-file", str(empty)])
     with pytest.raises(SystemExit, match="does not exist"):
         sample_cli.main(["--checkpoint", str(checkpoint), "--prompts-file", str(tmp_path / "absent.txt")])
+
+
+def test_a_long_prompt_warns_and_the_sidecar_records_what_the_model_read(checkpoint, tmp_path):
+    sentence = "Normal chest radiograph."  # 5 tokens: 15 of them fill the 77 (75 between the start and end tokens)
+    prompt = " ".join([sentence] * 20)
+    with pytest.warns(UserWarning, match=r"prompt truncated to 77 tokens \(it has 102\)"):
+        out = _run(checkpoint, tmp_path / "long", "--prompt", prompt)
+    sidecar = json.loads((out / "0000_0.json").read_text())
+    used = sidecar["prompt_used"]
+    assert (sidecar["prompt"], used, sidecar["truncated"]) == (prompt, " ".join([sentence] * 15), True)
+    tokenizer = load_tokenizer(checkpoint)
+    np.testing.assert_array_equal(tokenize(tokenizer, used), tokenize(tokenizer, prompt))  # all the model read
+    with Image.open(out / "0000_0.png") as image:
+        assert (image.text["prompt"], image.text["prompt_used"], image.text["truncated"]) == (prompt, used, "True")
 
 
 @pytest.mark.parametrize("flag,value,expected", [

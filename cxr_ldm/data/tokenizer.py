@@ -6,7 +6,8 @@ The embedded files (`cxr_ldm/assets/tokenizer/`) are the vocabulary Stable Diffu
 
 Prompts are padded to `prompt_length(tokenizer)`, the tokenizer's `model_max_length` (saved in its
 `tokenizer_config.json`, and what diffusers pipelines pad to). A text encoder trained from scratch with
-fewer positions sets it with `set_prompt_length`, so its exported tokenizer pads to the same length.
+fewer positions sets it with `set_prompt_length`, so its exported tokenizer pads to the same length. Longer
+prompts are cut to it; `truncation` says what of a text a prompt keeps.
 """
 from __future__ import annotations
 
@@ -93,3 +94,20 @@ def tokenize(tokenizer, texts: Sequence[str] | str, max_length: int | None = Non
     encoded = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True,
                         return_tensors="np")
     return np.asarray(encoded["input_ids"], dtype=np.int32).reshape(len(texts), max_length)
+
+
+def truncation(tokenizer, text: str, max_length: int | None = None) -> tuple[str, int]:
+    """What a prompt of `max_length` tokens (default `prompt_length(tokenizer)`) keeps of `text`, as `tokenize`
+    cuts it.
+
+    Returns:
+      (kept, num_tokens): the start of `text` up to the end of its last token kept (all of `text` when it fits;
+      it may end inside a word of several tokens), and the tokens `text` takes uncut, start and end tokens
+      included; `text` was cut when num_tokens > max_length.
+    """
+    max_length = prompt_length(tokenizer) if max_length is None else max_length
+    num_tokens = len(tokenizer(text, verbose=False)["input_ids"])
+    if num_tokens <= max_length:
+        return text, num_tokens
+    offsets = tokenizer(text, max_length=max_length, truncation=True, return_offsets_mapping=True)["offset_mapping"]
+    return text[:max(end for _, end in offsets)], num_tokens

@@ -15,6 +15,7 @@ from cxr_ldm.data.tokenizer import (
     prompt_length,
     set_prompt_length,
     tokenize,
+    truncation,
 )
 
 SENTENCES = [
@@ -116,6 +117,16 @@ def test_tokenize_pads_and_truncates_keeping_eos(tokenizer, reference):
     np.testing.assert_array_equal(ids[1], full[:76] + [49407])
     np.testing.assert_array_equal(tokenize(tokenizer, SENTENCES[1], max_length=16)[0],
                                   reference.encode(SENTENCES[1])[:15] + [49407])
+
+
+def test_truncation_gives_the_start_of_a_text_that_a_prompt_holds(tokenizer):
+    text = SENTENCES[2]
+    assert truncation(tokenizer, text) == (text, 24)  # it fits in 77 tokens
+    kept, num_tokens = truncation(tokenizer, text, max_length=8)
+    assert (kept, num_tokens) == ("interval placement of a right internal", 24)
+    np.testing.assert_array_equal(tokenize(tokenizer, kept, 8), tokenize(tokenizer, text, 8))  # what the prompt holds
+    assert truncation(tokenizer, "Mild cardiomegaly.", 8) == ("Mild cardiomegaly.", 8)  # exactly full: not cut
+    assert truncation(tokenizer, "Mild cardiomegaly.", 7) == ("Mild cardiomegaly", 8)
 
 
 def test_load_from_pipeline_folder(tmp_path, tokenizer):
