@@ -11,7 +11,8 @@ classifier_accuracy_real and the sections below) and a Markdown report beside it
 r_assets/). Prompts: the held-out `test` set by default (report it), `dev` (choose recipes on it), the
 `handwritten` set or its `reworded` part, or a prompt file (cxr_ldm/evaluation/prompts.py has the schema);
 a malformed file stops the run before any work with a one-line error naming the entry, key and value, as do
-counts below 1 and guidance settings out of range.
+counts below 1 and guidance settings out of range. Prompts longer than the text encoder's window are listed in
+truncated_prompts, with the part the encoder reads.
 
   classifier      a finding classifier trained on the real training split, its accuracy on the real
                   test split; cached beside the data (<data_dir>/cxr_ldm_eval/) so that every checkpoint

@@ -120,6 +120,13 @@ def _generator(pipe, settings: EvalSettings, size: int):
     return generate
 
 
+def truncated_prompts(pipe, texts: Sequence[str]) -> list[dict]:
+    """The prompts longer than the pipeline's text encoder reads, each {"prompt", "prompt_used" (the start of it
+    that the encoder reads), "num_tokens" (its length in tokens)}."""
+    cuts = {text: pipe.prompt_truncation(text) for text in texts}
+    return [{"prompt": text, "prompt_used": cut[0], "num_tokens": cut[1]} for text, cut in cuts.items() if cut]
+
+
 SEED_BLOCK = 1_000_000  # sample seeds per use; more images than this per use would overlap the next use
 GENERATOR_USES = ("conditioning", "fid", "augmentation")
 
@@ -170,6 +177,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         start = time.perf_counter()
 
     pipe = pipe or Pipeline.from_pretrained(settings.checkpoint)
+    truncated = truncated_prompts(pipe, [p.text for p in prompts])
     settings = resolve_guidance(resolve_data(settings, pipe.default_size()))
     judge = _judge(settings, prompts, classifier_config, lap)
     train, validation, test, size = judge.train, judge.validation, judge.test, judge.size
@@ -262,6 +270,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "conditioning": conditioning_summary,
         **ceilings,
         "skipped_prompts": [p.text for p in skipped],
+        "truncated_prompts": truncated,
         "classifier": _classifier_section(judge),
         "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
         "augmentation": augmentation, "guidance_sweep": sweep,

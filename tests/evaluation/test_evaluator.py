@@ -12,6 +12,7 @@ from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.diffusion.schedules import SchedulerConfig
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation.prompts import HANDWRITTEN as PROMPTS
+from cxr_ldm.evaluation.prompts import EvalPrompt
 from cxr_ldm.models import autoencoder, text_encoder, unet
 from cxr_ldm.pipeline import Pipeline
 
@@ -50,7 +51,9 @@ def test_evaluate_end_to_end(tmp_path):
                    batch_size=8)
     recipe = clf.TrainConfig(input_size=32, widths=(8, 16), feature_dim=32, min_positives=5, epochs=1,
                              batch_size=32, warmup_steps=2)
-    prompts = PROMPTS[:2] + PROMPTS[3:5] + PROMPTS[30:32]  # normal, effusion, cardiomegaly
+    # normal, effusion, cardiomegaly; and a normal prompt longer than the text encoder's 77 tokens
+    long_prompt = EvalPrompt(" ".join(["Normal chest radiograph."] * 20), findings={})  # 5 tokens each
+    prompts = PROMPTS[:2] + PROMPTS[3:5] + PROMPTS[30:32] + (long_prompt,)
 
     results = evaluator.evaluate(checkpoint, out, prompts=prompts, classifier_config=recipe,
                                        guidance_sweep=(evaluator.DEFAULT_GUIDANCE, 1.5), **options)
@@ -60,6 +63,8 @@ def test_evaluate_end_to_end(tmp_path):
     assert 0.0 <= saved["classifier_exact_match_real"] <= saved["classifier_accuracy_real"] <= 1.0
     usable = saved["conditioning"]["per_prompt"]
     assert len(usable) + len(saved["skipped_prompts"]) == len(prompts)
+    assert saved["truncated_prompts"] == [{"prompt": long_prompt.text, "num_tokens": 102,
+                                           "prompt_used": " ".join(["Normal chest radiograph."] * 15)}]
     assert saved["conditioning_accuracy"] == pytest.approx(np.mean([p["success_rate"] for p in usable]))
     assert all(p["num_images"] == 2 for p in usable)
     real_studies = saved["conditioning_real_studies"]
