@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import flax.linen as nn
@@ -472,16 +473,26 @@ def evaluate_classifier(classifier: FindingClassifier, data: LabelledImages) -> 
             "per_observation": per_observation}
 
 
-def load_or_train(folder: str | Path, train: LabelledImages, validation: LabelledImages,
-                  config: TrainConfig = TrainConfig()) -> tuple[FindingClassifier, bool]:
-    """The classifier cached in `folder` when it was trained with `config` on exactly `train`; else trains
-    one and caches it there. Returns (classifier, was_cached)."""
+def load_or_train(folder: str | Path, train: LabelledImages | Callable[[], LabelledImages],
+                  validation: LabelledImages, config: TrainConfig = TrainConfig(),
+                  signature: str | None = None) -> tuple[FindingClassifier, bool]:
+    """The classifier cached in `folder` when it was trained with `config` on the data `signature` identifies;
+    else trains one and caches it there. Returns (classifier, was_cached).
+
+    train: the training images, or a function that returns them (called only when training);
+    signature: what identifies them (default: `train.signature()`; required when `train` is a function).
+    """
+    if signature is None:
+        if callable(train):
+            raise ValueError("load_or_train: a function for `train` needs the `signature` of what it returns")
+        signature = train.signature()
     folder = Path(folder)
     if (folder / "classifier.json").is_file():
         cached = FindingClassifier.load(folder)
-        if cached.config == config and cached.data_signature == train.signature():
+        if cached.config == config and cached.data_signature == signature:
             return cached, True
         logging.info("classifier cache %s was trained on other data or with another recipe; retraining", folder)
-    classifier = train_classifier(train, validation, config)
+    classifier = train_classifier(train() if callable(train) else train, validation, config)
+    classifier.data_signature = signature
     classifier.save(folder)
     return classifier, False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from cxr_ldm.io.weights import write_json
 DEFAULT_DATASET = "phantom_cxr"
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 DEFAULT_GUIDANCE = 3.0  # when neither --guidance nor the workdir config gives one
-JUDGE_TRAIN_FACTOR = 4  # phantom_cxr: the judge trains on this many times the train split (docs/recipes.md)
+JUDGE_TRAIN_FACTOR = 8  # phantom_cxr: the judge trains on this many times the train split (docs/recipes.md)
 CLASSIFIER_ACCURACY_DEFINITION = (
     "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
     "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
@@ -381,14 +382,15 @@ def _load_splits(settings: EvalSettings):
     return tuple(load_split(builder, split) for split in ("train", "validation", "test"))
 
 
-def judge_training_studies(settings: EvalSettings, train: RealSplit) -> RealSplit:
-    """What the judge's classifier trains on (EvalSettings.judge_train_size): the train split, extended on
-    phantom_cxr by the next seeds of the training range. Never a validation, test, prompt or reference seed."""
+def judge_extra_seeds(settings: EvalSettings, train: RealSplit) -> range:
+    """The phantom seeds the judge's classifier trains on beyond the train split (EvalSettings.judge_train_size):
+    the next seeds of the training range; empty on other data sets. Never a validation, test, prompt or
+    reference seed."""
     if settings.dataset != DEFAULT_DATASET or train.seeds is None:
         if settings.judge_train_size not in (None, len(train)):
             raise ValueError(f"judge_train_size={settings.judge_train_size}: only phantom_cxr studies can be drawn "
                              f"beyond the train split ({len(train)} examples of {settings.dataset})")
-        return train
+        return range(0)
     size = JUDGE_TRAIN_FACTOR * len(train) if settings.judge_train_size is None else settings.judge_train_size
     if size < len(train):
         raise ValueError(f"judge_train_size={size}: below the train split's {len(train)} examples")
@@ -396,17 +398,36 @@ def judge_training_studies(settings: EvalSettings, train: RealSplit) -> RealSpli
     if sorted(train.seeds) != list(range(first)) or size > phantom_cxr.SPLIT_SEED_OFFSETS["validation"]:
         raise ValueError(f"judge_train_size={size}: the train split is not the seed range [0, {len(train)}) or "
                          f"the studies would leave the training seed range")
-    if size == len(train):
+    return range(first, size)
+
+
+def judge_training_studies(settings: EvalSettings, train: RealSplit) -> RealSplit:
+    """What the judge's classifier trains on: the train split, then the studies of `judge_extra_seeds`."""
+    extra = judge_extra_seeds(settings, train)
+    if not extra:
         return train
-    workers = min(4, os.cpu_count() or 1)
-    return train.concatenate(phantom_split(range(first, size), train.data.images.shape[1], workers))
+    return train.concatenate(phantom_split(extra, train.data.images.shape[1], min(4, os.cpu_count() or 1)))
 
 
-def _classifier(settings: EvalSettings, train, validation, classifier_config: clf.TrainConfig):
-    """(cache folder, classifier, whether it came from the cache)."""
+def _judge_signature(train: RealSplit, extra: range) -> str:
+    """Identifies the judge's training studies without drawing the extra ones: the train split's images and
+    labels, and the phantom version, seed range and resolution of the rest."""
+    if not extra:
+        return train.data.signature()
+    described = (f"{train.data.signature()}+phantom_cxr {phantom_cxr.PhantomCxr.VERSION} seeds "
+                 f"[{extra.start}, {extra.stop}) at {train.data.images.shape[1]} px")
+    return hashlib.sha256(described.encode()).hexdigest()
+
+
+def _classifier(settings: EvalSettings, train: RealSplit, validation: RealSplit,
+                classifier_config: clf.TrainConfig) -> tuple[Path, clf.FindingClassifier, bool]:
+    """(cache folder, classifier, whether it came from the cache); the extra training studies of
+    `judge_extra_seeds` are drawn only when the classifier is trained."""
     classifier_dir = Path(settings.classifier_dir or Path(settings.data_dir) / "cxr_ldm_eval" /
                           f"classifier-{settings.dataset}-{settings.dataset_config}")
-    classifier, cached = clf.load_or_train(classifier_dir, train.data, validation.data, classifier_config)
+    extra = judge_extra_seeds(settings, train)
+    classifier, cached = clf.load_or_train(classifier_dir, lambda: judge_training_studies(settings, train).data,
+                                           validation.data, classifier_config, _judge_signature(train, extra))
     return classifier_dir, classifier, cached
 
 
@@ -496,17 +517,17 @@ def _judge(settings: EvalSettings, prompts, classifier_config: clf.TrainConfig |
     mark the end of each part (section timings)."""
     train, validation, test = _load_splits(settings)
     size = train.data.images.shape[1]
-    judge_train = judge_training_studies(settings, train)
+    num_training = len(train) + len(judge_extra_seeds(settings, train))
     lap("data")
-    # the default recipe's optimizer steps stay those of 24 epochs on the train split, whatever judge_train holds
-    epochs = max(1, round(clf.TrainConfig.epochs * len(train) / len(judge_train)))
+    # the default recipe's optimizer steps stay those of 24 epochs on the train split, whatever the judge trains on
+    epochs = max(1, round(clf.TrainConfig.epochs * len(train) / num_training))
     classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128), epochs=epochs)
-    classifier_dir, classifier, cached = _classifier(settings, judge_train, validation, classifier_config)
+    classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
     classifier_test = clf.evaluate_classifier(classifier, test.data)
     lap("classifier")
     usable, skipped = conditioning.usable_prompts(prompts, classifier)
     return _Judge(train, validation, test, size, classifier_dir, classifier, cached, classifier_test, usable, skipped,
-                  len(judge_train))
+                  num_training)
 
 
 def _fid(features: dict[str, np.ndarray]) -> dict:

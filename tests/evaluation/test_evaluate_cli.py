@@ -85,7 +85,7 @@ def test_vae_only_names_where_it_looked(tmp_path):
         evaluator.load_autoencoder(tmp_path)
 
 
-def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tmp_path):
+def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tmp_path, monkeypatch):
     from cxr_ldm.evaluation import classifier as clf
     from cxr_ldm.evaluation.prompts import HANDWRITTEN
 
@@ -107,6 +107,11 @@ def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tm
     assert low <= results["presence_accuracy_real_studies"] <= high
     assert results["prompt_set"]["name"] == "custom" and results["prompt_set"]["num_prompts"] == len(real["per_prompt"])
     assert all(p["num_images"] == 3 for p in real["per_prompt"])
+    # the cached judge is recognised without drawing its extra training studies again
+    monkeypatch.setattr(evaluator, "phantom_split", lambda *args: pytest.fail("drew the judge's studies again"))
+    again = evaluator.evaluate_judge(tmp_path / "again.json", prompts=prompts, classifier_config=recipe,
+                                     dataset_config="tiny", data_dir=str(tmp_path / "tfds"), num_samples=3)
+    assert again["classifier"]["cached"] and again["classifier"]["thresholds"] == results["classifier"]["thresholds"]
     with pytest.raises(SystemExit):
         evaluate.main(["--out", str(tmp_path / "x.json")])
 
