@@ -30,6 +30,7 @@ from cxr_ldm.io.components import load_component
 from cxr_ldm.io.images import make_grid, save_png
 from cxr_ldm.io.run_folder import (
     LDM_STAGE,
+    adapter_dir,
     export_dir,
     pretrained_text_encoder_dir,
     vae_dir,
@@ -167,6 +168,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> 
     def finish(state) -> dict:
         if config.export and jax.process_index() == 0:
             write_folder_atomically(export_dir(workdir), pipeline_of(state).save_pretrained)
+            finetune_lib.save_adapter(finetune, to_host(state.trainable if state.ema is None else state.ema),
+                                      adapter_dir(workdir), c.placeholder_tokens)
         return {"nonfinite_count": int(to_host(state.nonfinite_count))}
 
     return StageSetup(state=state, step_fn=step_fn, iterator=iterator, num_steps=c.num_steps, batch_size=c.batch_size,

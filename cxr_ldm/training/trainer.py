@@ -16,6 +16,7 @@ from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.io.run_folder import (
     LDM_STAGE,
     SAMPLES_DIRNAME,
+    adapter_dir,
     export_dir,
     stage_dir,
     workdir_lock,
@@ -80,7 +81,7 @@ def _delete_stages(workdir: str, stages: list[str]) -> None:
     """Deletes the folders of `stages` (and the export and sample grids with the LDM stage's)."""
     paths = [stage_dir(workdir, s) for s in stages]
     if LDM_STAGE in stages:
-        paths += [export_dir(workdir), os.path.join(workdir, SAMPLES_DIRNAME)]
+        paths += [export_dir(workdir), adapter_dir(workdir), os.path.join(workdir, SAMPLES_DIRNAME)]
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
     if stages:
