@@ -234,6 +234,98 @@ class Pipeline:
         Returns:
           float32 numpy (B, H, W, C) in [0, 1].
         """
+        prompts, negative, seeds = self._batch(prompts, negative_prompt, seed)
+        height, width = height or self.default_size(), width or self.default_size()
+        if height % self.vae_scale or width % self.vae_scale:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale}, got {height}x{width}")
+        if latents is None:
+            latents = self.initial_latents(seeds, height, width)
+        shape = (len(prompts), height // self.vae_scale, width // self.vae_scale, self.latent_channels)
+        if tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must have shape {shape} (NHWC), got {np.shape(latents)}")
+        return self._sample(prompts, negative, seeds, latents, num_inference_steps, guidance_scale, sampler, eta,
+                            guidance_rescale, apg_eta, apg_norm_threshold)
+
+    def img2img(self, images: Any, prompts: str | Sequence[str], strength: float = 0.6,
+                num_inference_steps: int = 50, guidance_scale: float = 4.0,
+                negative_prompt: str | Sequence[str] | None = None, sampler: str = "ddim", eta: float = 0.0,
+                seed: int | Sequence[int] = 0, noise: Any = None, encode_noise: Any = None,
+                guidance_rescale: float = 0.0, apg_eta: float | None = None,
+                apg_norm_threshold: float = 0.0) -> np.ndarray:
+        """Edits images towards prompts (SDEdit), as diffusers' `StableDiffusionImg2ImgPipeline`: the image's
+        latents are noised to the level of step `num_inference_steps - int(num_inference_steps * strength)` and
+        denoised from there with the prompt's guidance.
+
+        Args:
+          images: float (B, H, W, C) in [0, 1], C the VAE's channels (or 1: repeated), H and W multiples of
+            `vae_scale`.
+          prompts: a prompt or B prompts.
+          strength: in (0, 1]: how much of the denoising runs (1 = from noise; small keeps the image).
+          seed: image i's encoding and start noise come from seed + i (or seed[i]).
+          noise: optional start noise (B, h, w, C_latent), h = H / vae_scale (diffusers' second draw).
+          encode_noise: optional noise of the VAE posterior sample, same shape (diffusers' first draw).
+          The other arguments are those of `__call__`.
+        Returns:
+          float32 numpy (B, H, W, C) in [0, 1].
+        """
+        start_step = samplers.img2img_start_step(num_inference_steps, strength)
+        prompts, negative, seeds = self._batch(prompts, negative_prompt, seed)
+        init = self.encode_images(images, seeds, encode_noise)
+        if len(init) != len(prompts):
+            raise ValueError(f"{len(init)} images for {len(prompts)} prompts")
+        noise = self._noise_or_draw(noise, seeds, init.shape, stream=0)
+        latents = samplers.add_noise(self.scheduler, init, noise, num_inference_steps, sampler, start_step)
+        return self._sample(prompts, negative, seeds, latents, num_inference_steps, guidance_scale, sampler, eta,
+                            guidance_rescale, apg_eta, apg_norm_threshold, start_step=start_step)
+
+    def encode_images(self, images: Any, seeds: Sequence[int], noise: Any = None) -> jax.Array:
+        """float (B, H, W, C) images in [0, 1] -> scaled latents (B, H/f, W/f, C_latent): a sample of the VAE
+        posterior, mean + std * noise, times the VAE's scaling factor (diffusers' `retrieve_latents` with a
+        generator). noise: (B, h, w, C_latent), or None to draw image i's from seeds[i]."""
+        images = np.asarray(images, np.float32)
+        channels = self.vae.config.in_channels
+        if images.ndim != 4 or images.shape[-1] not in (1, channels):
+            raise ValueError(f"images must be (B, H, W, {channels} or 1) in [0, 1], got shape {images.shape}")
+        if images.shape[1] % self.vae_scale or images.shape[2] % self.vae_scale:
+            raise ValueError(f"image height and width must be multiples of {self.vae_scale}, got "
+                             f"{images.shape[1]}x{images.shape[2]}")
+        if len(seeds) != len(images):
+            raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
+        shape = (len(images), images.shape[1] // self.vae_scale, images.shape[2] // self.vae_scale,
+                 self.vae.config.latent_channels)
+        noise = self._noise_or_draw(noise, seeds, shape, stream=2)
+        images = jnp.repeat(images, channels, axis=-1) if images.shape[-1] != channels else jnp.asarray(images)
+        return _encode(self, self.vae_params, images, noise)
+
+    def _noise_or_draw(self, noise: Any, seeds: Sequence[int], shape: tuple, stream: int) -> jax.Array:
+        """`noise` checked to be `shape`, or standard normal noise of that shape, image i's from
+        fold_in(key(seeds[i]), stream) (stream 0: the key itself; 1 is the sampler's)."""
+        if noise is None:
+            keys = [jax.random.key(s) if stream == 0 else jax.random.fold_in(jax.random.key(s), stream) for s in seeds]
+            return jnp.stack([jax.random.normal(k, shape[1:], jnp.float32) for k in keys])
+        if tuple(np.shape(noise)) != tuple(shape):
+            raise ValueError(f"noise must have shape {tuple(shape)} (NHWC), got {np.shape(noise)}")
+        return jnp.asarray(noise, jnp.float32)
+
+    def _batch(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
+               seed: int | Sequence[int]) -> tuple[list[str], list[str], list[int]]:
+        """The B prompts, B negative prompts and B seeds of a call."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negative = [negative_prompt or ""] * len(prompts)
+        elif len(negative_prompt) != len(prompts):
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+        else:
+            negative = list(negative_prompt)
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        return prompts, negative, seeds
+
+    def _sample(self, prompts: list[str], negative: list[str], seeds: list[int], latents: Any,
+                num_inference_steps: int, guidance_scale: float, sampler: str, eta: float, guidance_rescale: float,
+                apg_eta: float | None, apg_norm_threshold: float, start_step: int = 0) -> np.ndarray:
+        """Denoises `latents` (B, h, w, C) from step `start_step` and decodes them: float32 numpy (B, H, W, C)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -242,24 +334,6 @@ class Pipeline:
             raise ValueError(f"apg_eta must be None or in [0, 1], got {apg_eta}")
         if apg_norm_threshold < 0.0:
             raise ValueError(f"apg_norm_threshold must be >= 0, got {apg_norm_threshold}")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negative = [negative_prompt or ""] * len(prompts)
-        elif len(negative_prompt) != len(prompts):
-            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
-        else:
-            negative = list(negative_prompt)
-        height, width = height or self.default_size(), width or self.default_size()
-        if height % self.vae_scale or width % self.vae_scale:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale}, got {height}x{width}")
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        if latents is None:
-            latents = self.initial_latents(seeds, height, width)
-        shape = (len(prompts), height // self.vae_scale, width // self.vae_scale, self.latent_channels)
-        if tuple(np.shape(latents)) != shape:
-            raise ValueError(f"latents must have shape {shape} (NHWC), got {np.shape(latents)}")
         noise_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 1) for s in seeds])
         ids = self._token_ids(prompts)
         neg_ids = self._token_ids(negative)
@@ -269,7 +343,8 @@ class Pipeline:
         images = _generate(self, self._params(), *args, noise_keys, jnp.float32(guidance_scale),
                            jnp.float32(guidance_rescale), projection, num_inference_steps=num_inference_steps,
                            use_cfg=use_cfg, use_rescale=use_cfg and guidance_rescale > 0.0,
-                           use_projection=use_cfg and apg_eta is not None, sampler=sampler, eta=float(eta))
+                           use_projection=use_cfg and apg_eta is not None, sampler=sampler, eta=float(eta),
+                           start_step=start_step)
         return np.asarray(images, dtype=np.float32)
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
@@ -311,12 +386,13 @@ def _shard_batch(arrays: tuple) -> tuple:
 
 @functools.partial(jax.jit, static_argnums=0,
                    static_argnames=("num_inference_steps", "use_cfg", "use_rescale", "use_projection", "sampler",
-                                    "eta"))
+                                    "eta", "start_step"))
 def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, latents: jax.Array,
               noise_keys: jax.Array, guidance_scale: jax.Array, guidance_rescale: jax.Array,
               projection: jax.Array, *, num_inference_steps: int, use_cfg: bool, use_rescale: bool,
-              use_projection: bool, sampler: str, eta: float) -> jax.Array:
-    """ids, neg_ids: int32 (B, L) token ids; latents: (B, h, w, C) -> images (B, H, W, C_img) in [0, 1].
+              use_projection: bool, sampler: str, eta: float, start_step: int) -> jax.Array:
+    """ids, neg_ids: int32 (B, L) token ids; latents: (B, h, w, C) at the noise level of step `start_step` ->
+    images (B, H, W, C_img) in [0, 1].
 
     Guidance runs (diffusers' rule) when `use_cfg` (guidance_scale > 1), its rescaling when `use_rescale`
     (guidance_rescale > 0 as well), adaptive projected guidance instead of the plain rule when `use_projection`
@@ -328,20 +404,27 @@ def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, 
     apg = samplers.ProjectedGuidance(projection[0], projection[1], pipe.scheduler) if use_projection else None
     denoise = samplers.guided_denoise_fn(unet, cond, uncond, guidance_scale,
                                          guidance_rescale if use_rescale else None, apg)
+    noise = _sampler_noise(pipe.scheduler, noise_keys, latents, num_inference_steps, sampler, eta, start_step)
     latents = samplers.sample(denoise, latents, pipe.scheduler, num_inference_steps=num_inference_steps,
-                              sampler=sampler, eta=eta, noise=_sampler_noise(pipe.scheduler, noise_keys, latents,
-                                                                             num_inference_steps, sampler, eta))
+                              sampler=sampler, eta=eta, noise=noise, start_step=start_step)
     decoded = pipe.vae.apply({"params": params["vae"]}, latents / pipe.vae.config.scaling_factor,
                              method=pipe.vae.decode)
     return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 def _sampler_noise(scheduler: SchedulerConfig, keys: jax.Array, latents: jax.Array, num_inference_steps: int,
-                   sampler: str, eta: float) -> jax.Array | None:
+                   sampler: str, eta: float, start_step: int) -> jax.Array | None:
     """Per-image noise of the stochastic samplers (DDPM, DDIM with eta > 0), (S, B, h, w, C), image i's
     from keys[i] alone, so that an image does not depend on the batch it was drawn in."""
     if sampler != "ddpm" and not (sampler == "ddim" and eta > 0):
         return None
-    steps = len(samplers.sampling_timesteps(scheduler, num_inference_steps, sampler))
+    steps = len(samplers.sampling_timesteps(scheduler, num_inference_steps, sampler, start_step))
     noise = jax.vmap(lambda key: jax.random.normal(key, (steps, *latents.shape[1:]), jnp.float32))(keys)
     return jnp.swapaxes(noise, 0, 1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(pipe: Pipeline, vae_params: Any, images: jax.Array, noise: jax.Array) -> jax.Array:
+    """images (B, H, W, C_vae) in [0, 1], noise (B, h, w, C_latent) -> scaled posterior samples (B, h, w, C_latent)."""
+    mean, logvar = pipe.vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=pipe.vae.encode)
+    return (mean + jnp.exp(0.5 * logvar) * noise) * pipe.vae.config.scaling_factor

@@ -108,8 +108,16 @@ def _dpm_solver_plan(config: SchedulerConfig, n: int) -> StepPlan:
                     c_prev_x0=c_prev, noise_std=_zeros_like(alpha), clip_range=None)
 
 
-def step_plan(config: SchedulerConfig, num_inference_steps: int, sampler: str, eta: float = 0.0) -> StepPlan:
-    """The per-step numbers of `sampler` (see `StepPlan`). eta: DDIM's noise weight (0 = deterministic)."""
+def step_plan(config: SchedulerConfig, num_inference_steps: int, sampler: str, eta: float = 0.0,
+              start_step: int = 0) -> StepPlan:
+    """The per-step numbers of `sampler` (see `StepPlan`). eta: DDIM's noise weight (0 = deterministic).
+
+    start_step: the plan's steps from this one on, as diffusers runs them after `set_begin_index(start_step)`
+      (img2img): the same coefficients, except that a multistep solver starts afresh at first order.
+    """
+    if start_step and not 0 < start_step < num_inference_steps:
+        raise ValueError(f"start_step = {start_step}: expected 0 <= start_step < num_inference_steps = "
+                         f"{num_inference_steps}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler = {sampler!r}: expected one of {SAMPLERS}")
     if not isinstance(eta, numbers.Real) or eta < 0:
@@ -126,22 +134,49 @@ def step_plan(config: SchedulerConfig, num_inference_steps: int, sampler: str, e
         raise ValueError(f"sampler '{sampler}' would divide by alpha_t = 0 at timestep {plan.timesteps[0]}: "
                          "an epsilon-prediction model cannot start from the zero-SNR timestep of "
                          "rescale_betas_zero_snr=true (use v_prediction, or 'leading' timestep_spacing)")
-    return plan
+    if start_step == 0:
+        return plan
+    fields = {f.name: getattr(plan, f.name)[start_step:].copy() for f in dataclasses.fields(plan)
+              if f.name != "clip_range"}
+    fields["c_x0"][0] += fields["c_prev_x0"][0]  # no previous x0 yet: the first-order update
+    fields["c_prev_x0"][0] = 0.0
+    return StepPlan(**fields, clip_range=plan.clip_range)
 
 
-def sampling_timesteps(config: SchedulerConfig, num_inference_steps: int, sampler: str) -> np.ndarray:
-    """The descending int64 timesteps (S,) at which `sampler` calls the model (S = num_inference_steps
-    for all valid settings)."""
+def sampling_timesteps(config: SchedulerConfig, num_inference_steps: int, sampler: str,
+                       start_step: int = 0) -> np.ndarray:
+    """The descending int64 timesteps (S,) at which `sampler` calls the model from `start_step` on
+    (S = num_inference_steps - start_step for all valid settings)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler = {sampler!r}: expected one of {SAMPLERS}")
     if sampler == "dpmpp_2m":
-        return dpm_solver_timesteps(config, num_inference_steps)
-    return ddim_timesteps(config, num_inference_steps)
+        return dpm_solver_timesteps(config, num_inference_steps)[start_step:]
+    return ddim_timesteps(config, num_inference_steps)[start_step:]
+
+
+def img2img_start_step(num_inference_steps: int, strength: float) -> int:
+    """The first of `num_inference_steps` steps that an edit of `strength` in (0, 1] runs, as diffusers'
+    img2img `get_timesteps`: the last int(num_inference_steps * strength) steps run."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength = {strength}: expected a number in (0, 1]")
+    runs = min(int(num_inference_steps * strength), num_inference_steps)
+    if runs < 1:
+        raise ValueError(f"strength {strength} of {num_inference_steps} steps runs no step: expected "
+                         f"strength * num_inference_steps >= 1")
+    return num_inference_steps - runs
+
+
+def add_noise(config: SchedulerConfig, x0: jax.Array, noise: jax.Array, num_inference_steps: int, sampler: str,
+              start_step: int) -> jax.Array:
+    """x0 (B, ...) noised to the level of the sampler's step `start_step`: alpha_t * x0 + sigma_t * noise, as
+    the diffusers scheduler's `add_noise` at that step's timestep t."""
+    plan = step_plan(config, num_inference_steps, sampler, start_step=start_step)
+    return jnp.float32(plan.alpha[0]) * x0 + jnp.float32(plan.sigma[0]) * noise
 
 
 def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *, num_inference_steps: int,
            sampler: str = "ddim", eta: float = 0.0, rng: jax.Array | None = None,
-           noise: jax.Array | None = None) -> jax.Array:
+           noise: jax.Array | None = None, start_step: int = 0) -> jax.Array:
     """Runs the reverse diffusion from `latents` (pure noise, (B, ...)) to a float32 sample of the same shape.
 
     denoise_fn(x float32 (B, ...), t int32 (B,)) -> model output (B, ...) in `config.prediction_type`.
@@ -150,8 +185,9 @@ def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *
     rng: key for the noise of DDPM and of DDIM with eta > 0; step i draws normal(fold_in(rng, i)).
     noise: instead of rng, the noise itself, (S, *latents.shape) with S = len(sampling_timesteps(...));
       step i adds noise[i] (scaled by that step's std; steps without noise ignore it).
+    start_step: static; run the steps from this one on, `latents` being noised to its level (`add_noise`).
     """
-    plan = step_plan(config, num_inference_steps, sampler, eta)
+    plan = step_plan(config, num_inference_steps, sampler, eta, start_step)
     steps = len(plan.timesteps)
     stochastic = bool(np.any(plan.noise_std > 0))
     if stochastic and noise is None and rng is None:
