@@ -3,11 +3,13 @@
     python sample.py --checkpoint workdir --prompt "Moderate left pleural effusion." --num-images 4
     python sample.py --checkpoint sd-folder --prompts-file prompts.txt --sampler dpmpp_2m --steps 25 --grid
     python sample.py --checkpoint sd-fp16-folder --variant fp16 --prompt "Mild cardiomegaly."
+    python sample.py --checkpoint workdir --init-image film.png --strength 0.6 --prompt "Mild cardiomegaly."
 
 Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
 what the text encoder read of it (prompt_used: the start of a prompt longer than its window, with truncated
 true), seed, sampler, steps, guidance (its rescale, and the projected-guidance settings when used) and checkpoint
-in PNG text chunks and in a JSON sidecar next to it.
+in PNG text chunks and in a JSON sidecar next to it. With --init-image the images are edits of that file
+(img2img: the file's path and --strength are recorded too).
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from tqdm import tqdm
 
-from cxr_ldm.io.images import make_grid, save_png
+from cxr_ldm.diffusion.samplers import img2img_start_step
+from cxr_ldm.io.images import make_grid, read_image, save_png
 from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.pipeline import SAMPLERS, Pipeline
 
@@ -48,6 +52,22 @@ def _number(low: float, high: float = math.inf, note: str = ""):
             raise argparse.ArgumentTypeError(f"expected a number {bounds}{note}, got {text!r}")
         return value
     return parse
+
+
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _fail(message: str) -> NoReturn:
+    """Stops on a bad input file, as argparse stops on a bad argument: one error line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,7 +102,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="PNG bit depth for grayscale")
     p.add_argument("--grid", action="store_true", help="also write grid.png, a labelled contact sheet")
     p.add_argument("--out", default="samples")
-    return p.parse_args(argv)
+    p.add_argument("--init-image", default=None,
+                   help="a grayscale or RGB image file to edit (img2img); its size is the output's")
+    p.add_argument("--strength", type=_strength, default=None,
+                   help="with --init-image: the part of the denoising that runs, in (0, 1] (default 0.6; "
+                        "small keeps more of the image)")
+    args = p.parse_args(argv)
+    if args.init_image is None and args.strength is not None:
+        p.error("--strength needs --init-image")
+    if args.init_image is not None and args.size is not None:
+        p.error("--size does not apply with --init-image: the image's size is the output's")
+    return args
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -104,9 +134,21 @@ def _prompt_read(pipe: Pipeline, prompt: str) -> dict:
     return {"prompt_used": cut[0] if cut else prompt, "truncated": cut is not None}
 
 
+def read_init_image(args: argparse.Namespace) -> np.ndarray | None:
+    """The --init-image file as float32 (H, W, 1 or 3) in [0, 1], or None without one."""
+    if args.init_image is None:
+        return None
+    try:
+        return read_image(args.init_image)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f"--init-image {e}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
+    init = read_init_image(args)
+    strength = 0.6 if args.strength is None else args.strength
     try:
         pipe = Pipeline.from_pretrained(args.checkpoint, variant=args.variant, allow_pickle=args.allow_pickle)
     except PickleRefusedError as e:
@@ -119,6 +161,8 @@ def main(argv=None) -> int:
     if args.steps > pipe.scheduler.num_train_timesteps:
         raise SystemExit(f"error: --steps {args.steps}: expected at most the {pipe.scheduler.num_train_timesteps} "
                          f"training timesteps of {args.checkpoint}")
+    if init is not None:
+        init = _fit_init_image(init, pipe, args, strength)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     read = {prompt: _prompt_read(pipe, prompt) for prompt in prompts}
@@ -129,11 +173,16 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for b in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", unit="batch"):
         batch = jobs[b:b + args.batch_size]
-        generated = pipe([p for _, p, _ in batch], num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
-                         apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold,
-                         negative_prompt=args.negative_prompt, sampler=args.sampler, eta=args.eta,
-                         seed=[s for _, _, s in batch], height=args.size, width=args.size)
+        settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
+                        guidance_rescale=args.guidance_rescale, apg_eta=args.apg_eta,
+                        apg_norm_threshold=args.apg_norm_threshold, negative_prompt=args.negative_prompt,
+                        sampler=args.sampler, eta=args.eta, seed=[s for _, _, s in batch])
+        batch_prompts = [p for _, p, _ in batch]
+        if init is None:
+            generated = pipe(batch_prompts, height=args.size, width=args.size, **settings)
+        else:
+            generated = pipe.img2img(np.repeat(init[None], len(batch), axis=0), batch_prompts, strength=strength,
+                                     **settings)
         for (index, prompt, seed), image in zip(batch, generated):
             meta = {"prompt": prompt, **read[prompt], "negative_prompt": args.negative_prompt or "", "seed": seed,
                     "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
@@ -141,6 +190,8 @@ def main(argv=None) -> int:
                     "checkpoint": str(Path(args.checkpoint).resolve())}
             if args.apg_eta is not None:
                 meta.update(apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold)
+            if init is not None:
+                meta.update(init_image=str(Path(args.init_image).resolve()), strength=strength)
             stem = out / f"{index:04d}_{seed}"
             save_png(stem.with_suffix(".png"), image, bits=bits, metadata=meta)
             stem.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -152,6 +203,22 @@ def main(argv=None) -> int:
         save_png(out / "grid.png", make_grid(np.stack(images), labels, ncols=args.num_images))
     print(f"wrote {len(jobs)} images to {out} in {elapsed:.1f} s ({len(jobs) / elapsed:.2f} images/s)")
     return 0
+
+
+def _fit_init_image(init: np.ndarray, pipe: Pipeline, args: argparse.Namespace, strength: float) -> np.ndarray:
+    """The init image (H, W, C) checked against the model and the settings; RGB averaged to gray for a
+    1-channel model."""
+    height, width = init.shape[:2]
+    if height % pipe.vae_scale or width % pipe.vae_scale:
+        _fail(f"--init-image {args.init_image} is {width}x{height} pixels: expected sides that are multiples of "
+              f"{pipe.vae_scale}, the downsampling factor of {args.checkpoint}'s VAE")
+    try:
+        img2img_start_step(args.steps, strength)
+    except ValueError as e:
+        _fail(f"--strength {strength} with --steps {args.steps}: {e}")
+    if init.shape[-1] == 3 and pipe.vae.config.in_channels == 1:
+        return init.mean(axis=-1, keepdims=True)
+    return init
 
 
 if __name__ == "__main__":

@@ -69,3 +69,25 @@ def make_grid(images: np.ndarray, labels: Sequence[str] | None = None, *, ncols:
             draw.multiline_text((x + 2, y + 1), "\n".join(lines), fill=(235, 235, 235), font=font,
                                 spacing=1)
     return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+_GRAY_SCALES = {"1": 1.0, "L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0}
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """A grayscale (1-bit, 8-bit or 16-bit) or RGB image file -> float32 (H, W, 1 or 3) in [0, 1].
+
+    Raises:
+      ValueError naming the file: it is not an image file, or its pixels are neither grayscale nor RGB
+        (palette, alpha, CMYK, ...).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{path} is not an image file that can be read ({e})") from None
+    if image.mode == "RGB":
+        return np.asarray(image, np.float32) / 255.0
+    if image.mode not in _GRAY_SCALES:
+        raise ValueError(f"{path} has {image.mode} pixels: expected a grayscale or RGB image")
+    return (np.asarray(image).astype(np.float32) / _GRAY_SCALES[image.mode])[..., None]

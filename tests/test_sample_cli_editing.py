@@ -1,0 +1,126 @@
+"""sample.py --init-image: edits written with their metadata, equal to Pipeline.img2img, and one-line errors
+(exit status 2) for editing inputs it cannot take."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from helpers import pipelines  # noqa: E402
+
+import cxr_ldm  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "moderate left pleural effusion."
+
+
+def _load_sample_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", REPO_ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample_cli = _load_sample_cli()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random diffusers pipeline folder (1-channel VAE, 16x16 px, latents 8x8x4)."""
+    folder = tmp_path_factory.mktemp("tiny_pipeline")
+    pipelines.tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def film(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A 16-bit grayscale 16x16 PNG and its pixels as float (16, 16, 1) in [0, 1]."""
+    y, x = np.mgrid[0:16, 0:16] / 15.0
+    pixels = np.round((0.5 + 0.4 * np.sin(3 * x + y)) * 65535).astype(np.uint16)
+    path = tmp_path_factory.mktemp("films") / "film.png"
+    Image.fromarray(pixels).save(path)
+    return path, (pixels / 65535.0).astype(np.float32)[..., None]
+
+
+def _main(checkpoint: Path, out: Path, *extra: str) -> int:
+    return sample_cli.main(["--checkpoint", str(checkpoint), "--prompt", PROMPT, "--steps", "4", "--bits", "16",
+                            "--seed", "3", "--out", str(out), *extra])
+
+
+def test_init_image_run_writes_the_pipelines_img2img_edit(checkpoint, film, tmp_path):
+    path, pixels = film
+    assert _main(checkpoint, tmp_path / "out", "--init-image", str(path), "--strength", "0.5") == 0
+    meta = json.loads((tmp_path / "out" / "0000_3.json").read_text())
+    assert (meta["init_image"], meta["strength"], meta["seed"]) == (str(path.resolve()), 0.5, 3)
+    with Image.open(tmp_path / "out" / "0000_3.png") as image:
+        assert image.text["init_image"] == str(path.resolve())
+        written = np.asarray(image).astype(np.float64) / 65535.0
+    pipe = cxr_ldm.Pipeline.from_pretrained(checkpoint)
+    expected = pipe.img2img(pixels[None], [PROMPT], strength=0.5, num_inference_steps=4, seed=3)[0, ..., 0]
+    assert np.abs(written - expected).max() <= 1 / 65535
+    assert np.abs(written - pixels[..., 0]).max() > 1e-2  # an edit, not a copy
+
+
+def _error_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2", "nan"])
+def test_strength_outside_zero_one_stops_before_loading(film, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tmp_path / "nowhere", tmp_path / "out", "--init-image", str(film[0]), "--strength", value)
+    assert exit_info.value.code == 2
+    assert re.fullmatch(rf"\S+: error: argument --strength: expected a number in \(0, 1\], got '{value}'",
+                        _error_line(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_strength_without_an_init_image_stops(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tmp_path / "nowhere", tmp_path / "out", "--strength", "0.5")
+    assert exit_info.value.code == 2
+    assert _error_line(capsys).endswith("error: --strength needs --init-image")
+
+
+def _write(path: Path, kind: str) -> Path:
+    if kind == "text":
+        path.write_text("not a picture\n")
+    elif kind == "palette":
+        Image.new("P", (16, 16)).save(path)
+    elif kind == "rgba":
+        Image.new("RGBA", (16, 16)).save(path)
+    else:  # 15x15 grayscale: not a multiple of the VAE's factor 2
+        Image.new("L", (15, 15)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("text", r"--init-image \S+bad.png is not an image file that can be read \(.*\)"),
+    ("palette", r"--init-image \S+bad.png has P pixels: expected a grayscale or RGB image"),
+    ("rgba", r"--init-image \S+bad.png has RGBA pixels: expected a grayscale or RGB image"),
+    ("odd_size", r"--init-image \S+bad.png is 15x15 pixels: expected sides that are multiples of 2, the "
+                 r"downsampling factor of \S+'s VAE"),
+])
+def test_an_init_image_it_cannot_edit_is_a_one_line_error(checkpoint, tmp_path, capsys, kind, message):
+    bad = _write(tmp_path / "bad.png", kind)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(checkpoint, tmp_path / "out", "--init-image", str(bad))
+    assert exit_info.value.code == 2
+    assert re.fullmatch(f"error: {message}", _error_line(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_strength_that_runs_no_step_is_a_one_line_error(checkpoint, film, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(checkpoint, tmp_path / "out", "--init-image", str(film[0]), "--strength", "0.2")
+    assert exit_info.value.code == 2
+    assert re.fullmatch(r"error: --strength 0.2 with --steps 4: strength 0.2 of 4 steps runs no step: expected "
+                        r"strength \* num_inference_steps >= 1", _error_line(capsys))
