@@ -26,6 +26,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_NO_COMPILATION_CACHE = flags.DEFINE_bool(
+    "no-compilation-cache", False, "Compile every program afresh: no JAX persistent compilation cache "
+    "(default: $CXR_LDM_COMPILATION_CACHE, else ~/.cache/cxr_ldm/jax).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -85,9 +88,11 @@ def main(argv):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+    from cxr_ldm.io.compilation_cache import enable_compilation_cache
     from cxr_ldm.io.run_folder import WorkdirError
     from cxr_ldm.training.config_check import ConfigError
     from cxr_ldm.training.trainer import run
+    enable_compilation_cache(not _NO_COMPILATION_CACHE.value)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value or _CONFIG.value.workdir))
     try:

@@ -63,6 +63,7 @@ from cxr_ldm.evaluation.evaluator import (
     resolve_prompts,
 )
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, PromptFileError
+from cxr_ldm.io.compilation_cache import enable_compilation_cache
 from cxr_ldm.io.weights import PickleRefusedError
 
 
@@ -162,6 +163,9 @@ def main(argv=None) -> None:
                              "set's ceiling (real studies of each prompt scored as generated images are)")
     parser.add_argument("--vae-only", action="store_true",
                         help="judge the checkpoint's autoencoder alone: reconstruction and conditioning ceilings")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="compile afresh: no JAX persistent compilation cache (default: "
+                             "$CXR_LDM_COMPILATION_CACHE, else ~/.cache/cxr_ldm/jax)")
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.judge_only:
         parser.error("--checkpoint is required (except with --judge-only)")
@@ -169,9 +173,11 @@ def main(argv=None) -> None:
         resolve_prompts(args.prompts)
     except (PromptFileError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    enable_compilation_cache(not args.no_compilation_cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = {k: v for k, v in vars(args).items()
-               if k not in ("checkpoint", "out", "vae_only", "judge_only", "variant", "allow_pickle")}
+               if k not in ("checkpoint", "out", "vae_only", "judge_only", "variant", "allow_pickle",
+                            "no_compilation_cache")}
     if args.judge_only:
         results = evaluate_judge(args.out, **options)
         headline = ("conditioning_accuracy_real_studies", "conditioning_accuracy_real_studies_ci",
