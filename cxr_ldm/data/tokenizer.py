@@ -11,13 +11,19 @@ prompts are cut to it; `truncation` says what of a text a prompt keeps.
 """
 from __future__ import annotations
 
+import logging
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import transformers
+
+# transformers says "PyTorch was not found. Models won't be available ..." when it is imported without PyTorch
+# (once per process): only its tokenizers are used here, which need no PyTorch.
+logging.getLogger("transformers").addFilter(
+    lambda record: not record.getMessage().startswith("PyTorch was not found."))
+import transformers  # noqa: E402
 
 _VOCAB_FILES = ("vocab.json", "merges.txt")
 _WORDPIECE_FILES = ("vocab.txt",)

@@ -74,7 +74,32 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSigna
             _say(f"stopped by SIGTERM in the {stage} stage after saving a checkpoint; rerun the same "
                  "command to resume")
             return False
+    _say_where_the_outputs_are(workdir)
     return True
+
+
+def _say_where_the_outputs_are(workdir: str) -> None:
+    """The run's last lines: its newest sample grid, its exported model (and adapter), and the commands that sample
+    and evaluate that model."""
+    shown = _shown(workdir)
+    lines = [f"done: {shown}"]
+    samples = os.path.join(workdir, SAMPLES_DIRNAME)
+    grids = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
+    if grids:
+        lines.append(f"  samples   {os.path.join(_shown(samples), grids[-1])}")
+    if os.path.isdir(adapter_dir(workdir)):
+        lines.append(f"  adapter   {_shown(adapter_dir(workdir))}")
+    if os.path.isdir(export_dir(workdir)):
+        lines += [f"  pipeline  {_shown(export_dir(workdir))}",
+                  f"  sample    python sample.py --checkpoint {shown} --prompt \"Moderate left pleural effusion.\"",
+                  f"  evaluate  python -m cxr_ldm.evaluate --checkpoint {shown} --out report.json"]
+    _say("\n".join(lines))
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies inside it, else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
 
 
 def _delete_stages(workdir: str, stages: list[str]) -> None:

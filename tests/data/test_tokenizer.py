@@ -1,8 +1,11 @@
 """The embedded CLIP vocabulary tokenizes as openai/clip-vit-large-patch14 (Stable Diffusion 1.x); a BERT
 text encoder's WordPiece vocabulary loads from its folder and tokenizes as BERT's algorithm says."""
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -211,3 +214,12 @@ def test_wordpiece_tokenizer_loads_from_a_text_encoder_folder(tmp_path):
 def test_missing_wordpiece_files_error_names_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no WordPiece tokenizer .*vocab\.txt \(or tokenizer\.json\)"):
         load_wordpiece_tokenizer(tmp_path)
+
+
+def test_importing_the_tokenizers_without_pytorch_prints_nothing():
+    """transformers' "PyTorch was not found. Models won't be available ..." is not for us: we use its tokenizers."""
+    hide_torch = "import sys\nsys.modules['torch'] = None  # as if PyTorch were not installed\n"
+    result = subprocess.run([sys.executable, "-c", hide_torch + "import cxr_ldm.data.tokenizer"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert "PyTorch was not found" not in result.stderr + result.stdout

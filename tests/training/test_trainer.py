@@ -1,6 +1,8 @@
 """train.py end to end on the tiny config: the three stages, outputs, exact resume after a preemption in each."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -64,11 +66,31 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight(data_dir, tmp_path_factory):
-    """The workdir of an uninterrupted tiny run."""
-    workdir = tmp_path_factory.mktemp("straight")
-    assert trainer.run(_config(data_dir), str(workdir))
-    return workdir
+def straight_run(data_dir, tmp_path_factory):
+    """The workdir of an uninterrupted tiny run (the module's first, which builds the data set) and what it printed
+    (stdout and stderr)."""
+    workdir, printed = tmp_path_factory.mktemp("straight"), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        finished = trainer.run(_config(data_dir), str(workdir))
+    assert finished, printed.getvalue()[-4000:]
+    return workdir, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    return straight_run[0]
+
+
+def test_a_run_says_what_it_builds_and_ends_with_where_its_outputs_are(data_dir, straight_run):
+    workdir, printed = straight_run
+    assert f"building the phantom data set phantom_cxr/tiny: 160 studies in {data_dir}\n" in printed
+    assert "Downloading and preparing" not in printed and "downloaded and prepared" not in printed
+    assert printed.endswith(
+        f"done: {workdir}\n"
+        f"  samples   {workdir}/samples/ldm_step_000006.png\n"
+        f"  pipeline  {workdir}/pipeline\n"
+        f"  sample    python sample.py --checkpoint {workdir} --prompt \"Moderate left pleural effusion.\"\n"
+        f"  evaluate  python -m cxr_ldm.evaluate --checkpoint {workdir} --out report.json\n")
 
 
 def _sigterm_at(monkeypatch, events: list) -> None:
@@ -193,6 +215,7 @@ def test_a_finished_run_rerun_with_a_wider_unet_exits_before_any_work(data_dir, 
      "(16, 32) -> (16, 64). Use a new --workdir, or pass --retrain_from=autoencoder"),
     ("autoencoder.model.block_out_channels", (16, 64), "ldm", "--retrain_from=autoencoder"),  # too late a stage
     ("ldm.num_steps", 12, None, "the ldm stage in {} was trained with other settings: ldm.num_steps 6 -> 12."),
+    ("ldm.text_encoder.intermediate_size", 96, None, "ldm.text_encoder.intermediate_size 64 -> 96"),
 ])
 def test_a_finished_stage_trained_otherwise_is_refused_before_any_work(data_dir, straight, monkeypatch, field,
                                                                       value, retrain_from, message):

@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -138,3 +139,13 @@ class PhantomCxr(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, seeds: range):
         return generate_examples(seeds, self.builder_config.resolution, self.builder_config.num_workers)
+
+    # TFDS announces a build as a download ("Downloading and preparing dataset Unknown size ...", then
+    # "... downloaded and prepared to ..."); the phantom is generated, so it says so instead.
+    def _log_download_bytes(self) -> None:
+        print(f"building the phantom data set {self.name}/{self.builder_config.name}: "
+              f"{sum(self.builder_config.split_sizes().values())} studies in {self.data_dir_root}",
+              file=sys.stderr, flush=True)
+
+    def _log_download_done(self) -> None:
+        """Nothing: `_log_download_bytes` said what is built and where."""
