@@ -4,12 +4,13 @@
     python sample.py --checkpoint sd-folder --prompts-file prompts.txt --sampler dpmpp_2m --steps 25 --grid
     python sample.py --checkpoint sd-fp16-folder --variant fp16 --prompt "Mild cardiomegaly."
     python sample.py --checkpoint workdir --init-image film.png --strength 0.6 --prompt "Mild cardiomegaly."
+    python sample.py --checkpoint workdir --init-image film.png --mask mask.png --prompt "Left pneumothorax."
 
 Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
 what the text encoder read of it (prompt_used: the start of a prompt longer than its window, with truncated
 true), seed, sampler, steps, guidance (its rescale, and the projected-guidance settings when used) and checkpoint
 in PNG text chunks and in a JSON sidecar next to it. With --init-image the images are edits of that file
-(img2img: the file's path and --strength are recorded too).
+(img2img, or with --mask inpainting of its white part; the files' paths and --strength are recorded too).
 """
 from __future__ import annotations
 
@@ -106,10 +107,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a grayscale or RGB image file to edit (img2img); its size is the output's")
     p.add_argument("--strength", type=_strength, default=None,
                    help="with --init-image: the part of the denoising that runs, in (0, 1] (default 0.6; "
-                        "small keeps more of the image)")
+                        "small keeps more of the image; 1 with --mask)")
+    p.add_argument("--mask", default=None,
+                   help="with --init-image: a black-and-white image file of the same size; white = repaint "
+                        "(inpainting), black = keep")
     args = p.parse_args(argv)
-    if args.init_image is None and args.strength is not None:
-        p.error("--strength needs --init-image")
+    for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
+        if args.init_image is None and value is not None:
+            p.error(f"{flag} needs --init-image")
     if args.init_image is not None and args.size is not None:
         p.error("--size does not apply with --init-image: the image's size is the output's")
     return args
@@ -144,11 +149,30 @@ def read_init_image(args: argparse.Namespace) -> np.ndarray | None:
         _fail(f"--init-image {e}")
 
 
+def read_mask(args: argparse.Namespace, init: np.ndarray | None) -> np.ndarray | None:
+    """The --mask file as float32 (H, W, 1) in {0, 1} (1 = repaint), the init image's size, or None."""
+    if args.mask is None:
+        return None
+    try:
+        mask = read_image(args.mask)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f"--mask {e}")
+    if mask.shape[:2] != init.shape[:2]:
+        _fail(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} pixels, the --init-image "
+              f"{args.init_image} {init.shape[1]}x{init.shape[0]}: expected the same size")
+    levels = np.unique(mask)
+    if not np.isin(levels, (0.0, 1.0)).all() or np.ptp(mask, axis=-1).any():
+        _fail(f"--mask {args.mask} is not binary: expected black (keep) and white (repaint) pixels only, "
+              f"found {len(levels)} levels")
+    return mask[..., :1]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
     init = read_init_image(args)
-    strength = 0.6 if args.strength is None else args.strength
+    mask = read_mask(args, init)
+    strength = args.strength if args.strength is not None else 0.6 if mask is None else 1.0
     try:
         pipe = Pipeline.from_pretrained(args.checkpoint, variant=args.variant, allow_pickle=args.allow_pickle)
     except PickleRefusedError as e:
@@ -180,6 +204,10 @@ def main(argv=None) -> int:
         batch_prompts = [p for _, p, _ in batch]
         if init is None:
             generated = pipe(batch_prompts, height=args.size, width=args.size, **settings)
+        elif mask is not None:
+            generated = pipe.inpaint(np.repeat(init[None], len(batch), axis=0),
+                                     np.repeat(mask[None], len(batch), axis=0), batch_prompts, strength=strength,
+                                     **settings)
         else:
             generated = pipe.img2img(np.repeat(init[None], len(batch), axis=0), batch_prompts, strength=strength,
                                      **settings)
@@ -192,6 +220,8 @@ def main(argv=None) -> int:
                 meta.update(apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold)
             if init is not None:
                 meta.update(init_image=str(Path(args.init_image).resolve()), strength=strength)
+            if mask is not None:
+                meta.update(mask=str(Path(args.mask).resolve()))
             stem = out / f"{index:04d}_{seed}"
             save_png(stem.with_suffix(".png"), image, bits=bits, metadata=meta)
             stem.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")

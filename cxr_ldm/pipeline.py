@@ -106,7 +106,8 @@ class Pipeline:
                    {"_class_name": self.scheduler_class, **self.scheduler.to_dict()})
         none = [None, None]
         write_json(path / "model_index.json", {
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.36.0",
+            "_class_name": "StableDiffusionInpaintPipeline" if self.is_inpainting_model else "StableDiffusionPipeline",
+            "_diffusers_version": "0.36.0",
             "feature_extractor": none, "image_encoder": none, "safety_checker": none,
             "requires_safety_checker": False,
             "scheduler": ["diffusers", self.scheduler_class],
@@ -193,7 +194,7 @@ class Pipeline:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.vae.config.latent_channels
 
     @property
     def vae_scale(self) -> int:
@@ -278,10 +279,72 @@ class Pipeline:
         return self._sample(prompts, negative, seeds, latents, num_inference_steps, guidance_scale, sampler, eta,
                             guidance_rescale, apg_eta, apg_norm_threshold, start_step=start_step)
 
+    def inpaint(self, images: Any, masks: Any, prompts: str | Sequence[str], strength: float = 1.0,
+                num_inference_steps: int = 50, guidance_scale: float = 4.0,
+                negative_prompt: str | Sequence[str] | None = None, sampler: str = "ddim", eta: float = 0.0,
+                seed: int | Sequence[int] = 0, noise: Any = None, encode_noise: Any = None,
+                masked_encode_noise: Any = None, guidance_rescale: float = 0.0, apg_eta: float | None = None,
+                apg_norm_threshold: float = 0.0) -> np.ndarray:
+        """Repaints the masked part of images from prompts, as diffusers' `StableDiffusionInpaintPipeline`.
+
+        A text-to-image model inpaints by latent blending: after every step the latent cells outside the mask
+        are replaced by the image's latents noised to the next step's level (`samplers.Known`). An inpainting
+        checkpoint (a UNet of 2 * C_latent + 1 input channels) reads the mask and the masked image's latents
+        beside the noisy latents instead. The mask is taken at latent size by nearest-neighbour sampling.
+
+        Args:
+          images: float (B, H, W, C) in [0, 1], as for `img2img`.
+          masks: (B, H, W, 1), 1 = repaint, 0 = keep (values >= 0.5 count as 1, as diffusers binarizes).
+          strength: in (0, 1]; 1 starts from pure noise, less from the image noised as in `img2img`.
+          noise: optional start noise (B, h, w, C_latent), h = H / vae_scale, which also noises the known
+            latents (diffusers' `latents` at strength 1).
+          encode_noise: optional noise of the image's VAE posterior sample (unused by an inpainting
+            checkpoint at strength 1); masked_encode_noise: that of the masked image's (inpainting
+            checkpoints only). Each defaults to a draw from the image's seed.
+          The other arguments are those of `__call__`.
+        Returns:
+          float32 numpy (B, H, W, C) in [0, 1].
+        """
+        start_step = samplers.img2img_start_step(num_inference_steps, strength)
+        prompts, negative, seeds = self._batch(prompts, negative_prompt, seed)
+        images, masks = np.asarray(images, np.float32), np.asarray(masks, np.float32)
+        if masks.shape != (*images.shape[:3], 1):
+            raise ValueError(f"masks must have shape {(*images.shape[:3], 1)} to match the images, got {masks.shape}")
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        masks = (masks >= 0.5).astype(np.float32)
+        latent_masks = jnp.asarray(masks[:, ::self.vae_scale, ::self.vae_scale])
+        shape = (*latent_masks.shape[:3], self.vae.config.latent_channels)
+        noise = self._noise_or_draw(noise, seeds, shape, stream=0)
+        init = None
+        if strength < 1.0 or not self.is_inpainting_model:
+            init = self.encode_images(images, seeds, encode_noise)
+        known = unet_extra = None
+        if self.is_inpainting_model:
+            masked = 0.5 + (images - 0.5) * (1.0 - masks)  # diffusers: image in [-1, 1] times (mask < 0.5)
+            masked_latents = self._encode_images(masked, seeds, masked_encode_noise, stream=3)
+            unet_extra = jnp.concatenate([latent_masks, masked_latents], axis=-1)
+        else:
+            known = samplers.Known(init, latent_masks, noise)
+        latents = noise if strength == 1.0 else samplers.add_noise(self.scheduler, init, noise,
+                                                                   num_inference_steps, sampler, start_step)
+        return self._sample(prompts, negative, seeds, latents, num_inference_steps, guidance_scale, sampler, eta,
+                            guidance_rescale, apg_eta, apg_norm_threshold, start_step=start_step, known=known,
+                            unet_extra=unet_extra)
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """Whether the UNet reads a mask and masked-image latents beside the noisy latents (SD inpainting)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
     def encode_images(self, images: Any, seeds: Sequence[int], noise: Any = None) -> jax.Array:
         """float (B, H, W, C) images in [0, 1] -> scaled latents (B, H/f, W/f, C_latent): a sample of the VAE
         posterior, mean + std * noise, times the VAE's scaling factor (diffusers' `retrieve_latents` with a
         generator). noise: (B, h, w, C_latent), or None to draw image i's from seeds[i]."""
+        return self._encode_images(images, seeds, noise, stream=2)
+
+    def _encode_images(self, images: Any, seeds: Sequence[int], noise: Any, stream: int) -> jax.Array:
+        """`encode_images`, drawing missing noise from `stream` of each seed (see `_noise_or_draw`)."""
         images = np.asarray(images, np.float32)
         channels = self.vae.config.in_channels
         if images.ndim != 4 or images.shape[-1] not in (1, channels):
@@ -293,7 +356,7 @@ class Pipeline:
             raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
         shape = (len(images), images.shape[1] // self.vae_scale, images.shape[2] // self.vae_scale,
                  self.vae.config.latent_channels)
-        noise = self._noise_or_draw(noise, seeds, shape, stream=2)
+        noise = self._noise_or_draw(noise, seeds, shape, stream=stream)
         images = jnp.repeat(images, channels, axis=-1) if images.shape[-1] != channels else jnp.asarray(images)
         return _encode(self, self.vae_params, images, noise)
 
@@ -324,8 +387,14 @@ class Pipeline:
 
     def _sample(self, prompts: list[str], negative: list[str], seeds: list[int], latents: Any,
                 num_inference_steps: int, guidance_scale: float, sampler: str, eta: float, guidance_rescale: float,
-                apg_eta: float | None, apg_norm_threshold: float, start_step: int = 0) -> np.ndarray:
-        """Denoises `latents` (B, h, w, C) from step `start_step` and decodes them: float32 numpy (B, H, W, C)."""
+                apg_eta: float | None, apg_norm_threshold: float, start_step: int = 0,
+                known: samplers.Known | None = None, unet_extra: jax.Array | None = None) -> np.ndarray:
+        """Denoises `latents` (B, h, w, C) from step `start_step` and decodes them: float32 numpy (B, H, W, C).
+        known: latents to blend in (inpainting); unet_extra: (B, h, w, C_extra) channels appended to the UNet's
+        input (an inpainting checkpoint's mask and masked-image latents)."""
+        if unet_extra is None and self.is_inpainting_model:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels (an inpainting model): "
+                             "use inpaint() with a mask")
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -344,7 +413,7 @@ class Pipeline:
                            jnp.float32(guidance_rescale), projection, num_inference_steps=num_inference_steps,
                            use_cfg=use_cfg, use_rescale=use_cfg and guidance_rescale > 0.0,
                            use_projection=use_cfg and apg_eta is not None, sampler=sampler, eta=float(eta),
-                           start_step=start_step)
+                           start_step=start_step, known=known, unet_extra=unet_extra)
         return np.asarray(images, dtype=np.float32)
 
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> np.ndarray:
@@ -390,15 +459,22 @@ def _shard_batch(arrays: tuple) -> tuple:
 def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, latents: jax.Array,
               noise_keys: jax.Array, guidance_scale: jax.Array, guidance_rescale: jax.Array,
               projection: jax.Array, *, num_inference_steps: int, use_cfg: bool, use_rescale: bool,
-              use_projection: bool, sampler: str, eta: float, start_step: int) -> jax.Array:
+              use_projection: bool, sampler: str, eta: float, start_step: int, known: samplers.Known | None = None,
+              unet_extra: jax.Array | None = None) -> jax.Array:
     """ids, neg_ids: int32 (B, L) token ids; latents: (B, h, w, C) at the noise level of step `start_step` ->
-    images (B, H, W, C_img) in [0, 1].
+    images (B, H, W, C_img) in [0, 1]. known: latents blended in after each step (`samplers.Known`); unet_extra:
+    (B, h, w, C_extra) appended to the UNet's input channels (both halves of a guided batch).
 
     Guidance runs (diffusers' rule) when `use_cfg` (guidance_scale > 1), its rescaling when `use_rescale`
     (guidance_rescale > 0 as well), adaptive projected guidance instead of the plain rule when `use_projection`
     (projection = float32 [eta, norm_threshold]); the values are traced, so changing them does not recompile."""
     encode = lambda x: pipe.text_encoder.apply({"params": params["text"]}, x)
-    unet = lambda x, t, states: pipe.unet.apply({"params": params["unet"]}, x, t, states)
+
+    def unet(x: jax.Array, t: jax.Array, states: jax.Array) -> jax.Array:
+        if unet_extra is not None:
+            x = jnp.concatenate([x, jnp.tile(unet_extra, (x.shape[0] // unet_extra.shape[0], 1, 1, 1))], axis=-1)
+        return pipe.unet.apply({"params": params["unet"]}, x, t, states)
+
     cond = encode(ids)
     uncond = encode(neg_ids) if use_cfg else None
     apg = samplers.ProjectedGuidance(projection[0], projection[1], pipe.scheduler) if use_projection else None
@@ -406,7 +482,7 @@ def _generate(pipe: Pipeline, params: dict, ids: jax.Array, neg_ids: jax.Array, 
                                          guidance_rescale if use_rescale else None, apg)
     noise = _sampler_noise(pipe.scheduler, noise_keys, latents, num_inference_steps, sampler, eta, start_step)
     latents = samplers.sample(denoise, latents, pipe.scheduler, num_inference_steps=num_inference_steps,
-                              sampler=sampler, eta=eta, noise=noise, start_step=start_step)
+                              sampler=sampler, eta=eta, noise=noise, start_step=start_step, known=known)
     decoded = pipe.vae.apply({"params": params["vae"]}, latents / pipe.vae.config.scaling_factor,
                              method=pipe.vae.decode)
     return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

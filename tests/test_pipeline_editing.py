@@ -67,3 +67,75 @@ def test_img2img_refuses_a_strength_that_runs_nothing(pipes, films, strength, st
     _, pipe, _ = pipes
     with pytest.raises(ValueError, match=message):
         pipe.img2img(films, PROMPTS, strength=strength, num_inference_steps=steps)
+
+
+@pytest.fixture(scope="module")
+def masks() -> np.ndarray:
+    """Repaint a rectangle (rows 4-11, columns 6-13) of the first image and the left half of the second."""
+    masks = np.zeros((2, 16, 16, 1), np.float32)
+    masks[0, 4:12, 6:14] = 1.0
+    masks[1, :, :8] = 1.0
+    return masks
+
+
+def _diffusers_inpaint(reference, folder, sampler, films, masks, steps, guidance, strength, latents=None):
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**reference.components)
+    inpaint.scheduler = SCHEDULER_CLASSES[sampler].from_pretrained(folder, subfolder="scheduler")
+    with torch.no_grad():
+        return inpaint(PROMPTS, image=torch.from_numpy(films.transpose(0, 3, 1, 2)),
+                       mask_image=torch.from_numpy(masks.transpose(0, 3, 1, 2)), height=16, width=16,
+                       strength=strength, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                       latents=None if latents is None else torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                       generator=torch.Generator().manual_seed(5)).images
+
+
+@pytest.mark.parametrize("sampler,steps,strength,guidance", [
+    ("ddim", 10, 1.0, 4.0), ("dpmpp_2m", 8, 1.0, 3.0), ("ddim", 10, 0.7, 4.0)])
+def test_inpaint_by_latent_blending_equals_diffusers(pipes, films, masks, sampler, steps, strength, guidance):
+    reference, pipe, folder = pipes
+    # diffusers draws the image's posterior sample, then (without latents) the start noise, from one generator.
+    encode_noise, drawn = _generator_draws(5, (2, 4, 8, 8), 2)
+    latents = pipe.initial_latents([0, 1], 16, 16) if strength == 1.0 else None
+    expected = _diffusers_inpaint(reference, folder, sampler, films, masks, steps, guidance, strength, latents)
+    noise = drawn if latents is None else latents
+    got = pipe.inpaint(films, masks, PROMPTS, strength=strength, num_inference_steps=steps,
+                       guidance_scale=guidance, sampler=sampler, noise=noise, encode_noise=encode_noise)
+    assert got.shape == expected.shape == (2, 16, 16, 1)
+    assert np.abs(got - expected).max() < 2e-3
+    plain = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, sampler=sampler, latents=noise) \
+        if strength == 1.0 else pipe.img2img(films, PROMPTS, strength=strength, num_inference_steps=steps,
+                                             guidance_scale=guidance, sampler=sampler, noise=noise,
+                                             encode_noise=encode_noise)
+    assert np.abs(plain - expected).max() > 1e-2  # the blending matters: the check is not vacuous
+
+
+@pytest.fixture(scope="module")
+def inpainting_pipes(tmp_path_factory):
+    """A tiny SD inpainting checkpoint: the UNet reads 9 channels (latents, mask, masked-image latents)."""
+    reference = pipelines.tiny_sd_pipeline()
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(**{**reference.unet.config, "in_channels": 9})
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**{**reference.components, "unet": unet.eval()})
+    folder = tmp_path_factory.mktemp("inpaint_pipe")
+    inpaint.save_pretrained(folder)
+    return inpaint, cxr_ldm.Pipeline.from_pretrained(folder), folder
+
+
+def test_inpainting_checkpoint_equals_diffusers(inpainting_pipes, films, masks):
+    reference, pipe, folder = inpainting_pipes
+    assert pipe.is_inpainting_model
+    latents = pipe.initial_latents([0, 1], 16, 16)
+    expected = _diffusers_inpaint(reference, folder, "ddim", films, masks, 10, 4.0, 1.0, latents)
+    # Given latents at strength 1, diffusers encodes only the masked image: the generator's first draw.
+    (masked_encode_noise,) = _generator_draws(5, (2, 4, 8, 8), 1)
+    got = pipe.inpaint(films, masks, PROMPTS, num_inference_steps=10, guidance_scale=4.0, noise=latents,
+                       masked_encode_noise=masked_encode_noise)
+    assert np.abs(got - expected).max() < 2e-3
+    other = pipe.inpaint(films, 1.0 - masks, PROMPTS, num_inference_steps=10, guidance_scale=4.0, noise=latents,
+                         masked_encode_noise=masked_encode_noise)
+    assert np.abs(other - expected).max() > 1e-2  # the mask matters: the check is not vacuous
+    with pytest.raises(ValueError, match="an inpainting model\\): use inpaint\\(\\) with a mask"):
+        pipe(PROMPTS, num_inference_steps=2)

@@ -124,3 +124,53 @@ def test_a_strength_that_runs_no_step_is_a_one_line_error(checkpoint, film, tmp_
     assert exit_info.value.code == 2
     assert re.fullmatch(r"error: --strength 0.2 with --steps 4: strength 0.2 of 4 steps runs no step: expected "
                         r"strength \* num_inference_steps >= 1", _error_line(capsys))
+
+
+def _mask_file(path: Path, kind: str = "ok") -> Path:
+    """A 16x16 mask PNG, white (repaint) on the right half; or one of the kinds sample.py refuses."""
+    pixels = np.zeros((16, 16), np.uint8)
+    pixels[:, 8:] = 255
+    if kind == "grey":
+        pixels[0, 0] = 128
+    elif kind == "small":
+        pixels = pixels[:8]
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_mask_run_writes_the_pipelines_inpainting(checkpoint, film, tmp_path):
+    path, pixels = film
+    mask = _mask_file(tmp_path / "mask.png")
+    assert _main(checkpoint, tmp_path / "out", "--init-image", str(path), "--mask", str(mask)) == 0
+    meta = json.loads((tmp_path / "out" / "0000_3.json").read_text())
+    assert (meta["mask"], meta["strength"]) == (str(mask.resolve()), 1.0)
+    with Image.open(tmp_path / "out" / "0000_3.png") as image:
+        written = np.asarray(image).astype(np.float64) / 65535.0
+    masks = np.zeros((1, 16, 16, 1), np.float32)
+    masks[:, :, 8:] = 1.0
+    pipe = cxr_ldm.Pipeline.from_pretrained(checkpoint)
+    expected = pipe.inpaint(pixels[None], masks, [PROMPT], num_inference_steps=4, seed=3)[0, ..., 0]
+    assert np.abs(written - expected).max() <= 1 / 65535
+    img2img = pipe.img2img(pixels[None], [PROMPT], strength=1.0, num_inference_steps=4, seed=3)[0, ..., 0]
+    assert np.abs(written - img2img).max() > 1e-2  # the mask was used
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("grey", r"--mask \S+mask.png is not binary: expected black \(keep\) and white \(repaint\) pixels only, "
+             r"found 3 levels"),
+    ("small", r"--mask \S+mask.png is 16x8 pixels, the --init-image \S+film.png 16x16: expected the same size"),
+])
+def test_a_mask_it_cannot_use_is_a_one_line_error(film, tmp_path, capsys, kind, message):
+    mask = _mask_file(tmp_path / "mask.png", kind)
+    with pytest.raises(SystemExit) as exit_info:  # checked before the checkpoint is loaded
+        _main(tmp_path / "nowhere", tmp_path / "out", "--init-image", str(film[0]), "--mask", str(mask))
+    assert exit_info.value.code == 2
+    assert re.fullmatch(f"error: {message}", _error_line(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_mask_without_an_init_image_stops(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tmp_path / "nowhere", tmp_path / "out", "--mask", str(_mask_file(tmp_path / "mask.png")))
+    assert exit_info.value.code == 2
+    assert _error_line(capsys).endswith("error: --mask needs --init-image")

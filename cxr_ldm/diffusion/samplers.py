@@ -174,9 +174,23 @@ def add_noise(config: SchedulerConfig, x0: jax.Array, noise: jax.Array, num_infe
     return jnp.float32(plan.alpha[0]) * x0 + jnp.float32(plan.sigma[0]) * noise
 
 
+@dataclasses.dataclass(frozen=True)
+class Known:
+    """What inpainting keeps: latents (B, ...) of the known image, mask (B, ..., 1) at latent size (1 =
+    repaint, 0 = keep), and the noise (B, ...) that brings the latents to each step's level (diffusers'
+    `StableDiffusionInpaintPipeline` with a 4-channel UNet blends `add_noise(latents, noise, t_next)`)."""
+
+    latents: jax.Array
+    mask: jax.Array
+    noise: jax.Array
+
+
+jax.tree_util.register_dataclass(Known, data_fields=["latents", "mask", "noise"], meta_fields=[])
+
+
 def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *, num_inference_steps: int,
            sampler: str = "ddim", eta: float = 0.0, rng: jax.Array | None = None,
-           noise: jax.Array | None = None, start_step: int = 0) -> jax.Array:
+           noise: jax.Array | None = None, start_step: int = 0, known: Known | None = None) -> jax.Array:
     """Runs the reverse diffusion from `latents` (pure noise, (B, ...)) to a float32 sample of the same shape.
 
     denoise_fn(x float32 (B, ...), t int32 (B,)) -> model output (B, ...) in `config.prediction_type`.
@@ -186,6 +200,8 @@ def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *
     noise: instead of rng, the noise itself, (S, *latents.shape) with S = len(sampling_timesteps(...));
       step i adds noise[i] (scaled by that step's std; steps without noise ignore it).
     start_step: static; run the steps from this one on, `latents` being noised to its level (`add_noise`).
+    known: inpainting by latent blending (see `Known`): after each step, the cells outside the mask are replaced
+      by the known latents noised to the next step's level (clean after the last step).
     """
     plan = step_plan(config, num_inference_steps, sampler, eta, start_step)
     steps = len(plan.timesteps)
@@ -202,6 +218,9 @@ def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *
     per_step["index"] = jnp.arange(steps)
     if stochastic and noise is not None:
         per_step["noise"] = jnp.asarray(noise, jnp.float32)
+    if known is not None:  # the level of the step after each one; the last step leaves x0 clean
+        per_step["next_alpha"] = jnp.asarray(np.append(plan.alpha[1:], 1.0), jnp.float32)
+        per_step["next_sigma"] = jnp.asarray(np.append(plan.sigma[1:], 0.0), jnp.float32)
     # Terms whose coefficient is zero at every step are left out of the loop.
     uses = {name: bool(np.any(getattr(plan, name) != 0)) for name in ("c_sample", "c_eps", "c_prev_x0")}
     batch = latents.shape[0]
@@ -223,6 +242,9 @@ def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *
             z = s["noise"] if noise is not None else jax.random.normal(
                 jax.random.fold_in(rng, s["index"]), x.shape, jnp.float32)
             new_x = new_x + s["noise_std"] * z
+        if known is not None:
+            noised = s["next_alpha"] * known.latents + s["next_sigma"] * known.noise
+            new_x = known.mask * new_x + (1.0 - known.mask) * noised
         return (new_x, x0 if uses["c_prev_x0"] else prev_x0), None
 
     x = jnp.asarray(latents, jnp.float32)
