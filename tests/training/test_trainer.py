@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -269,3 +270,9 @@ def test_retrain_from_retrains_the_stage_that_differs_and_the_later_ones(data_di
     before = _files(workdir)
     assert trainer.run(config, str(workdir), retrain_from="autoencoder")  # the same command: nothing to redo
     assert _files(workdir) == before
+
+
+def test_a_data_build_warns_of_nothing(tmp_path, caplog):
+    """TFDS's check for a built data set warns that a folder not built yet "has no dataset_info.json"."""
+    trainer.prepare_data(_config(tmp_path))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

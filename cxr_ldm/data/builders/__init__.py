@@ -49,7 +49,7 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
     if config is not None and config not in config_names:
         raise ValueError(f"Unknown config {config!r} of {name}; expected one of {config_names}.")
     builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-    if builder.is_prepared():
+    if builder.data_path.exists() and builder.is_prepared():  # TFDS's check warns of a folder not yet built
         return builder
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         # TFDS's own default place for manual downloads.
