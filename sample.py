@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_ldm.diffusion.samplers import img2img_start_step
+from cxr_ldm.io.compilation_cache import enable_compilation_cache
 from cxr_ldm.io.images import make_grid, read_image, save_png
 from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.pipeline import SAMPLERS, Pipeline
@@ -111,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask", default=None,
                    help="with --init-image: a black-and-white image file of the same size; white = repaint "
                         "(inpainting), black = keep")
+    p.add_argument("--no-compilation-cache", action="store_true",
+                   help="compile afresh: no JAX persistent compilation cache (default: $CXR_LDM_COMPILATION_CACHE, "
+                        "else ~/.cache/cxr_ldm/jax)")
     args = p.parse_args(argv)
     for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
         if args.init_image is None and value is not None:
@@ -173,6 +177,7 @@ def main(argv=None) -> int:
     init = read_init_image(args)
     mask = read_mask(args, init)
     strength = args.strength if args.strength is not None else 0.6 if mask is None else 1.0
+    enable_compilation_cache(not args.no_compilation_cache)
     try:
         pipe = Pipeline.from_pretrained(args.checkpoint, variant=args.variant, allow_pickle=args.allow_pickle)
     except PickleRefusedError as e:
