@@ -332,6 +332,33 @@ class Pipeline:
                             guidance_rescale, apg_eta, apg_norm_threshold, start_step=start_step, known=known,
                             unet_extra=unet_extra)
 
+    def invert(self, images: Any, prompts: str | Sequence[str] | None = None, num_inference_steps: int = 50,
+               seed: int | Sequence[int] = 0, encode_noise: Any = None) -> np.ndarray:
+        """DDIM inversion (`samplers.ddim_inversion`, diffusers' `DDIMInverseScheduler`) of images to the noise
+        latents from which `pipe(prompts, latents=..., guidance_scale=1, sampler="ddim")` with the same steps
+        redraws them (up to the inversion's error, the VAE's reconstruction error and the decoder's clipping).
+
+        Args:
+          images: float (B, H, W, C) in [0, 1], as for `img2img`.
+          prompts: the prompt(s) the model is conditioned on while inverting (no guidance); None means "".
+          seed, encode_noise: the VAE posterior sample, as in `img2img` (zeros encode to the posterior mean).
+        Returns:
+          float32 numpy latents (B, H / vae_scale, W / vae_scale, C_latent).
+        """
+        if self.is_inpainting_model:
+            raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels (an inpainting model): "
+                             "DDIM inversion needs a text-to-image model")
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, H, W, C) in [0, 1], got shape {images.shape}")
+        prompts, _, seeds = self._batch([""] * len(images) if prompts is None else prompts, None, seed)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        latents = self.encode_images(images, seeds, encode_noise)
+        ids = jnp.asarray(self._token_ids(prompts))
+        return np.asarray(_invert(self, self.unet_params, self.text_encoder_params, ids, latents,
+                                  num_inference_steps=num_inference_steps), np.float32)
+
     @property
     def is_inpainting_model(self) -> bool:
         """Whether the UNet reads a mask and masked-image latents beside the noisy latents (SD inpainting)."""
@@ -504,3 +531,12 @@ def _encode(pipe: Pipeline, vae_params: Any, images: jax.Array, noise: jax.Array
     """images (B, H, W, C_vae) in [0, 1], noise (B, h, w, C_latent) -> scaled posterior samples (B, h, w, C_latent)."""
     mean, logvar = pipe.vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=pipe.vae.encode)
     return (mean + jnp.exp(0.5 * logvar) * noise) * pipe.vae.config.scaling_factor
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("num_inference_steps",))
+def _invert(pipe: Pipeline, unet_params: Any, text_params: Any, ids: jax.Array, latents: jax.Array, *,
+            num_inference_steps: int) -> jax.Array:
+    """ids: int32 (B, L) token ids; latents: scaled clean latents (B, h, w, C) -> DDIM-inverted noise latents."""
+    states = pipe.text_encoder.apply({"params": text_params}, ids)
+    denoise = lambda x, t: pipe.unet.apply({"params": unet_params}, x, t, states)
+    return samplers.ddim_inversion(denoise, latents, pipe.scheduler, num_inference_steps=num_inference_steps)

@@ -1,5 +1,6 @@
-"""Pipeline editing: img2img equals diffusers' StableDiffusionImg2ImgPipeline on a tiny random folder
-given the same image, prompt, strength and noise."""
+"""Pipeline editing on a tiny random folder: img2img and inpainting (latent blending and a 9-channel
+inpainting UNet) equal diffusers' StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline given
+the same image, mask, prompt, strength and noise; DDIM inversion equals diffusers' DDIMInverseScheduler loop."""
 from __future__ import annotations
 
 import numpy as np
@@ -139,3 +140,24 @@ def test_inpainting_checkpoint_equals_diffusers(inpainting_pipes, films, masks):
     assert np.abs(other - expected).max() > 1e-2  # the mask matters: the check is not vacuous
     with pytest.raises(ValueError, match="an inpainting model\\): use inpaint\\(\\) with a mask"):
         pipe(PROMPTS, num_inference_steps=2)
+
+
+def test_invert_equals_diffusers_inverse_scheduler_loop(pipes, films):
+    """diffusers has no inversion pipeline for SD; its DDIMInverseScheduler loop (as DiffEdit runs it) on the
+    reference UNet, text encoder and VAE posterior mean is the reference. The round trip (inversion, then DDIM
+    sampling back) is tested in tests/diffusion/test_inversion.py on a model whose ODE it follows."""
+    reference, pipe, folder = pipes
+    steps = 10
+    scheduler = diffusers.DDIMInverseScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        states = reference.encode_prompt(PROMPTS, "cpu", 1, False)[0]
+        images = torch.from_numpy(films.transpose(0, 3, 1, 2)) * 2 - 1
+        x = reference.vae.encode(images).latent_dist.mean * reference.vae.config.scaling_factor
+        for t in scheduler.timesteps:
+            x = scheduler.step(reference.unet(x, t, encoder_hidden_states=states).sample, t, x).prev_sample
+    expected = x.numpy().transpose(0, 2, 3, 1)
+    got = pipe.invert(films, PROMPTS, num_inference_steps=steps, encode_noise=np.zeros_like(expected))
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    unconditioned = pipe.invert(films, num_inference_steps=steps, encode_noise=np.zeros_like(expected))
+    assert np.abs(unconditioned - expected).max() > 1e-2 * np.abs(expected).max()  # the prompts matter

@@ -1,4 +1,5 @@
-"""Samplers: DDIM, DPM-Solver++ (2M) and DDPM, each equal to its diffusers scheduler step by step.
+"""Samplers: DDIM, DPM-Solver++ (2M) and DDPM, each equal to its diffusers scheduler step by step, and DDIM
+inversion (`ddim_inversion`, as diffusers' DDIMInverseScheduler).
 
 Every sampler is reduced to per-step coefficients computed in numpy (float64) from the scheduler config
 and the number of steps; the jitted loop then runs one rule for all of them:
@@ -250,6 +251,38 @@ def sample(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *
     x = jnp.asarray(latents, jnp.float32)
     prev_x0 = jnp.zeros_like(x) if uses["c_prev_x0"] else jnp.zeros((), jnp.float32)
     (x, _), _ = jax.lax.scan(step, (x, prev_x0), per_step)
+    return x
+
+
+def ddim_inversion(denoise_fn: DenoiseFn, latents: jax.Array, config: SchedulerConfig, *,
+                   num_inference_steps: int) -> jax.Array:
+    """DDIM inversion: clean latents (B, ...) -> the noise latents from which DDIM (eta 0) with the same
+    `denoise_fn` and `num_inference_steps` returns to them (up to the error of each step's linearisation).
+
+    Runs the DDIM timesteps in ascending order, each step as diffusers' `DDIMInverseScheduler.step`: at
+    timestep t the model sees x (at the level of t - T // n, or of `set_alpha_to_one`'s final alpha before the
+    first step), x0 and eps are estimated from its output, and x <- sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+    denoise_fn and num_inference_steps as in `sample`; returns float32 of the shape of `latents`.
+    """
+    ac = compute_alphas_cumprod(config)
+    ts = ddim_timesteps(config, num_inference_steps)[::-1]
+    current = np.minimum(ts - config.num_train_timesteps // num_inference_steps, config.num_train_timesteps - 1)
+    initial = 1.0 if config.set_alpha_to_one else ac[0]
+    a_cur = np.where(current >= 0, ac[np.maximum(current, 0)], initial)
+    per_step = {"t": jnp.asarray(ts, jnp.int32), "alpha": jnp.asarray(np.sqrt(a_cur), jnp.float32),
+                "sigma": jnp.asarray(np.sqrt(1 - a_cur), jnp.float32),
+                "next_alpha": jnp.asarray(np.sqrt(ac[ts]), jnp.float32),
+                "next_sigma": jnp.asarray(np.sqrt(1 - ac[ts]), jnp.float32)}
+    batch = latents.shape[0]
+
+    def step(x, s):
+        output = denoise_fn(x, jnp.full((batch,), s["t"], jnp.int32)).astype(jnp.float32)
+        x0, eps = predicted_x0_and_eps(config.prediction_type, output, x, s["alpha"], s["sigma"])
+        if config.clip_sample:
+            x0 = jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+        return s["next_alpha"] * x0 + s["next_sigma"] * eps, None
+
+    x, _ = jax.lax.scan(step, jnp.asarray(latents, jnp.float32), per_step)
     return x
 
 
