@@ -5,12 +5,14 @@
     python sample.py --checkpoint sd-fp16-folder --variant fp16 --prompt "Mild cardiomegaly."
     python sample.py --checkpoint workdir --init-image film.png --strength 0.6 --prompt "Mild cardiomegaly."
     python sample.py --checkpoint workdir --init-image film.png --mask mask.png --prompt "Left pneumothorax."
+    python sample.py --checkpoint workdir --init-image film.png --invert --guidance 1 --prompt "Normal chest."
 
 Writes <out>/<prompt index>_<seed>.png (8- or 16-bit grayscale for 1-channel models) with the prompt,
 what the text encoder read of it (prompt_used: the start of a prompt longer than its window, with truncated
 true), seed, sampler, steps, guidance (its rescale, and the projected-guidance settings when used) and checkpoint
 in PNG text chunks and in a JSON sidecar next to it. With --init-image the images are edits of that file
-(img2img, or with --mask inpainting of its white part; the files' paths and --strength are recorded too).
+(img2img, or with --mask inpainting of its white part; the files' paths and --strength are recorded too), or
+with --invert images drawn from its DDIM inversion under each prompt (guidance 1 redraws the file).
 """
 from __future__ import annotations
 
@@ -112,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask", default=None,
                    help="with --init-image: a black-and-white image file of the same size; white = repaint "
                         "(inpainting), black = keep")
+    p.add_argument("--invert", action="store_true",
+                   help="with --init-image: DDIM-invert it under each prompt over --steps, then sample from the "
+                        "inverted latents (--guidance 1 redraws the image; more pushes it towards the prompt)")
     p.add_argument("--no-compilation-cache", action="store_true",
                    help="compile afresh: no JAX persistent compilation cache (default: $CXR_LDM_COMPILATION_CACHE, "
                         "else ~/.cache/cxr_ldm/jax)")
@@ -119,6 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
         if args.init_image is None and value is not None:
             p.error(f"{flag} needs --init-image")
+    if args.invert and args.init_image is None:
+        p.error("--invert needs --init-image")
+    if args.invert and (args.mask is not None or args.strength is not None):
+        p.error("--invert takes neither --mask nor --strength: it redraws the whole image from its inversion")
     if args.init_image is not None and args.size is not None:
         p.error("--size does not apply with --init-image: the image's size is the output's")
     return args
@@ -209,6 +218,10 @@ def main(argv=None) -> int:
         batch_prompts = [p for _, p, _ in batch]
         if init is None:
             generated = pipe(batch_prompts, height=args.size, width=args.size, **settings)
+        elif args.invert:
+            inverted = pipe.invert(np.repeat(init[None], len(batch), axis=0), batch_prompts,
+                                   num_inference_steps=args.steps, seed=settings["seed"])
+            generated = pipe(batch_prompts, latents=inverted, **settings)
         elif mask is not None:
             generated = pipe.inpaint(np.repeat(init[None], len(batch), axis=0),
                                      np.repeat(mask[None], len(batch), axis=0), batch_prompts, strength=strength,
@@ -224,7 +237,11 @@ def main(argv=None) -> int:
             if args.apg_eta is not None:
                 meta.update(apg_eta=args.apg_eta, apg_norm_threshold=args.apg_norm_threshold)
             if init is not None:
-                meta.update(init_image=str(Path(args.init_image).resolve()), strength=strength)
+                meta["init_image"] = str(Path(args.init_image).resolve())
+                if args.invert:
+                    meta["invert"] = True
+                else:
+                    meta["strength"] = strength
             if mask is not None:
                 meta.update(mask=str(Path(args.mask).resolve()))
             stem = out / f"{index:04d}_{seed}"
@@ -248,7 +265,8 @@ def _fit_init_image(init: np.ndarray, pipe: Pipeline, args: argparse.Namespace, 
         _fail(f"--init-image {args.init_image} is {width}x{height} pixels: expected sides that are multiples of "
               f"{pipe.vae_scale}, the downsampling factor of {args.checkpoint}'s VAE")
     try:
-        img2img_start_step(args.steps, strength)
+        if not args.invert:
+            img2img_start_step(args.steps, strength)
     except ValueError as e:
         _fail(f"--strength {strength} with --steps {args.steps}: {e}")
     if init.shape[-1] == 3 and pipe.vae.config.in_channels == 1:

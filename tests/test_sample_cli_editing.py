@@ -174,3 +174,32 @@ def test_mask_without_an_init_image_stops(tmp_path, capsys):
         _main(tmp_path / "nowhere", tmp_path / "out", "--mask", str(_mask_file(tmp_path / "mask.png")))
     assert exit_info.value.code == 2
     assert _error_line(capsys).endswith("error: --mask needs --init-image")
+
+
+def test_invert_run_samples_from_the_pipelines_inversion(checkpoint, film, tmp_path):
+    path, pixels = film
+    assert _main(checkpoint, tmp_path / "out", "--init-image", str(path), "--invert", "--guidance", "1") == 0
+    meta = json.loads((tmp_path / "out" / "0000_3.json").read_text())
+    assert (meta["invert"], meta["guidance"], "strength" in meta) == (True, 1.0, False)
+    with Image.open(tmp_path / "out" / "0000_3.png") as image:
+        written = np.asarray(image).astype(np.float64) / 65535.0
+    pipe = cxr_ldm.Pipeline.from_pretrained(checkpoint)
+    inverted = pipe.invert(pixels[None], [PROMPT], num_inference_steps=4, seed=3)
+    expected = pipe([PROMPT], num_inference_steps=4, guidance_scale=1.0, latents=inverted)[0, ..., 0]
+    assert np.abs(written - expected).max() <= 1 / 65535
+    fresh = pipe([PROMPT], num_inference_steps=4, guidance_scale=1.0, seed=3)[0, ..., 0]
+    assert np.abs(written - fresh).max() > 1e-2  # drawn from the inversion, not from fresh noise
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--invert",), "--invert needs --init-image"),
+    (("--invert", "--init-image", "f.png", "--strength", "0.5"),
+     "--invert takes neither --mask nor --strength: it redraws the whole image from its inversion"),
+    (("--invert", "--init-image", "f.png", "--mask", "m.png"),
+     "--invert takes neither --mask nor --strength: it redraws the whole image from its inversion"),
+])
+def test_invert_with_editing_flags_it_does_not_take_stops(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tmp_path / "nowhere", tmp_path / "out", *extra)
+    assert exit_info.value.code == 2
+    assert _error_line(capsys).endswith(f"error: {message}")
