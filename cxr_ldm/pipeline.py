@@ -1,14 +1,18 @@
-"""Text-to-image `Pipeline`: tokenizer + CLIP text encoder + UNet + VAE + sampler -> images.
+"""Text-to-image `Pipeline`: tokenizer + CLIP text encoder + UNet + VAE + sampler -> images; editing.
 
     pipe = Pipeline.from_pretrained("dir")      # diffusers StableDiffusionPipeline folder or train.py workdir
     images = pipe(["Large right pleural effusion."], num_inference_steps=50, guidance_scale=4.0)
     # float32 (B, H, W, C) in [0, 1]
     pipe.load_lora_weights("lora_dir", scale=1.0)            # diffusers / PEFT / kohya-ss LoRA, merged
     pipe.load_textual_inversion("learned_embeds.safetensors")  # a new token for prompts
+    edited = pipe.img2img(images, prompts, strength=0.6)     # SDEdit
+    repainted = pipe.inpaint(images, masks, prompts)         # masks (B, H, W, 1), 1 = repaint
+    latents = pipe.invert(images, prompts)                   # DDIM inversion
 
-Text encoding, the whole sampling loop and the VAE decode run in one `jax.jit`, compiled once per
-(batch, resolution, steps, sampler, guidance on/off) and reused. Batches are sharded over all local
-devices when the batch divides evenly.
+Text encoding, the whole sampling loop (from any start step, with inpainting's blending) and the VAE decode
+run in one `jax.jit`, compiled once per (batch, resolution, steps, start step, sampler, guidance on/off) and
+reused; encoding images and DDIM inversion have their own. Batches are sharded over all local devices when
+the batch divides evenly.
 """
 from __future__ import annotations
 
