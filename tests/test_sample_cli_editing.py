@@ -203,3 +203,23 @@ def test_invert_with_editing_flags_it_does_not_take_stops(tmp_path, capsys, extr
         _main(tmp_path / "nowhere", tmp_path / "out", *extra)
     assert exit_info.value.code == 2
     assert _error_line(capsys).endswith(f"error: {message}")
+
+
+def test_size_with_an_init_image_stops(film, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(tmp_path / "nowhere", tmp_path / "out", "--init-image", str(film[0]), "--size", "16")
+    assert exit_info.value.code == 2
+    assert _error_line(capsys).endswith("error: --size does not apply with --init-image: the image's size is the "
+                                        "output's")
+
+
+def test_an_rgb_film_is_edited_as_its_gray_average(checkpoint, film, tmp_path):
+    """A grayscale film saved as RGB (equal channels) gives the edit of the 8-bit gray film."""
+    gray = np.round(film[1][..., 0] * 255).astype(np.uint8)
+    Image.fromarray(np.repeat(gray[..., None], 3, axis=-1)).save(tmp_path / "rgb.png")
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    for name in ("rgb", "gray"):
+        assert _main(checkpoint, tmp_path / name, "--init-image", str(tmp_path / f"{name}.png")) == 0
+    with Image.open(tmp_path / "rgb" / "0000_3.png") as a, Image.open(tmp_path / "gray" / "0000_3.png") as b:
+        difference = np.abs(np.asarray(a).astype(np.int64) - np.asarray(b).astype(np.int64))
+    assert difference.max() <= 1  # the average of three equal floats rounds to within one 16-bit level
