@@ -5,17 +5,15 @@ Everything is read back with `tfds.data_source` and checked value by value (pixe
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import os
 import subprocess
 import sys
 import textwrap
-import zipfile
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers import mimic
 from PIL import Image
 
 from cxr_ldm.data import phantom
@@ -150,44 +148,8 @@ _MIMIC_CHEXPERT = {  # study -> {name: CSV text}; s50000006 has no row
 }
 
 
-def _write_csv_gz(path, header, rows):
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(header)
-    writer.writerows(rows)
-    path.write_bytes(gzip.compress(text.getvalue().encode()))
-
-
-def _study_dir(root, subject, study):
-    return root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
-
-
 def _write_mimic_tree(root, reports_as_zip: bool):
-    for dicom_id, subject, study, _, _, value in _MIMIC_IMAGES:
-        folder = _study_dir(root, subject, study)
-        folder.mkdir(parents=True, exist_ok=True)
-        if value is None:
-            (folder / f"{dicom_id}.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-        elif value >= 0:  # portrait, like most radiographs
-            Image.fromarray(np.full((80, 64), value, np.uint8)).save(folder / f"{dicom_id}.jpg", quality=95)
-    _write_csv_gz(root / "mimic-cxr-2.0.0-metadata.csv.gz",
-                  ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"],
-                  [(d, su, st, view, 80, 64) for d, su, st, view, _, _ in _MIMIC_IMAGES])
-    _write_csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
-                  [(d, st, su, split) for d, su, st, _, split, _ in _MIMIC_IMAGES])
-    names = sorted(CHEXPERT_LABELS)  # the real file lists them alphabetically
-    subject_of = {st: su for _, su, st, _, _, _ in _MIMIC_IMAGES}
-    _write_csv_gz(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *names],
-                  [(subject_of[st], st, *(values.get(n, "") for n in names))
-                   for st, values in _MIMIC_CHEXPERT.items()])
-    if reports_as_zip:
-        with zipfile.ZipFile(root / "mimic-cxr-reports.zip", "w") as archive:
-            for study, text in _MIMIC_REPORTS.items():
-                subject = subject_of[study]
-                archive.writestr(f"files/p{subject[:2]}/p{subject}/s{study}.txt", text)
-    else:  # MIMIC-CXR layout: next to the study folders
-        for study, text in _MIMIC_REPORTS.items():
-            _study_dir(root, subject_of[study], study).with_suffix(".txt").write_text(text)
+    mimic.write_mimic_tree(root, _MIMIC_IMAGES, _MIMIC_REPORTS, _MIMIC_CHEXPERT, reports_as_zip)
 
 
 @pytest.mark.parametrize("reports_as_zip", [True, False])
