@@ -1,5 +1,5 @@
-"""A tiny random diffusers StableDiffusionPipeline (PyTorch), the reference that pipeline and CLI tests save
-in the layouts a download can have, and a check of loaded params against its tensors."""
+"""A tiny random diffusers StableDiffusionPipeline (PyTorch, SD 1.x- or 2.x-like), the reference that pipeline,
+CLI and training tests save in the layouts a download can have, and a check of loaded params against its tensors."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,27 +15,39 @@ from cxr_ldm.data.tokenizer import load_tokenizer
 from cxr_ldm.io import convert
 
 
-def tiny_sd_pipeline() -> diffusers.StableDiffusionPipeline:
-    """A random pipeline with a 1-channel VAE (16x16 px, latents 8x8x4) and a DDIM scheduler; every weight is
-    perturbed (diffusers zero-initialises output layers), so that the prompt and the noise matter."""
+def tiny_sd_pipeline(resolution: int = 16, sd2: bool = False) -> diffusers.StableDiffusionPipeline:
+    """A random pipeline with a DDIM scheduler; every weight is perturbed (diffusers zero-initialises output
+    layers), so that the prompt and the noise matter.
+
+    resolution: the image side, 16 (a VAE of 2 blocks: latents 8x8x4) or 64 (3 blocks: latents 16x16x4, the
+      smallest side of the MIMIC-CXR-JPG and Open-i builders).
+    sd2: SD 2.x's choices, else SD 1.x's: a v-prediction scheduler, linear projections in the UNet's
+      transformers, GELU in the text encoder and a 3-channel VAE (SD 1.x here: epsilon, 1 channel).
+    """
+    if resolution not in (16, 64):
+        raise ValueError(f"tiny_sd_pipeline: resolution {resolution}; expected 16 or 64")
+    vae_blocks = 2 if resolution == 16 else 3
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+        sample_size=resolution // 2 ** (vae_blocks - 1), in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+        use_linear_projection=sd2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    channels = 3 if sd2 else 1
     vae = diffusers.AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 16), layers_per_block=1,
-        norm_num_groups=8, sample_size=16,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        in_channels=channels, out_channels=channels, latent_channels=4, block_out_channels=(16,) * vae_blocks,
+        layers_per_block=1, norm_num_groups=8, sample_size=resolution,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=16))
+        max_position_embeddings=77, projection_dim=16, hidden_act="gelu" if sd2 else "quick_gelu"))
     with torch.no_grad():
         for model in (unet, vae, text_encoder):
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+                                        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                                        prediction_type="v_prediction" if sd2 else "epsilon")
     return diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -76,9 +88,9 @@ class Downloads:
     fp16: dict
 
 
-def save_downloads(root: Path) -> Downloads:
-    """Saves `tiny_sd_pipeline()` under `root` in the layouts of `Downloads`."""
-    reference = tiny_sd_pipeline()
+def save_downloads(root: Path, resolution: int = 16) -> Downloads:
+    """Saves `tiny_sd_pipeline(resolution)` under `root` in the layouts of `Downloads`."""
+    reference = tiny_sd_pipeline(resolution)
     reference.save_pretrained(root / "safetensors")
     reference.save_pretrained(root / "pickle", safe_serialization=False)
     # transformers 5 writes safetensors whatever it is asked; older SD downloads hold the text encoder as a
