@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (`reorder_prompt_words`); off, because reordering loses which side a finding is on.
     c.data.word_order_rate = 0.0
     c.data.word_order = "shuffle"  # "shuffle": random order; "rotate": a cyclic shift
-    c.data.tokenizer = placeholder(str)  # None: the embedded CLIP BPE tokenizer; else a tokenizer folder
+    c.data.tokenizer = placeholder(str)  # tokenizer folder; None: ldm.init_from's tokenizer/, else embedded CLIP BPE
 
     c.autoencoder = ml_collections.ConfigDict()
     c.autoencoder.init_from = placeholder(str)  # a diffusers AutoencoderKL folder to start from

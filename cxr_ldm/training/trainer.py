@@ -57,6 +57,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, retrain_from: str | Non
         return _run_stages(config, workdir, stop)
 
 
+def tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
+    """Where the run's tokenizer comes from: data.tokenizer, else the tokenizer/ of the ldm.init_from pipeline
+    (a fine-tune keeps its base model's vocabulary and padding: SD 2.x pads with "!"), else None (embedded)."""
+    if config.data.tokenizer:
+        return config.data.tokenizer
+    init_from = config.ldm.get("init_from")
+    if init_from and os.path.isdir(os.path.join(init_from, "tokenizer")):
+        return init_from
+    return None
+
+
 def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSignal) -> bool:
     """Prepares the data and runs the stages; a SIGTERM (`stop`) is honoured after the step it came in, or,
     when it came during the data build or a stage's setup or outputs, once that work is done."""
@@ -67,7 +78,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSigna
         if stop.requested():
             _say(f"stopped by SIGTERM before the {stage} stage; rerun the same command to resume")
             return False
-        tokenizer = load_tokenizer(config.data.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_source(config))
         if jax.process_index() == 0:
             fingerprint.record(config, workdir, stage)
         if not STAGES[stage](config, workdir, mesh, tokenizer, stop):

@@ -46,3 +46,21 @@ def test_init_from_takes_the_config_variant(downloads, tmp_path):
     _assert_params(ldm_stage.build_models(config, str(tmp_path), vocab_size=VOCAB), downloads.fp32)
     config.ldm.init_variant = "fp16"
     _assert_params(ldm_stage.build_models(config, str(tmp_path), vocab_size=VOCAB), downloads.fp16)
+
+
+def test_a_fine_tune_reads_the_tokenizer_of_its_base_pipeline(tmp_path):
+    from cxr_ldm.data.tokenizer import embedded_tokenizer_dir, load_tokenizer
+    from cxr_ldm.training.trainer import tokenizer_source
+
+    base = tmp_path / "sd2"
+    sd2_like = load_tokenizer()
+    sd2_like.pad_token = "!"  # SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>
+    sd2_like.save_pretrained(str(base / "tokenizer"))
+    config = tiny.get_config()
+    config.ldm.init_from = str(base)
+    assert load_tokenizer(tokenizer_source(config))("a", padding="max_length", max_length=4).input_ids[-1] == 0
+    config.data.tokenizer = str(embedded_tokenizer_dir())
+    assert tokenizer_source(config) == str(embedded_tokenizer_dir())
+    config.data.tokenizer, config.ldm.init_from = None, str(tmp_path / "no_tokenizer_here")
+    assert tokenizer_source(config) is None
+    assert load_tokenizer().pad_token_id != 0
