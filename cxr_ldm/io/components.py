@@ -1,7 +1,8 @@
 """`load_component` / `save_component`: diffusers / transformers component folders <-> Flax.
 
 A component folder holds `config.json` and safetensors weights, as `save_pretrained` writes them for
-`UNet2DConditionModel`, `AutoencoderKL` (diffusers), `CLIPTextModel` and `BertModel` (transformers).
+`UNet2DConditionModel`, `AutoencoderKL` (diffusers), `CLIPTextModel` and `BertModel` (transformers), and
+`TextProjection` (ours: a BERT encoder's map to the UNet's width, written as diffusers writes a model).
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ SPECS = {
         # Domain text encoders (CXR-BERT, PubMedBERT, RadBERT); older transformers saved the two buffers.
         ComponentSpec("BertModel", "cxr_ldm.models.bert", "BertConfig", "BertModel", "model", "transformers",
                       ignore=(r"embeddings\.position_ids", r"embeddings\.token_type_ids")),
+        # The learned map from a BERT encoder's width to the UNet's cross_attention_dim.
+        ComponentSpec("TextProjection", "cxr_ldm.models.text_projection", "TextProjectionConfig", "TextProjection",
+                      "diffusion_pytorch_model", "diffusers"),
     )
 }
 
