@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.ldm = ml_collections.ConfigDict()
     c.ldm.init_from = placeholder(str)  # a diffusers StableDiffusionPipeline folder (SD, RoentGen) to fine-tune
     c.ldm.init_variant = placeholder(str)  # init_from's weight variant, e.g. "fp16" for *.fp16.safetensors
+    # A transformers BertModel folder + its WordPiece vocab.txt (CXR-BERT, PubMedBERT) to condition on, not CLIP
+    c.ldm.text_encoder_from = placeholder(str)
     c.ldm.init_allow_pickle = False  # read init_from components whose only weights are .bin pickles (trusted only)
     # What trains: unet | unet+text_encoder | text_encoder | textual_inversion | lora. "unet" keeps the text
     # encoder as the text_pretrain stage left it, and skips its backward pass.

@@ -1,4 +1,7 @@
 """Text-to-image `Pipeline`: tokenizer + CLIP text encoder + UNet + VAE + sampler -> images; editing.
+A pipeline may instead be conditioned on a BERT (`models.text_projection.ProjectedTextEncoder`): its folder
+holds text_encoder/ as a transformers BertModel, tokenizer/ as WordPiece files and, when the BERT's width is not
+the UNet's, text_projection/.
 
     pipe = Pipeline.from_pretrained("dir")      # diffusers StableDiffusionPipeline folder or train.py workdir
     images = pipe(["Large right pleural effusion."], num_inference_steps=50, guidance_scale=4.0)
@@ -30,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cxr_ldm.data.tokenizer import load_tokenizer, prompt_length, tokenize, truncation
+from cxr_ldm.data.tokenizer import load_tokenizer, load_wordpiece_tokenizer, prompt_length, tokenize, truncation
 from cxr_ldm.diffusion import samplers
 from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.diffusion.schedules import SchedulerConfig
@@ -38,6 +41,10 @@ from cxr_ldm.io import adapters
 from cxr_ldm.io.components import load_component, save_component
 from cxr_ldm.io.run_folder import EXPORT_DIRNAME
 from cxr_ldm.io.weights import write_json
+from cxr_ldm.models.bert import BertModel
+from cxr_ldm.models.text_projection import ProjectedTextEncoder
+
+TEXT_PROJECTION_DIRNAME = "text_projection"
 
 
 def _resolve_folder(path: Path) -> Path:
@@ -90,10 +97,17 @@ class Pipeline:
         unet, unet_params = load(folder / "unet")
         vae, vae_params = load(folder / "vae")
         text_encoder, text_params = load(folder / "text_encoder")
+        if isinstance(text_encoder, BertModel):
+            tokenizer = load_wordpiece_tokenizer(folder / "tokenizer")
+            projection, text_params = None, {"bert": text_params}
+            if (folder / TEXT_PROJECTION_DIRNAME).is_dir():
+                projection, text_params["projection"] = load(folder / TEXT_PROJECTION_DIRNAME)
+            text_encoder = ProjectedTextEncoder(text_encoder, projection)
+        else:
+            tokenizer = load_tokenizer(folder / "tokenizer")
         scheduler_file = folder / "scheduler" / "scheduler_config.json"
         raw = json.loads(scheduler_file.read_text())
-        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params,
-                   load_tokenizer(folder / "tokenizer"),
+        return cls(unet, unet_params, vae, vae_params, text_encoder, text_params, tokenizer,
                    SchedulerConfig.from_dict(raw, source=str(scheduler_file)),
                    raw.get("_class_name", "DDIMScheduler"), raw)
 
@@ -103,7 +117,7 @@ class Pipeline:
         path.mkdir(parents=True, exist_ok=True)
         save_component(self.unet, self.unet_params, path / "unet")
         save_component(self.vae, self.vae_params, path / "vae")
-        save_component(self.text_encoder, self.text_encoder_params, path / "text_encoder")
+        text_classes = self._save_text_encoder(path)
         self.tokenizer.save_pretrained(str(path / "tokenizer"))
         (path / "scheduler").mkdir(exist_ok=True)
         write_json(path / "scheduler" / "scheduler_config.json", self.scheduler_file or
@@ -115,11 +129,23 @@ class Pipeline:
             "feature_extractor": none, "image_encoder": none, "safety_checker": none,
             "requires_safety_checker": False,
             "scheduler": ["diffusers", self.scheduler_class],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
+            **text_classes,
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
         })
+
+    def _save_text_encoder(self, path: Path) -> dict:
+        """Writes text_encoder/ (and a BERT's text_projection/); returns their model_index.json entries."""
+        if not isinstance(self.text_encoder, ProjectedTextEncoder):
+            save_component(self.text_encoder, self.text_encoder_params, path / "text_encoder")
+            return {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+        save_component(self.text_encoder.bert, self.text_encoder_params["bert"], path / "text_encoder")
+        classes = {"text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizer"]}
+        if self.text_encoder.projection is not None:
+            save_component(self.text_encoder.projection, self.text_encoder_params["projection"],
+                           path / TEXT_PROJECTION_DIRNAME)
+            classes[TEXT_PROJECTION_DIRNAME] = ["cxr_ldm", "TextProjection"]
+        return classes
 
     def load_lora_weights(self, path: str | os.PathLike, scale: float = 1.0) -> None:
         """Merges a LoRA into the UNet params (and the text encoder's, where the file adapts it), in place:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from cxr_ldm.json_config import JsonConfig
 
 Dtype = Any
+# Where the token table is in `ProjectedTextEncoder`'s params.
+TOKEN_EMBEDDING_PATH = ("bert", "embeddings", "word_embeddings", "embedding")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,7 +65,7 @@ def check_models_fit(config: ml_collections.ConfigDict) -> None:
     unet = _model_config(UNetConfig, config.ldm.unet, "config.ldm.unet")
     text = _model_config(CLIPTextConfig, config.ldm.text_encoder, "config.ldm.text_encoder")
     problems = []
-    if text.hidden_size != unet.cross_attention_dim:
+    if text.hidden_size != unet.cross_attention_dim and not config.ldm.get("text_encoder_from"):  # BERT: projected
         problems.append(f"config.ldm.text_encoder.hidden_size={text.hidden_size} differs from "
                         f"config.ldm.unet.cross_attention_dim={unet.cross_attention_dim}")
     if AUTOENCODER_STAGE in config.stages and not config.autoencoder.init_from:

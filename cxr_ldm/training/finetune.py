@@ -17,6 +17,9 @@ of it train (trainable {"text_encoder": {..., "embeddings": {"token_embedding": 
 the full table frozen): the rows of the tokens the training prompts hold update exactly as with the whole
 table trained, and AdamW and the EMA touch k rows instead of the vocabulary (rows no prompt reaches get
 zero gradients, so whole-table training only shrinks them by weight decay).
+A BERT text encoder with a projection to the UNet's width (`models.text_projection.ProjectedTextEncoder`,
+text encoder params {"bert", "projection"}) keeps its projection trainable where the mode leaves the text
+encoder frozen ("unet", "lora": trainable {..., "text_projection": ...}): the projection starts random.
 `merge_params` rebuilds the full params the models run with (and that are exported); `save_adapter` writes
 what "lora" and "textual_inversion" train as the files diffusers, PEFT and `Pipeline` load onto the base model.
 """
@@ -37,11 +40,11 @@ from cxr_ldm.io.run_folder import write_folder_atomically
 FINETUNE_MODES = ("unet", "unet+text_encoder", "text_encoder", "textual_inversion", "lora")
 COMPONENTS = ("unet", "text_encoder", "vae")
 TOKEN_EMBEDDING_PATH = adapters.TOKEN_EMBEDDING_PATH
-TRAINED_TOKEN_ROWS_PATH = ("embeddings", "token_embedding", "trained_rows")
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _FULL_MODES = {"unet": ("unet",), "unet+text_encoder": ("unet", "text_encoder"), "text_encoder": ("text_encoder",)}
 FROZEN_TOKEN_TABLE = "text_encoder_token_embedding"
+TEXT_PROJECTION = "text_projection"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,8 @@ class FinetuneConfig:
     train_token_embedding: False keeps the token embedding table frozen where the text encoder is
     trained in full ("unet+text_encoder", "text_encoder"); the other modes do not train it anyway.
     trained_token_ids: with train_token_embedding, the ids of the table's rows that train (ascending, e.g.
-    `cxr_ldm.data.input_pipeline.corpus_token_ids`); None: every row."""
+    `cxr_ldm.data.input_pipeline.corpus_token_ids`); None: every row.
+    token_embedding_path: where the token table is in the text encoder's params (CLIP's by default)."""
 
     mode: str = "unet"
     lora_rank: int = 4
@@ -59,6 +63,7 @@ class FinetuneConfig:
     lora_text_encoder: bool = False
     train_token_embedding: bool = True
     trained_token_ids: tuple[int, ...] | None = None
+    token_embedding_path: tuple[str, ...] = TOKEN_EMBEDDING_PATH
 
     def __post_init__(self):
         if self.mode not in FINETUNE_MODES:
@@ -81,6 +86,11 @@ class FinetuneConfig:
         return self.trains_token_table and self.trained_token_ids is not None
 
     @property
+    def trained_rows_path(self) -> tuple[str, ...]:
+        """Where the trained rows of the token table are in the trainable text encoder's params."""
+        return self.token_embedding_path[:-1] + ("trained_rows",)
+
+    @property
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank
 
@@ -101,17 +111,22 @@ def split_params(config: FinetuneConfig, params: dict, *, rng: jax.Array | None 
     if missing:
         raise ValueError(f"params for fine-tuning: missing components {missing}; expected keys {COMPONENTS}")
     params = dict(params)
+    if not trains_text_encoder(config.mode) and "projection" in params["text_encoder"]:
+        projection = params["text_encoder"]["projection"]
+        params["text_encoder"] = tree_without(params["text_encoder"], ("projection",))
+        trainable, frozen = split_params(config, params, rng=rng, init_token_ids=init_token_ids)
+        return {**trainable, TEXT_PROJECTION: projection}, frozen
     if config.mode in _FULL_MODES:
         trained = _FULL_MODES[config.mode]
         trainable = {c: params[c] for c in trained}
         frozen = {c: params[c] for c in COMPONENTS if c not in trained}
         if "text_encoder" in trained and (config.trains_token_rows or not config.train_token_embedding):
-            table = tree_get(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+            table = tree_get(params["text_encoder"], config.token_embedding_path)
             frozen[FROZEN_TOKEN_TABLE] = table
-            trainable["text_encoder"] = tree_without(params["text_encoder"], TOKEN_EMBEDDING_PATH)
+            trainable["text_encoder"] = tree_without(params["text_encoder"], config.token_embedding_path)
             if config.trains_token_rows:
                 ids = _checked_rows(config.trained_token_ids, table.shape[0])
-                trainable["text_encoder"] = tree_set(trainable["text_encoder"], TRAINED_TOKEN_ROWS_PATH,
+                trainable["text_encoder"] = tree_set(trainable["text_encoder"], config.trained_rows_path,
                                                      jnp.asarray(table)[ids])
         return trainable, frozen
     if config.mode == "textual_inversion":
@@ -132,15 +147,20 @@ def split_params(config: FinetuneConfig, params: dict, *, rng: jax.Array | None 
 def merge_params(config: FinetuneConfig, trainable: dict, frozen: dict) -> dict:
     """The full {"unet", "text_encoder", "vae"} params the models run with: trained and frozen parts
     joined, new token rows appended, LoRA merged (W + scale A @ B, float32). Differentiable."""
+    if TEXT_PROJECTION in trainable:
+        trainable = dict(trainable)
+        projection = trainable.pop(TEXT_PROJECTION)
+        params = merge_params(config, trainable, frozen)
+        return {**params, "text_encoder": {**params["text_encoder"], "projection": projection}}
     if config.mode in _FULL_MODES:
         params = {**frozen, **trainable}
         if FROZEN_TOKEN_TABLE in params:
             table, text = params.pop(FROZEN_TOKEN_TABLE), params["text_encoder"]
             if config.trains_token_rows:
-                rows = tree_get(text, TRAINED_TOKEN_ROWS_PATH)
-                text = tree_without(text, TRAINED_TOKEN_ROWS_PATH)
+                rows = tree_get(text, config.trained_rows_path)
+                text = tree_without(text, config.trained_rows_path)
                 table = jnp.asarray(table).at[np.asarray(config.trained_token_ids)].set(rows.astype(table.dtype))
-            params["text_encoder"] = tree_set(text, TOKEN_EMBEDDING_PATH, table)
+            params["text_encoder"] = tree_set(text, config.token_embedding_path, table)
         return params
     params = dict(frozen)
     if config.mode == "textual_inversion":

@@ -47,7 +47,8 @@ CONFIG_FIELDS = {
 # Fields inside those that change neither the model nor its inputs: where files are (an `init_from`
 # folder is recorded by the digest of its contents instead), whether pickles may be read, how often to validate.
 IGNORED_FIELDS = frozenset({
-    "data.data_dir", "data.manual_dir", "autoencoder.init_from", "ldm.init_from", "ldm.init_allow_pickle",
+    "data.data_dir", "data.manual_dir", "autoencoder.init_from", "ldm.init_from", "ldm.text_encoder_from",
+    "ldm.init_allow_pickle",
     "autoencoder.eval_every", "autoencoder.num_eval_batches", "text_pretrain.num_eval_batches"})
 
 
@@ -70,6 +71,8 @@ def stage_fingerprint(stage: str, config: ml_collections.ConfigDict, workdir: st
     elif stage == LDM_STAGE:
         inputs["vae"] = folder_digest(vae_dir(workdir))
         inputs["text_encoder"] = folder_digest(pretrained_text_encoder_dir(workdir))
+    if stage == LDM_STAGE and config.ldm.get("text_encoder_from"):
+        inputs["text_encoder"] = _digest(config.ldm.text_encoder_from)
     return {"config": fields, "inputs": inputs}
 
 

@@ -4,6 +4,9 @@ Starts from scratch (the VAE of stage 1, and the text encoder of the optional "t
 it ran) or from a diffusers StableDiffusionPipeline folder
 (`config.ldm.init_from`: SD 1.x/2.x, RoentGen; its weight variant and whether its pickles may be read:
 `config.ldm.init_variant`, `config.ldm.init_allow_pickle`), and trains what `config.ldm.finetune` selects.
+With `config.ldm.text_encoder_from` (a transformers BertModel folder with its WordPiece vocabulary) the UNet is
+conditioned on that BERT instead of CLIP, through a learned projection when its width is not the UNet's
+`cross_attention_dim` (`models.text_projection.ProjectedTextEncoder`).
 With `config.ldm.cache_latents` the training images are encoded once (<workdir>/ldm/latent_cache/,
 see `latent_cache`) rather than at every step. Writes <workdir>/ldm/checkpoints/, sample grids in <workdir>/samples/, ldm/done.json and, with
 `config.export`, the diffusers pipeline folder <workdir>/pipeline/ that `Pipeline.from_pretrained`
@@ -24,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from cxr_ldm.data.input_pipeline import ExampleConfig, corpus_token_ids, make_train_iterator
-from cxr_ldm.data.tokenizer import set_prompt_length
+from cxr_ldm.data.tokenizer import prompt_length, set_prompt_length
 from cxr_ldm.diffusion.schedules import SchedulerConfig, compute_alphas_cumprod
 from cxr_ldm.io.components import load_component
 from cxr_ldm.io.images import make_grid, save_png
@@ -37,6 +40,8 @@ from cxr_ldm.io.run_folder import (
     write_folder_atomically,
 )
 from cxr_ldm.io.weights import PickleRefusedError
+from cxr_ldm.models import text_projection
+from cxr_ldm.models.bert import BertModel
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig
 from cxr_ldm.models.unet import dummy_inputs as unet_dummy_inputs
 from cxr_ldm.pipeline import Pipeline
@@ -72,7 +77,8 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
         load = functools.partial(load_component, dtype=dtype, variant=c.init_variant, allow_pickle=c.init_allow_pickle)
         try:
             unet, unet_params = load(os.path.join(folder, "unet"))
-            text_encoder, text_params = load(os.path.join(folder, "text_encoder"))
+            if not c.text_encoder_from:
+                text_encoder, text_params = load(os.path.join(folder, "text_encoder"))
             vae, vae_params = load(os.path.join(folder, "vae"))
         except PickleRefusedError as err:
             raise err.with_hint("--config.ldm.init_allow_pickle=True") from None
@@ -87,19 +93,6 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
         vae, vae_params = load_component(source, dtype=dtype)
         unet = UNet2DConditionModel(UNetConfig.from_dict(c.unet.to_dict(), source="config.ldm.unet"), dtype=dtype)
         unet_params = jax.jit(unet.init)(jax.random.fold_in(rng, 11), *unet_dummy_inputs(unet.config))["params"]
-        pretrained = pretrained_text_encoder_dir(workdir)
-        if os.path.isdir(pretrained):  # the "text_pretrain" stage ran
-            text_encoder, text_params = load_component(pretrained, dtype=dtype)
-            if text_encoder.config.vocab_size != vocab_size:
-                raise ValueError(f"the pretrained text encoder in {pretrained} has {text_encoder.config.vocab_size} "
-                                 f"token rows but the tokenizer {vocab_size}: it was trained with another tokenizer")
-        else:
-            text_encoder, text_params = new_text_encoder(config, vocab_size)
-            if not finetune_lib.trains_text_encoder(c.finetune):
-                warnings.warn(f"config.ldm.finetune = {c.finetune!r} keeps the text encoder as it starts, and no "
-                              f"text_pretrain stage ran in {workdir}: the LDM is conditioned on a random text "
-                              "encoder. Add 'text_pretrain' to config.stages or train it ('unet+text_encoder').",
-                              stacklevel=2)
         scheduler_file = c.scheduler.to_dict()
     if c.scaling_factor is not None:
         vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=float(c.scaling_factor)))
@@ -107,8 +100,51 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
         raise ValueError(f"the UNet takes {unet.config.in_channels} latent channels but the VAE makes "
                          f"{vae.config.latent_channels}")
     unet = unet.clone(remat=config.remat)
+    if c.text_encoder_from:
+        text_encoder, text_params = _bert_text_encoder(c, dtype, unet.config.cross_attention_dim,
+                                                       jax.random.fold_in(rng, 13))
+    elif not c.init_from:
+        text_encoder, text_params = _scratch_text_encoder(config, workdir, vocab_size, dtype)
     return LDMSetup(steps_lib.LDMModels(unet, text_encoder, vae),
                     {"unet": unet_params, "text_encoder": text_params, "vae": vae_params}, scheduler_file)
+
+
+def _scratch_text_encoder(config: ml_collections.ConfigDict, workdir: str, vocab_size: int, dtype) -> tuple[Any, dict]:
+    """The CLIP text encoder of a run from scratch: the text_pretrain stage's, else a new one."""
+    pretrained = pretrained_text_encoder_dir(workdir)
+    if os.path.isdir(pretrained):  # the "text_pretrain" stage ran
+        text_encoder, text_params = load_component(pretrained, dtype=dtype)
+        if text_encoder.config.vocab_size != vocab_size:
+            raise ValueError(f"the pretrained text encoder in {pretrained} has {text_encoder.config.vocab_size} "
+                             f"token rows but the tokenizer {vocab_size}: it was trained with another tokenizer")
+        return text_encoder, text_params
+    if not finetune_lib.trains_text_encoder(config.ldm.finetune):
+        warnings.warn(f"config.ldm.finetune = {config.ldm.finetune!r} keeps the text encoder as it starts, and no "
+                      f"text_pretrain stage ran in {workdir}: the LDM is conditioned on a random text "
+                      "encoder. Add 'text_pretrain' to config.stages or train it ('unet+text_encoder').",
+                      stacklevel=3)
+    return new_text_encoder(config, vocab_size)
+
+
+def _bert_text_encoder(c: ml_collections.ConfigDict, dtype, width: int, rng: jax.Array) -> tuple[Any, dict]:
+    """The BertModel of `c.text_encoder_from` as a `ProjectedTextEncoder` to `width` features, and its params
+    {"bert", ["projection"]} (the projection initialised from `rng`)."""
+    if c.finetune == "textual_inversion":
+        raise ValueError("config.ldm.finetune = 'textual_inversion' adds tokens to a CLIP tokenizer; it does not "
+                         "apply to the BERT of config.ldm.text_encoder_from")
+    folder = os.path.expanduser(c.text_encoder_from)
+    bert, bert_params = load_component(folder, dtype=dtype)
+    if not isinstance(bert, BertModel):
+        raise ValueError(f"config.ldm.text_encoder_from = {folder}: expected a transformers BertModel folder, "
+                         f"got a {type(bert).__name__}")
+    params = {"bert": bert_params}
+    projection = None
+    if bert.config.hidden_size != width:
+        projection = text_projection.TextProjection(
+            text_projection.TextProjectionConfig(bert.config.hidden_size, width), dtype=dtype)
+        params["projection"] = jax.jit(projection.init)(
+            rng, *text_projection.dummy_inputs(projection.config))["params"]
+    return text_projection.ProjectedTextEncoder(bert, projection), params
 
 
 def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer, stop: StopSignal) -> bool:
@@ -120,6 +156,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> 
     c = config.ldm
     finetune = finetune_lib.FinetuneConfig(mode=c.finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                                            train_token_embedding=c.train_token_embedding)
+    if c.text_encoder_from:
+        finetune = dataclasses.replace(finetune, token_embedding_path=text_projection.TOKEN_EMBEDDING_PATH)
     finetune = dataclasses.replace(finetune, trained_token_ids=_trained_token_ids(config, finetune, tokenizer))
     init_token_ids = None
     if c.finetune == "textual_inversion":
@@ -129,7 +167,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> 
     models = setup.models
     # Prompts fill the text encoder's positions (77 for SD's; fewer for a small one trained from
     # scratch), in training, in samples and in the exported tokenizer.
-    set_prompt_length(tokenizer, models.text_encoder.config.max_position_embeddings)
+    positions = models.text_encoder.config.max_position_embeddings
+    # A BERT's tokenizer states its own prompt length (often 512 positions, of which prompts need few).
+    set_prompt_length(tokenizer, min(positions, prompt_length(tokenizer)) if c.text_encoder_from else positions)
     if c.finetune == "textual_inversion":
         models = dataclasses.replace(models, text_encoder=finetune_lib.with_vocab_size(
             models.text_encoder, len(tokenizer)))

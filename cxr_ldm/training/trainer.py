@@ -12,7 +12,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from cxr_ldm.data import builders
-from cxr_ldm.data.tokenizer import load_tokenizer
+from cxr_ldm.data.tokenizer import load_tokenizer, load_wordpiece_tokenizer
 from cxr_ldm.io.run_folder import (
     LDM_STAGE,
     SAMPLES_DIRNAME,
@@ -68,6 +68,13 @@ def tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
     return None
 
 
+def load_run_tokenizer(config: ml_collections.ConfigDict):
+    """The WordPiece tokenizer of the ldm.text_encoder_from BERT, else the CLIP tokenizer of `tokenizer_source`."""
+    if config.ldm.get("text_encoder_from"):
+        return load_wordpiece_tokenizer(os.path.expanduser(config.ldm.text_encoder_from))
+    return load_tokenizer(tokenizer_source(config))
+
+
 def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSignal) -> bool:
     """Prepares the data and runs the stages; a SIGTERM (`stop`) is honoured after the step it came in, or,
     when it came during the data build or a stage's setup or outputs, once that work is done."""
@@ -78,7 +85,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSigna
         if stop.requested():
             _say(f"stopped by SIGTERM before the {stage} stage; rerun the same command to resume")
             return False
-        tokenizer = load_tokenizer(tokenizer_source(config))
+        tokenizer = load_run_tokenizer(config)
         if jax.process_index() == 0:
             fingerprint.record(config, workdir, stage)
         if not STAGES[stage](config, workdir, mesh, tokenizer, stop):

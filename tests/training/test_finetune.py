@@ -71,7 +71,7 @@ def test_trained_token_rows_split_from_the_table_and_merge_back(params):
     assert "embeddings/token_embedding/embedding" not in text
     np.testing.assert_array_equal(frozen[finetune.FROZEN_TOKEN_TABLE], table)
     jax.tree_util.tree_map(np.testing.assert_array_equal, finetune.merge_params(config, trainable, frozen), params)
-    moved = finetune.tree_set(trainable, ("text_encoder",) + finetune.TRAINED_TOKEN_ROWS_PATH,
+    moved = finetune.tree_set(trainable, ("text_encoder",) + config.trained_rows_path,
                               jnp.full((3, table.shape[1]), 7.0))
     merged = _flat(finetune.merge_params(config, moved, frozen)["text_encoder"])["embeddings/token_embedding/embedding"]
     expected = np.array(table)
