@@ -5,6 +5,8 @@ integer >= 1`.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from cxr_ldm.data import builders
@@ -44,7 +46,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int) -> None:
                 if not _is_count(_get(config, name))]
     if not problems:
         problems = (_schedule_problems(config) + _device_problems(config, device_count) + _data_problems(config)
-                    + _name_problems(config))
+                    + _name_problems(config) + _bert_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
     check_models_fit(config)
@@ -140,6 +142,23 @@ def _name_problems(config) -> list[str]:
                    ("sample.sampler", SAMPLERS)]
     return [f"config.{name} = {_get(config, name)!r}: expected one of {list(allowed)}"
             for name, allowed in checks if _get(config, name) not in allowed]
+
+
+def _bert_problems(config) -> list[str]:
+    """What does not go with conditioning on the BERT of config.ldm.text_encoder_from."""
+    folder = config.ldm.get("text_encoder_from")
+    if LDM_STAGE not in config.stages or not folder:
+        return []
+    problems = []
+    if not os.path.isdir(os.path.expanduser(folder)):
+        problems.append(f"config.ldm.text_encoder_from = {folder!r}: no such folder")
+    if TEXT_PRETRAIN_STAGE in config.stages:
+        problems.append(f"config.stages = {tuple(config.stages)}: the text_pretrain stage pretrains a CLIP text "
+                        "encoder that the LDM conditioned on config.ldm.text_encoder_from does not use; drop it")
+    if config.ldm.finetune == "textual_inversion":
+        problems.append("config.ldm.finetune = 'textual_inversion' adds tokens to a CLIP tokenizer; it does not "
+                        "apply to the BERT of config.ldm.text_encoder_from")
+    return problems
 
 
 def _autoencoder(config) -> AutoencoderConfig:

@@ -129,9 +129,6 @@ def _scratch_text_encoder(config: ml_collections.ConfigDict, workdir: str, vocab
 def _bert_text_encoder(c: ml_collections.ConfigDict, dtype, width: int, rng: jax.Array) -> tuple[Any, dict]:
     """The BertModel of `c.text_encoder_from` as a `ProjectedTextEncoder` to `width` features, and its params
     {"bert", ["projection"]} (the projection initialised from `rng`)."""
-    if c.finetune == "textual_inversion":
-        raise ValueError("config.ldm.finetune = 'textual_inversion' adds tokens to a CLIP tokenizer; it does not "
-                         "apply to the BERT of config.ldm.text_encoder_from")
     folder = os.path.expanduser(c.text_encoder_from)
     bert, bert_params = load_component(folder, dtype=dtype)
     if not isinstance(bert, BertModel):

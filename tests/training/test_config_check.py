@@ -44,6 +44,12 @@ def _tiny(**overrides):
     ({"stages": ("autoencoder", "text_encoder", "ldm")}, "'text_encoder' stage is now called 'text_pretrain'"),
     ({"ldm__text_encoder__hidden_size": 64},
      "config.ldm.text_encoder.hidden_size=64 differs from config.ldm.unet.cross_attention_dim=32"),
+    ({"ldm__text_encoder_from": "/no/bert"}, "config.ldm.text_encoder_from = '/no/bert': no such folder"),
+    ({"ldm__text_encoder_from": str(REPO)},
+     "config.stages = ('autoencoder', 'text_pretrain', 'ldm'): the text_pretrain stage pretrains a CLIP text "
+     "encoder that the LDM conditioned on config.ldm.text_encoder_from does not use; drop it"),
+    ({"ldm__text_encoder_from": str(REPO), "stages": ("autoencoder", "ldm"), "ldm__finetune": "textual_inversion"},
+     "config.ldm.finetune = 'textual_inversion' adds tokens to a CLIP tokenizer; it does not apply to the BERT"),
 ])
 def test_fields_that_would_break_a_run_are_named(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
