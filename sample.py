@@ -27,35 +27,12 @@ from typing import NoReturn
 import numpy as np
 from tqdm import tqdm
 
+from cxr_ldm.cli_types import number, positive_int
 from cxr_ldm.diffusion.samplers import img2img_start_step
 from cxr_ldm.io.compilation_cache import enable_compilation_cache
 from cxr_ldm.io.images import make_grid, read_image, save_png
 from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.pipeline import SAMPLERS, Pipeline
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _number(low: float, high: float = math.inf, note: str = ""):
-    """An argparse type: a finite float in [low, high]; `note` is added to the error."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
-            bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"expected a number {bounds}{note}, got {text!r}")
-        return value
-    return parse
 
 
 def _strength(text: str) -> float:
@@ -85,23 +62,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=_positive_int, default=50)
-    p.add_argument("--guidance", type=_number(1.0, note=" (1 = no guidance)"), default=4.0,
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--guidance", type=number(1.0, note=" (1 = no guidance)"), default=4.0,
                    help="classifier-free guidance scale, >= 1 (1 = no guidance)")
-    p.add_argument("--guidance-rescale", type=_number(0.0, 1.0), default=0.0,
+    p.add_argument("--guidance-rescale", type=number(0.0, 1.0), default=0.0,
                    help="diffusers' guidance_rescale in [0, 1] (0 = off), for zero-terminal-SNR models")
-    p.add_argument("--apg-eta", type=_number(0.0, 1.0), default=None,
+    p.add_argument("--apg-eta", type=number(0.0, 1.0), default=None,
                    help="adaptive projected guidance: weight in [0, 1] of the guidance update's part parallel to "
                         "the conditional prediction, 0 against saturation at strong guidance (default: plain "
                         "classifier-free guidance)")
-    p.add_argument("--apg-norm-threshold", type=_number(0.0), default=0.0,
+    p.add_argument("--apg-norm-threshold", type=number(0.0), default=0.0,
                    help="with --apg-eta: cap on the guidance update's L2 norm per image (0 = none)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--eta", type=_number(0.0, 1.0), default=0.0, help="DDIM noise in [0, 1] (0 = deterministic)")
+    p.add_argument("--eta", type=number(0.0, 1.0), default=0.0, help="DDIM noise in [0, 1] (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses seed + i * num_images + j")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--size", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--size", type=positive_int, default=None,
                    help="height = width in pixels, a multiple of the VAE's downsampling factor (default: the model's)")
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="PNG bit depth for grayscale")
     p.add_argument("--grid", action="store_true", help="also write grid.png, a labelled contact sheet")

@@ -48,8 +48,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 
+from cxr_ldm.cli_types import number, positive_int
 from cxr_ldm.data.builders import BUILDERS
 from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.evaluation.evaluator import (
@@ -78,30 +78,6 @@ def _scales(text: str) -> tuple[float, ...]:
     return scales
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _number(low: float, high: float = math.inf, note: str = ""):
-    """An argparse type: a finite float in [low, high]; `note` is added to the error."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
-            bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"expected a number {bounds}{note}, got {text!r}")
-        return value
-    return parse
-
-
 def _seed_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -127,18 +103,18 @@ def main(argv=None) -> None:
                         help="TFDS config (default: the workdir's, else the one at the checkpoint's image size)")
     parser.add_argument("--data-dir", default=None, help=f"default: the workdir's, else {DEFAULT_DATA_DIR}")
     parser.add_argument("--manual-dir", default=None, help="where MIMIC-CXR-JPG / Open-i lie (manual download)")
-    parser.add_argument("--num-samples", type=_positive_int, default=defaults.num_samples, help="images per prompt")
-    parser.add_argument("--num-fid", type=_positive_int, default=defaults.num_fid, help="images per FID set")
-    parser.add_argument("--steps", type=_positive_int, default=defaults.steps)
-    parser.add_argument("--guidance", type=_number(1.0, note=" (1 = no guidance)"), default=None,
+    parser.add_argument("--num-samples", type=positive_int, default=defaults.num_samples, help="images per prompt")
+    parser.add_argument("--num-fid", type=positive_int, default=defaults.num_fid, help="images per FID set")
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps)
+    parser.add_argument("--guidance", type=number(1.0, note=" (1 = no guidance)"), default=None,
                         help=f"classifier-free guidance scale (default: the workdir config's sample.guidance_scale, "
                              f"else {DEFAULT_GUIDANCE})")
-    parser.add_argument("--guidance-rescale", type=_number(0.0, 1.0), default=defaults.guidance_rescale,
+    parser.add_argument("--guidance-rescale", type=number(0.0, 1.0), default=defaults.guidance_rescale,
                         help="diffusers' guidance_rescale in [0, 1] (0 = off)")
-    parser.add_argument("--apg-eta", type=_number(0.0, 1.0), default=defaults.apg_eta,
+    parser.add_argument("--apg-eta", type=number(0.0, 1.0), default=defaults.apg_eta,
                         help="adaptive projected guidance: weight in [0, 1] of the guidance update's part parallel "
                              "to the conditional prediction (default: plain classifier-free guidance)")
-    parser.add_argument("--apg-norm-threshold", type=_number(0.0), default=defaults.apg_norm_threshold,
+    parser.add_argument("--apg-norm-threshold", type=number(0.0), default=defaults.apg_norm_threshold,
                         help="with --apg-eta: cap on the guidance update's L2 norm per image (0 = none)")
     parser.add_argument("--guidance-sweep", type=_scales, default=defaults.guidance_sweep,
                         help="comma-separated guidance scales (e.g. 2,3,4,6) also scored on the headline's prompts "
@@ -148,7 +124,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=_seed_list, default=defaults.seeds,
                         help="comma-separated sample seeds (e.g. 0,1,2) the strict headline is also scored at: "
                              "its spread over seeds (conditioning_by_seed)")
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--inception-weights", default=None,
                         help="pytorch-fid Inception-V3 weights as safetensors (see cxr_ldm/evaluation/inception.py)")
     parser.add_argument("--xrv-weights", default=None,

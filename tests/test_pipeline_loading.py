@@ -3,7 +3,6 @@ PyTorch pickles is refused unless the entry point's allow flag is given, in that
 loads to the weights of its safetensors save; an fp16 variant loads with variant="fp16"."""
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -16,22 +15,14 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from helpers import pipelines  # noqa: E402
+from helpers import pipelines, scripts  # noqa: E402
 
 from cxr_ldm import Pipeline, evaluate  # noqa: E402
 from cxr_ldm.evaluation import evaluator  # noqa: E402
 from cxr_ldm.io.weights import PickleRefusedError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("unet", "vae", "text_encoder")
 REFUSED = r"unet holds only the pickle file diffusion_pytorch_model\.bin; .* Pass {} only for a file you trust"
-
-
-def _sample_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", REPO / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def test_python_loads_the_fp16_variant_only_when_asked(downloads):
 
 
 def test_sample_cli_takes_allow_pickle_and_variant(downloads, tmp_path):
-    sample_cli = _sample_cli()
+    sample_cli = scripts.load_script("sample")
 
     def pixels(checkpoint: Path, name: str, *flags: str) -> np.ndarray:
         out = tmp_path / name

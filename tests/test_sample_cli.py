@@ -1,7 +1,6 @@
 """sample.py: files, PNG metadata, bit depth, per-image seeds and errors, on a tiny random pipeline folder."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -16,23 +15,15 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from helpers import pipelines  # noqa: E402
+from helpers import pipelines, scripts  # noqa: E402
 
 from cxr_ldm.data.tokenizer import load_tokenizer, tokenize  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("moderate left pleural effusion.", "no acute cardiopulmonary process.")
 NUM_IMAGES, SEED = 2, 10
 
 
-def _load_sample_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", REPO_ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_cli = _load_sample_cli()
+sample_cli = scripts.load_script("sample")
 
 
 @pytest.fixture(scope="module")

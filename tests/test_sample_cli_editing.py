@@ -2,7 +2,6 @@
 (exit status 2) for editing inputs it cannot take."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,22 +13,14 @@ from PIL import Image
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from helpers import pipelines  # noqa: E402
+from helpers import pipelines, scripts  # noqa: E402
 
 import cxr_ldm  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "moderate left pleural effusion."
 
 
-def _load_sample_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", REPO_ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_cli = _load_sample_cli()
+sample_cli = scripts.load_script("sample")
 
 
 @pytest.fixture(scope="module")
