@@ -3,6 +3,7 @@
   phantom_cxr     embedded synthetic radiographs (no download); configs "64", "128", "256", "tiny"
   mimic_cxr_jpg   MIMIC-CXR-JPG 2.x (manual download); configs "64" ... "512", "<res>_all_views"
   openi_cxr       Indiana University collection (manual download); same config names
+  synthetic_cxr   generated images written by `python -m cxr_ldm.synthesize`; configs "16" ... "1024"
 
 Importing this package registers the builders with TFDS, so `tfds.data_source("phantom_cxr/64",
 data_dir=...)` finds them.
@@ -16,11 +17,13 @@ import tensorflow_datasets as tfds
 from cxr_ldm.data.builders.mimic_cxr_jpg import MimicCxrJpg
 from cxr_ldm.data.builders.openi_cxr import OpeniCxr
 from cxr_ldm.data.builders.phantom_cxr import PhantomCxr
+from cxr_ldm.data.builders.synthetic_cxr import SyntheticCxr
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "phantom_cxr": PhantomCxr,
     "mimic_cxr_jpg": MimicCxrJpg,
     "openi_cxr": OpeniCxr,
+    "synthetic_cxr": SyntheticCxr,
 }
 
 
@@ -64,4 +67,4 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
     return builder
 
 
-__all__ = ["BUILDERS", "MimicCxrJpg", "OpeniCxr", "PhantomCxr", "builder_class", "prepare"]
+__all__ = ["BUILDERS", "MimicCxrJpg", "OpeniCxr", "PhantomCxr", "SyntheticCxr", "builder_class", "prepare"]
