@@ -155,6 +155,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict({"grad_clip": 1.0, "grad_accum_steps": 1, "b1": 0.9, "b2": 0.999})
     c.compute_dtype = "float32"  # "bfloat16" on accelerators
     c.remat = False  # recompute UNet activations in the backward pass: less memory, slower
+    # what the UNet's remat keeps: "full" (nothing), "dots_saveable" (matmuls), "dots_and_convs_saveable"
+    c.remat_policy = "full"
     c.max_nonfinite_steps = 10  # consecutive NaN/Inf losses before the run stops
 
     c.log_every = 50  # steps between logged metrics

@@ -31,6 +31,50 @@ def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str
                    param_dtype=param_dtype, name=name)
 
 
+def save_dots_and_convs(prim, *_, **__) -> bool:
+    """jax.checkpoint policy: keep the outputs of matmuls and convolutions."""
+    return prim in (jax.lax.dot_general_p, jax.lax.conv_general_dilated_p)
+
+
+# What a rematerialised block's backward pass keeps of its forward pass rather than recomputing it.
+REMAT_POLICIES = {
+    "full": None,  # nothing: the whole block is recomputed (least memory)
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # matmul outputs (attention, Dense layers)
+    "dots_and_convs_saveable": save_dots_and_convs,
+}
+
+
+def remat(module_class: type[nn.Module], policy: str = "full") -> type[nn.Module]:
+    """`nn.remat(module_class)` keeping the activations `REMAT_POLICIES[policy]` names."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}: expected one of {list(REMAT_POLICIES)}")
+    return nn.remat(module_class, policy=REMAT_POLICIES[policy])
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+
+
+def select_attention(dtype: Dtype, head_dim: int, q_len: int, kv_len: int, *, masked: bool = False,
+                     backend: str | None = None, compute_capability: float | None = None) -> str:
+    """The attention kernel "auto" runs on `backend` (default: jax.default_backend()).
+
+    "cudnn" (cuDNN flash attention, forward and backward) on GPU for float16/bfloat16 without a mask, head_dim
+    a multiple of 8 and at most 128 (256 from compute capability 9.0, Hopper; default: the first device's);
+    "pallas" (the flash-attention kernel of `jax.experimental.pallas.ops.tpu`) on TPU without a mask when
+    q_len and kv_len are multiples of its 128-row blocks; "xla" otherwise (CPU, float32, other shapes).
+    """
+    backend = backend or jax.default_backend()
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend in ("gpu", "cuda") and low_precision and not masked and head_dim % 8 == 0:
+        if compute_capability is None:
+            compute_capability = float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+        if head_dim <= (256 if compute_capability >= 9.0 else 128):
+            return "cudnn"
+    if backend == "tpu" and not masked and q_len % 128 == 0 and kv_len % 128 == 0:
+        return "pallas"
+    return "xla"
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                           is_causal: bool = False, implementation: str | None = None) -> jax.Array:
     """Softmax(q k^T / sqrt(head_dim)) v, with logits and softmax in float32.
@@ -39,11 +83,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
       q: (B, Lq, heads, head_dim); k, v: (B, Lk, heads, head_dim), all of one dtype.
       mask: boolean, broadcastable to (B, heads, Lq, Lk); True = attend.
       is_causal: mask out keys after the query position.
-      implementation: None (XLA picks), "xla" or "cudnn" (GPU, fp16/bf16 only), as `jax.nn.dot_product_attention`.
+      implementation: None or "xla" (XLA's attention), "cudnn" (GPU, fp16/bf16 only), "pallas" (TPU flash
+        attention, no mask) or "auto" (`select_attention` picks by backend, dtype and shapes).
     Returns:
       (B, Lq, heads, head_dim) in the dtype of q.
     """
+    if implementation == "auto":
+        implementation = select_attention(q.dtype, q.shape[-1], q.shape[1], k.shape[1], masked=mask is not None)
+    if implementation == "pallas":
+        from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+        return heads_first_attention(flash_attention, q, k, v, is_causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+
+
+def heads_first_attention(kernel, q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool) -> jax.Array:
+    """Runs a (B, heads, L, head_dim) attention kernel, kernel(q, k, v, causal=, sm_scale=), on (B, L, heads,
+    head_dim) arrays."""
+    to_kernel = lambda t: jnp.swapaxes(t, 1, 2)
+    out = kernel(to_kernel(q), to_kernel(k), to_kernel(v), causal=is_causal, sm_scale=q.shape[-1] ** -0.5)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 class ResnetBlock2D(nn.Module):

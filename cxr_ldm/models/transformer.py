@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxr_ldm.models.layers import dot_product_attention, group_norm
+from cxr_ldm.models.layers import dot_product_attention, group_norm, remat
 
 
 class Attention(nn.Module):
@@ -26,7 +26,7 @@ class Attention(nn.Module):
       query_dim: channels of the input tokens (and of the output).
       heads: number of heads.
       head_dim: channels per head.
-      attention_impl: passed as `implementation=` to `jax.nn.dot_product_attention` (None: XLA picks).
+      attention_impl: `layers.dot_product_attention`'s implementation (None: XLA; "auto": chosen by backend).
     """
 
     query_dim: int
@@ -126,6 +126,8 @@ class Transformer2DModel(nn.Module):
       norm_num_groups: groups of the input GroupNorm.
       use_linear_projection: Dense proj_in/proj_out (SD 2.x) instead of 1x1 convolutions (SD 1.x).
       remat: rematerialise each BasicTransformerBlock in the backward pass.
+      remat_policy: what the rematerialised blocks keep (a key of `layers.REMAT_POLICIES`).
+      attention_impl: `layers.dot_product_attention`'s implementation ("auto": chosen by backend).
     """
 
     channels: int
@@ -135,7 +137,8 @@ class Transformer2DModel(nn.Module):
     norm_num_groups: int = 32
     use_linear_projection: bool = False
     remat: bool = False
-    attention_impl: str | None = None
+    remat_policy: str = "full"
+    attention_impl: str | None = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -148,7 +151,7 @@ class Transformer2DModel(nn.Module):
         else:
             self.proj_in = nn.Conv(inner, (1, 1), **kwargs)
             self.proj_out = nn.Conv(self.channels, (1, 1), **kwargs)
-        block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+        block = remat(BasicTransformerBlock, self.remat_policy) if self.remat else BasicTransformerBlock
         self.transformer_blocks = [block(inner, self.heads, self.head_dim, self.attention_impl, **kwargs)
                                    for _ in range(self.num_layers)]
 

@@ -17,7 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from cxr_ldm.json_config import JsonConfig
-from cxr_ldm.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, dot_product_attention, group_norm
+from cxr_ldm.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    Upsample2D,
+    conv,
+    dot_product_attention,
+    group_norm,
+    remat,
+)
 from cxr_ldm.models.transformer import Transformer2DModel
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -273,12 +281,13 @@ class _UNetBlock(nn.Module):
     spec: BlockSpec
     config: UNetConfig
     remat: bool = False
-    attention_impl: str | None = None
+    remat_policy: str = "full"
+    attention_impl: str | None = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def resnet(self, scale: float = 1.0) -> nn.Module:
-        block = nn.remat(ResnetBlock2D) if self.remat else ResnetBlock2D
+        block = remat(ResnetBlock2D, self.remat_policy) if self.remat else ResnetBlock2D
         return block(self.spec.out_channels, groups=self.config.norm_num_groups, eps=self.config.norm_eps,
                      output_scale_factor=scale, dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -286,7 +295,8 @@ class _UNetBlock(nn.Module):
         channels, heads = self.spec.out_channels, self.spec.heads
         return Transformer2DModel(channels, heads, channels // heads, self.spec.transformer_layers,
                                   self.config.norm_num_groups, self.config.use_linear_projection, self.remat,
-                                  self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+                                  self.remat_policy, self.attention_impl, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
 
 
 class DownBlock(_UNetBlock):
@@ -362,19 +372,22 @@ class UNet2DConditionModel(nn.Module):
       dtype: compute dtype (e.g. bfloat16 on accelerators); param_dtype: parameter dtype.
       remat: rematerialise every ResnetBlock2D and BasicTransformerBlock in the backward pass
         (same values and gradients, less activation memory).
-      attention_impl: `implementation=` of `jax.nn.dot_product_attention` (None: XLA picks; "cudnn").
+      remat_policy: what the rematerialised blocks keep, a key of `layers.REMAT_POLICIES` ("full": nothing).
+      attention_impl: `layers.dot_product_attention`'s implementation ("auto": cuDNN on GPU in bf16/fp16,
+        the Pallas flash kernel on TPU, XLA otherwise; None or "xla": XLA; "cudnn"; "pallas").
     """
 
     config: UNetConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
-    attention_impl: str | None = None
+    remat_policy: str = "full"
+    attention_impl: str | None = "auto"
 
     def setup(self):
         cfg = self.config
-        common = dict(config=cfg, remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+        common = dict(config=cfg, remat=self.remat, remat_policy=self.remat_policy,
+                      attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels, n = cfg.block_out_channels, cfg.num_blocks
         layers, depth = cfg.per_block("layers_per_block"), cfg.per_block("transformer_layers_per_block")

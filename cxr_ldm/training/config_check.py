@@ -13,6 +13,7 @@ from cxr_ldm.data import builders
 from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.io.run_folder import AUTOENCODER_STAGE, LDM_STAGE, STAGES, TEXT_PRETRAIN_STAGE
 from cxr_ldm.models.autoencoder import AutoencoderConfig
+from cxr_ldm.models.layers import REMAT_POLICIES
 from cxr_ldm.models.text_encoder import CLIPTextConfig
 from cxr_ldm.models.unet import UNetConfig
 from cxr_ldm.training.finetune import FINETUNE_MODES
@@ -139,7 +140,7 @@ def _name_problems(config) -> list[str]:
     checks = [("compute_dtype", COMPUTE_DTYPES)]
     if LDM_STAGE in config.stages:
         checks += [("ldm.finetune", FINETUNE_MODES), ("ldm.trained_token_rows", TRAINED_TOKEN_ROWS),
-                   ("sample.sampler", SAMPLERS)]
+                   ("sample.sampler", SAMPLERS), ("remat_policy", tuple(REMAT_POLICIES))]
     return [f"config.{name} = {_get(config, name)!r}: expected one of {list(allowed)}"
             for name, allowed in checks if _get(config, name) not in allowed]
 

@@ -99,7 +99,7 @@ def build_models(config: ml_collections.ConfigDict, workdir: str, vocab_size: in
     if unet.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"the UNet takes {unet.config.in_channels} latent channels but the VAE makes "
                          f"{vae.config.latent_channels}")
-    unet = unet.clone(remat=config.remat)
+    unet = unet.clone(remat=config.remat, remat_policy=config.remat_policy)
     if c.text_encoder_from:
         text_encoder, text_params = _bert_text_encoder(c, dtype, unet.config.cross_attention_dim,
                                                        jax.random.fold_in(rng, 13))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import cxr_ldm  # noqa: E402
 from cxr_ldm.io.convert import flax_path_to_torch_key  # noqa: E402
-from cxr_ldm.models.layers import ResnetBlock2D  # noqa: E402
+from cxr_ldm.models.layers import REMAT_POLICIES, ResnetBlock2D  # noqa: E402
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig, dummy_inputs  # noqa: E402
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
@@ -151,8 +152,8 @@ def test_bfloat16_compute(unets):
 
 
 def test_remat_gives_same_outputs_and_gradients():
-    # One cross-attention block keeps the two gradient programs small; remat wraps every resnet and
-    # transformer block alike.
+    # One cross-attention block keeps the gradient programs small; remat wraps every resnet and
+    # transformer block alike, with each policy of what the blocks keep.
     config = UNetConfig.from_dict(dict(CONFIGS["sd1"], block_out_channels=(32,), attention_head_dim=4,
                                        down_block_types=("CrossAttnDownBlock2D",),
                                        up_block_types=("CrossAttnUpBlock2D",)))
@@ -166,12 +167,25 @@ def test_remat_gives_same_outputs_and_gradients():
         return jnp.mean(mod.apply({"params": p}, sample, jnp.array([871]), context) ** 2)
 
     value, grads = jit(jax.value_and_grad(lambda p: loss(p, module)))(params)
-    value_r, grads_r = jit(jax.value_and_grad(lambda p: loss(p, module.clone(remat=True))))(params)
-    np.testing.assert_allclose(value_r, value, rtol=1e-6)
-    flat, flat_r = jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_r)
-    assert len(flat) == len(flat_r)
-    for (path, g), g_r in zip(flat, flat_r):
-        np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    flat = jax.tree_util.tree_leaves_with_path(grads)
+    for policy in REMAT_POLICIES:
+        rematerialised = module.clone(remat=True, remat_policy=policy)
+        jaxpr = str(jax.make_jaxpr(lambda p: loss(p, rematerialised))(params))
+        # 5 resnets and 4 transformer blocks, each with the policy
+        assert len(re.findall(r"= (?:remat2|checkpoint)\[", jaxpr)) == 9, policy
+        kept = REMAT_POLICIES[policy]
+        shown = f"<function {kept.__name__}" if callable(kept) and hasattr(kept, "__name__") else str(kept)
+        assert jaxpr.count(f"policy={shown}") == 9, policy
+        if policy == "dots_and_convs_saveable":  # jax.checkpoint's policies all share one gradient rule
+            continue
+        value_r, grads_r = jit(jax.value_and_grad(lambda p: loss(p, rematerialised)))(params)
+        np.testing.assert_allclose(value_r, value, rtol=1e-6, err_msg=policy)
+        flat_r = jax.tree_util.tree_leaves(grads_r)
+        assert len(flat) == len(flat_r)
+        for (path, g), g_r in zip(flat, flat_r):
+            np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7, err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+    with pytest.raises(ValueError, match="remat policy 'dots'"):
+        module.clone(remat=True, remat_policy="dots").init(jax.random.key(0), *dummy_inputs(config))
 
 
 def test_num_attention_heads_config():

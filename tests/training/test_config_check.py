@@ -42,6 +42,8 @@ def _tiny(**overrides):
      "config.compute_dtype = 'fp16': expected one of ['float32', 'bfloat16', 'float16']; config.ldm.finetune = "
      "'full': expected one of ['unet', 'unet+text_encoder', 'text_encoder', 'textual_inversion', 'lora']"),
     ({"stages": ("autoencoder", "text_encoder", "ldm")}, "'text_encoder' stage is now called 'text_pretrain'"),
+    ({"remat_policy": "dots"},
+     "config.remat_policy = 'dots': expected one of ['full', 'dots_saveable', 'dots_and_convs_saveable']"),
     ({"ldm__text_encoder__hidden_size": 64},
      "config.ldm.text_encoder.hidden_size=64 differs from config.ldm.unet.cross_attention_dim=32"),
     ({"ldm__text_encoder_from": "/no/bert"}, "config.ldm.text_encoder_from = '/no/bert': no such folder"),
