@@ -4,6 +4,7 @@ all on a tiny random pipeline (16 px, 2 steps)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 from pathlib import Path
@@ -17,13 +18,16 @@ pytest.importorskip("diffusers")
 pytest.importorskip("tensorflow")
 
 import tensorflow_datasets as tfds  # noqa: E402
-from helpers import pipelines  # noqa: E402
+from absl import flags  # noqa: E402
+from helpers import pipelines, scripts  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from cxr_ldm import synthesize  # noqa: E402
 from cxr_ldm.data.builders import common, phantom_cxr, synthetic_cxr  # noqa: E402
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS  # noqa: E402
 from cxr_ldm.data.labeler import label_report, label_report_details  # noqa: E402
 from cxr_ldm.evaluation import classifier  # noqa: E402
+from cxr_ldm.training import trainer  # noqa: E402
 
 EFFUSION, CARDIOMEGALY, NORMAL = ("Large left pleural effusion.", "Moderate cardiomegaly.",
                                   "No acute cardiopulmonary process.")
@@ -215,3 +219,24 @@ def test_bad_input_is_one_error_line_with_exit_status_2(full_run, checkpoint, pr
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert [line for line in err if "error:" in line] == err[-1:] and message in err[-1]
+
+
+def test_train_py_fine_tunes_on_the_written_data_set(full_run, checkpoint, tmp_path):
+    """configs/tiny.py's LDM stage, from the pipeline that drew the set, for 2 steps on it (flags parsed as
+    train.py parses them)."""
+    workdir = tmp_path / "workdir"
+    argv = ["train.py", f"--config={scripts.REPO_ROOT / 'configs' / 'tiny.py'}", f"--workdir={workdir}",
+            "--config.stages=('ldm',)", f"--config.ldm.init_from={checkpoint}",
+            "--config.data.name=synthetic_cxr", "--config.data.config=16", "--config.data.resolution=16",
+            f"--config.data.data_dir={full_run}", "--config.ldm.batch_size=2", "--config.ldm.num_steps=2",
+            "--config.ldm.warmup_steps=1", "--config.ldm.cache_latents=False", "--config.log_every=1",
+            "--config.checkpoint_every=2", "--config.sample.prompts=()",
+            "--config.export=False"]
+    values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run folder.", flag_values=values)
+    values(argv)
+    assert trainer.run(config.value, workdir_flag.value)
+    steps = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in steps if m.get("stage") == "ldm" and "loss" in m]
+    assert len(losses) == 2 and all(np.isfinite(losses))

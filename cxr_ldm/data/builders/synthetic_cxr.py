@@ -84,6 +84,13 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self):
         raise NotImplementedError("written by python -m cxr_ldm.synthesize")
 
+    # TFDS announces a build as a download; there is none to announce, `_split_generators` says why.
+    def _log_download_bytes(self) -> None:
+        """Nothing."""
+
+    def _log_download_done(self) -> None:
+        """Nothing."""
+
     def write_shard(self, path: str | os.PathLike, examples: Sequence[Mapping]) -> None:
         """Serializes `examples` (feature dicts of `make_example`) into the array_record file `path`."""
         features = self.info.features
