@@ -141,7 +141,8 @@ def plan_prompts(pool: list[str], num: int, seed: int, *, draw: bool, min_count:
     """
     rng = np.random.default_rng([seed, 7])
     if min_count is None:
-        return [pool[i % len(pool)] for i in range(num)] if not draw else [pool[i] for i in rng.integers(len(pool), size=num)]
+        indices = rng.integers(len(pool), size=num) if draw else np.arange(num) % len(pool)
+        return [pool[i] for i in indices]
     positive = np.stack([synthetic_cxr.prompt_labels(p)[0] for p in pool]) == 1  # (P, 14)
     stated = [j for j in np.argsort(positive.sum(0), kind="stable") if positive[:, j].any()]
     min_count = min_count or num // max(len(stated), 1)
@@ -365,8 +366,8 @@ def _settings(args: argparse.Namespace, prompts: list[str], checkpoint: Path, mi
     }
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _prepare(args: argparse.Namespace) -> Writer:
+    """Checks the inputs and --out (stopping with an `error:` line), loads the models, plans the rows."""
     checkpoint = pipeline_folder(args.checkpoint)
     pool = read_csv_prompts(args.prompts) if args.prompts else dataset_prompts(args.like, args.data_dir)
     min_count = (args.min_count or 0) if args.balance else None
@@ -388,19 +389,25 @@ def main(argv=None) -> int:
     settings = {**_settings(args, prompts, checkpoint, min_count), "resolution": pipe.default_size()}
     out = Path(args.out)
     check_out(out, settings)
-    writer = Writer(args, pipe, prompts, settings, judge)
-    mine = [k for k in range(writer.num_shards) if k % jax.process_count() == jax.process_index()]
-    todo = [k for k in mine if not writer.record_path(k).exists()]
-    total = sum(len(writer.rows(k)) for k in mine)
-    with _Stop() as stop, tqdm(total=total, initial=total - sum(len(writer.rows(k)) for k in todo),
-                               desc="synthesizing", unit="image") as bar:
-        for shard in todo:
-            if not writer.write_shard(shard, stop, bar):
-                break
-    if stop.requested:
-        print(f"stopped by SIGTERM; rerun the same command to resume {out}", file=sys.stderr)
-    elif all(writer.record_path(k).exists() for k in range(writer.num_shards)):
-        print(f"wrote {out}: {writer.finish()} images")
+    return Writer(args, pipe, prompts, settings, judge)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with _Stop() as stop:  # from here on a SIGTERM ends the run with status 0, after the batch in progress
+        writer = _prepare(args)
+        mine = [k for k in range(writer.num_shards) if k % jax.process_count() == jax.process_index()]
+        todo = [k for k in mine if not writer.record_path(k).exists()]
+        total = sum(len(writer.rows(k)) for k in mine)
+        with tqdm(total=total, initial=total - sum(len(writer.rows(k)) for k in todo), desc="synthesizing",
+                  unit="image") as bar:
+            for shard in todo:
+                if not writer.write_shard(shard, stop, bar):
+                    break
+        if stop.requested:
+            print(f"stopped by SIGTERM; rerun the same command to resume {args.out}", file=sys.stderr)
+        elif all(writer.record_path(k).exists() for k in range(writer.num_shards)):
+            print(f"wrote {args.out}: {writer.finish()} images")
     return 0
 
 

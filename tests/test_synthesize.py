@@ -113,7 +113,7 @@ def test_manifest_columns_and_the_card(full_run, checkpoint):
     assert "| Pleural Effusion | 2 | 0 | 0 |" in card and "| Cardiomegaly | 1 | 0 | 0 |" in card
 
 
-def test_a_run_stopped_by_sigterm_resumes_to_the_same_bytes(full_run, checkpoint, prompts_csv, tmp_path,
+def test_a_run_stopped_by_sigterm_resumes_over_two_processes_to_the_same_bytes(full_run, checkpoint, prompts_csv, tmp_path,
                                                             monkeypatch):
     out = tmp_path / "synth"
     write_shard = synthesize.Writer.write_shard
@@ -129,7 +129,12 @@ def test_a_run_stopped_by_sigterm_resumes_to_the_same_bytes(full_run, checkpoint
     assert sorted(p.name for p in data.iterdir()) == ["synthetic_cxr-train.array_record-00000-of-00002"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
     assert not (out / "manifest.csv").exists() and not list(out.rglob("*.tmp"))
-    assert synthesize.main(_args(checkpoint, out, prompts_csv)) == 0
+    for process in (0, 1):  # process p of 2 writes the shards k with k % 2 == p; the last to finish assembles
+        with monkeypatch.context() as patch:
+            patch.setattr(jax, "process_count", lambda: 2)
+            patch.setattr(jax, "process_index", lambda p=process: p)
+            assert synthesize.main(_args(checkpoint, out, prompts_csv)) == 0
+        assert (out / "manifest.csv").exists() == (process == 1)
 
     def files(root: Path) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes().replace(str(root).encode(), b"OUT")
