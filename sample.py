@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,22 +26,12 @@ from typing import NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from cxr_ldm.cli_types import number, positive_int
+from cxr_ldm.cli_types import number, positive_int, strength
 from cxr_ldm.diffusion.samplers import img2img_start_step
 from cxr_ldm.io.compilation_cache import enable_compilation_cache
 from cxr_ldm.io.images import make_grid, read_image, save_png
 from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.pipeline import SAMPLERS, Pipeline
-
-
-def _strength(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def _fail(message: str) -> NoReturn:
@@ -85,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="samples")
     p.add_argument("--init-image", default=None,
                    help="a grayscale or RGB image file to edit (img2img); its size is the output's")
-    p.add_argument("--strength", type=_strength, default=None,
+    p.add_argument("--strength", type=strength, default=None,
                    help="with --init-image: the part of the denoising that runs, in (0, 1] (default 0.6; "
                         "small keeps more of the image; 1 with --mask)")
     p.add_argument("--mask", default=None,

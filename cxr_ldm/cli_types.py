@@ -30,3 +30,14 @@ def number(low: float, high: float = math.inf, note: str = "") -> Callable[[str]
             raise argparse.ArgumentTypeError(f"expected a number {bounds}{note}, got {text!r}")
         return value
     return parse
+
+
+def strength(text: str) -> float:
+    """An editing strength in (0, 1] (1 = from noise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value

@@ -38,6 +38,12 @@ truncated_prompts, with the part the encoder reads.
 `--judge-only` (no --checkpoint) measures the judge itself: the classifier's accuracy on real test images and,
 on phantom_cxr, the strict and presence ceilings of the prompt set.
 
+`--edits` scores counterfactual edits of held-out phantom films instead (cxr_ldm/evaluation/edits.py): one
+finding added or removed by prompt with SDEdit, masked SDEdit, inpainting and DDIM-inversion editing, against the
+true counterfactual the phantom renders for the same patient: strict edit success, preservation outside the
+finding's region, fidelity to the counterfactual, each with intervals; `--prompts dev` edits validation studies
+(choose --edit-strength and --guidance there), `test` (the default) test studies.
+
 `--vae-only` judges an autoencoder alone (a train.py workdir's, a pipeline folder's `vae/`, or an
 AutoencoderKL folder), with no diffusion model: the classifier, the reconstruction section and, for
 phantom_cxr, the two conditioning ceilings above; r.md then holds those and a grid of test images beside
@@ -49,7 +55,7 @@ import argparse
 import json
 import logging
 
-from cxr_ldm.cli_types import number, positive_int
+from cxr_ldm.cli_types import number, positive_int, strength
 from cxr_ldm.data.builders import BUILDERS
 from cxr_ldm.diffusion.samplers import SAMPLERS
 from cxr_ldm.evaluation.evaluator import (
@@ -59,9 +65,11 @@ from cxr_ldm.evaluation.evaluator import (
     EvalSettings,
     evaluate,
     evaluate_autoencoder,
+    evaluate_edits,
     evaluate_judge,
     resolve_prompts,
 )
+from cxr_ldm.evaluation.edits import EDIT_SETS
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, PromptFileError
 from cxr_ldm.io.compilation_cache import enable_compilation_cache
 from cxr_ldm.io.weights import PickleRefusedError
@@ -139,12 +147,19 @@ def main(argv=None) -> None:
                              "set's ceiling (real studies of each prompt scored as generated images are)")
     parser.add_argument("--vae-only", action="store_true",
                         help="judge the checkpoint's autoencoder alone: reconstruction and conditioning ceilings")
+    parser.add_argument("--edits", action="store_true",
+                        help="score counterfactual edits of phantom films (with --prompts dev or test) instead")
+    parser.add_argument("--num-edits", type=positive_int, default=40, help="with --edits: studies edited")
+    parser.add_argument("--edit-strength", type=strength, default=0.6,
+                        help="with --edits: the SDEdit strength in (0, 1] (inpainting runs at 1)")
     parser.add_argument("--no-compilation-cache", action="store_true",
                         help="compile afresh: no JAX persistent compilation cache (default: "
                              "$CXR_LDM_COMPILATION_CACHE, else ~/.cache/cxr_ldm/jax)")
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.judge_only:
         parser.error("--checkpoint is required (except with --judge-only)")
+    if args.edits and args.prompts not in EDIT_SETS:
+        parser.error(f"--edits takes --prompts {' or '.join(EDIT_SETS)} (the studies to edit), got {args.prompts!r}")
     try:
         resolve_prompts(args.prompts)
     except (PromptFileError, ValueError) as err:
@@ -153,7 +168,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = {k: v for k, v in vars(args).items()
                if k not in ("checkpoint", "out", "vae_only", "judge_only", "variant", "allow_pickle",
-                            "no_compilation_cache")}
+                            "no_compilation_cache", "edits", "num_edits", "edit_strength")}
     if args.judge_only:
         results = evaluate_judge(args.out, **options)
         headline = ("conditioning_accuracy_real_studies", "conditioning_accuracy_real_studies_ci",
@@ -178,6 +193,13 @@ def main(argv=None) -> None:
     except PickleRefusedError as err:
         parser.exit(2, f"{parser.prog}: error: cannot load checkpoint {args.checkpoint}: "
                        f"{err.with_hint('--allow-pickle')}\n")
+    if args.edits:
+        options.pop("prompts")
+        results = evaluate_edits(args.checkpoint, args.out, pipe=pipe, edit_set=args.prompts,
+                                 num_edits=args.num_edits, strength=args.edit_strength, **options)
+        print(json.dumps({m: {k: row[k]["mean"] for k in ("success", "preservation_psnr", "fidelity_psnr")}
+                          for m, row in results["edits"]["methods"].items()}, indent=2))
+        return
     results = evaluate(args.checkpoint, args.out, pipe=pipe, **options)
     print(json.dumps({k: results[k] for k in ("conditioning_accuracy", "presence_accuracy", "classifier_accuracy_real")},
                      indent=2))

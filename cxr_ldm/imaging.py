@@ -27,6 +27,16 @@ def rmse(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.sqrt(jnp.mean(jnp.square(diff), axis=(1, 2, 3)))
 
 
+def masked_psnr(a: jnp.ndarray, b: jnp.ndarray, mask: jnp.ndarray, data_range: float = 1.0) -> jnp.ndarray:
+    """PSNR in dB over the pixels where mask (N, H, W, 1) is true, per image: (N, H, W, C) x2 -> (N,);
+    NaN for an image whose mask is empty."""
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    weights = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), a.shape)
+    count = weights.sum(axis=(1, 2, 3))
+    mse = (weights * jnp.square(a - b)).sum(axis=(1, 2, 3)) / jnp.where(count > 0, count, jnp.nan)
+    return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-12))
+
+
 def _gaussian_window(size: int, sigma: float) -> jnp.ndarray:
     x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
     g = jnp.exp(-(x ** 2) / (2 * sigma ** 2))
@@ -62,6 +72,26 @@ def _check_size(shape, window_size: int, what: str) -> None:
     if shape[1] < window_size or shape[2] < window_size:
         raise ValueError(f"{what}: images of {shape[1]}x{shape[2]} are smaller than the {window_size}x"
                          f"{window_size} SSIM window")
+
+
+@functools.partial(jax.jit, static_argnames=("data_range", "window_size", "sigma"))
+def masked_ssim(a: jnp.ndarray, b: jnp.ndarray, mask: jnp.ndarray, data_range: float = 1.0, window_size: int = 11,
+                sigma: float = 1.5) -> jnp.ndarray:
+    """SSIM per image averaged over the windows centred on pixels where mask (N, H, W, 1) is true (the 'valid'
+    windows only): (N, H, W, C) x2 -> (N,); NaN for an image with no such window."""
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    _check_size(a.shape, window_size, "masked_ssim")
+    window = _gaussian_window(window_size, sigma)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = _filter(a, window), _filter(b, window)
+    var_a, var_b = _filter(a * a, window) - mu_a ** 2, _filter(b * b, window) - mu_b ** 2
+    cov = _filter(a * b, window) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+    half = window_size // 2
+    weights = jnp.asarray(mask, jnp.float32)[:, half:a.shape[1] - half, half:a.shape[2] - half]
+    weights = jnp.broadcast_to(weights, ssim_map.shape)
+    count = weights.sum(axis=(1, 2, 3))
+    return (weights * ssim_map).sum(axis=(1, 2, 3)) / jnp.where(count > 0, count, jnp.nan)
 
 
 @functools.partial(jax.jit, static_argnames=("data_range", "window_size", "sigma"))

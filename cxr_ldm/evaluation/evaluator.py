@@ -1,6 +1,7 @@
 """The evaluator behind `python -m cxr_ldm.evaluate` (see that module for the CLI and the report's sections).
 
-`evaluate` judges a text-to-image checkpoint, `evaluate_autoencoder` an autoencoder alone.
+`evaluate` judges a text-to-image checkpoint, `evaluate_autoencoder` an autoencoder alone, `evaluate_edits` its
+counterfactual edits of phantom films, `evaluate_judge` the judge itself.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 from cxr_ldm import imaging
 from cxr_ldm.data.builders import BUILDERS, phantom_cxr, prepare
 from cxr_ldm.evaluation import classifier as clf
-from cxr_ldm.evaluation import conditioning, intervals, memorization, report
+from cxr_ldm.evaluation import conditioning, edits, intervals, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
 from cxr_ldm.evaluation.data import RealSplit, load_split, phantom_split
 from cxr_ldm.evaluation.metrics import fid_from_features
@@ -353,6 +354,66 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     report.save_pair_grid(assets / "reconstructions.png", shown, reconstructed, ["test image"] * len(shown),
                           [f"VAE, {v:.1f} dB" for v in np.asarray(imaging.psnr(shown, reconstructed))])
     report.write_autoencoder_markdown(out.with_suffix(".md"), results, assets / "reconstructions.png")
+    return results
+
+
+def evaluate_edits(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe, edit_set: str = "test",
+                   num_edits: int = 40, strength: float = 0.6, methods: Sequence[str] = edits.METHODS,
+                   classifier_config: clf.TrainConfig | None = None, **options) -> dict:
+    """`--edits`: counterfactual edits of held-out phantom films (evaluation/edits.py), scored with the strict judge
+    against the true counterfactuals. Writes `out` (JSON: the `edits` section, with one row per method and the
+    `unedited`, `vae_round_trip` and `true_counterfactual` references) and a Markdown report with a grid of the
+    first edits beside it. edit_set: "dev" (validation studies; choose strength and guidance on it) or "test".
+    options: EvalSettings fields (steps, guidance, sampler, seed, batch_size and the data ones)."""
+    settings = resolve_guidance(EvalSettings(checkpoint=str(checkpoint), **options))
+    settings = resolve_data(settings, pipe.default_size())
+    if settings.dataset != DEFAULT_DATASET:
+        raise ValueError(f"--edits needs {DEFAULT_DATASET}: the true counterfactuals are phantom renderings, "
+                         f"not {settings.dataset} films")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    judge = _judge(settings, (), classifier_config)
+    cases = edits.edit_cases(num_edits, judge.size, edit_set)
+    originals = np.stack([c.image for c in cases]).astype(np.float32) / 255.0
+    truths = np.stack([c.counterfactual for c in cases]).astype(np.float32) / 255.0
+    round_trip = reconstruct(pipe.vae, pipe.vae_params, originals, settings.batch_size)
+    truth_success = edits.verdicts(judge.classifier, cases, truths)
+    sampling = dict(steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
+                    batch_size=min(settings.batch_size, len(cases)))
+
+    def scored(images):
+        success = edits.verdicts(judge.classifier, cases, images)
+        return edits.score_edits(cases, images, success, truth_success, pipe.vae_scale, round_trip, settings.seed)
+
+    edited = {method: edits.run_edits(pipe, cases, method, strength=strength, sampler=settings.sampler, **sampling)
+              for method in methods}
+    redrawn = edits.inversion_redraws(pipe, cases, steps=settings.steps, seed=settings.seed,
+                                      batch_size=sampling["batch_size"])
+    results = {
+        "edits": {
+            "edit_set": edit_set, "num_edits": len(cases), "strength": strength,
+            "num_add": sum(c.operation == "add" for c in cases), "num_remove": sum(c.operation == "remove" for c in cases),
+            "methods": {method: scored(images) for method, images in edited.items()},
+            "references": {"unedited": scored(originals), "vae_round_trip": scored(round_trip),
+                           "true_counterfactual": scored(truths)},
+            "inversion_redraw_psnr_vs_vae": edits.mean_ci(np.asarray(imaging.psnr(redrawn, round_trip)),
+                                                           settings.seed),
+            "cases": [{"seed": c.seed, "operation": c.operation, "finding": c.finding, "prompt": c.target.text,
+                       "source_prompt": c.source.text, "region_pixels": int(c.region.sum())} for c in cases],
+        },
+        "classifier": _classifier_section(judge),
+        "settings": _settings_record(settings, judge.size),
+        "timings_s": {"total": round(time.perf_counter() - start, 1)},
+    }
+    write_json(out, results)
+    assets = out.with_name(out.stem + "_assets")
+    assets.mkdir(exist_ok=True)
+    shown = slice(0, min(8, len(cases)))
+    columns = {"film": originals[shown], "truth": truths[shown], **{m: x[shown] for m, x in edited.items()}}
+    report.save_edit_grid(assets / "edits.png", columns,
+                          [f"{c.operation} {c.finding}" for c in cases[shown]])
+    report.write_edits_markdown(out.with_suffix(".md"), results, assets / "edits.png")
     return results
 
 

@@ -182,7 +182,8 @@ def _positive_findings_sentences(report: str) -> str:
     return " ".join(stated)
 
 
-def _states_exactly(text: str, case: Sequence[Finding]) -> bool:
+def states_exactly(text: str, case: Sequence[Finding]) -> bool:
+    """Whether the labeler reads in `text` exactly the case's findings as present, and nothing hedged."""
     labels = label_report(text)
     if any(v == -1 for v in labels.values()):
         return False
@@ -218,7 +219,7 @@ def draw_prompt_set(name: str, size: int = PROMPT_SET_SIZE, candidates_per_promp
         report, impression, _ = write_report(seed, case)
         sources = (("template", impression), ("findings", _positive_findings_sentences(report)))
         style, text = sources[seed % 2] if case else sources[0]
-        if not text or text in used or not _states_exactly(text, case):
+        if not text or text in used or not states_exactly(text, case):
             continue
         used.add(text)
         strata.setdefault(tuple(sorted(f.name for f in case)), []).append(

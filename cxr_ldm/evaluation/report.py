@@ -203,3 +203,44 @@ def write_autoencoder_markdown(path: Path, results: dict, grid: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _with_ci(score: dict | None) -> str:
+    if not score or score["mean"] is None:
+        return "-"
+    return f"{score['mean']:.3f} [{score['ci'][0]:.3f}, {score['ci'][1]:.3f}]"
+
+
+def save_edit_grid(path: Path, columns: dict[str, np.ndarray], captions: Sequence[str]) -> None:
+    """One row per edit, one column per named set of films (N, H, W, 1) in [0, 1]; each row's first tile is
+    captioned with captions[i], the others with their column's name."""
+    names = list(columns)
+    tiles, labels = [], []
+    for i, caption in enumerate(captions):
+        tiles += [columns[name][i] for name in names]
+        labels += [caption] + names[1:]
+    first = columns[names[0]]
+    save_png(path, make_grid(np.stack(tiles), labels, ncols=len(names), label_height=24, scale=_scale(first)))
+
+
+def write_edits_markdown(path: Path, results: dict, grid: Path) -> None:
+    """Writes the Markdown report of a counterfactual-edit evaluation (`evaluate --edits`) atomically."""
+    edits, settings = results["edits"], results["settings"]
+    lines = [f"# Counterfactual edits of `{settings['checkpoint']}`", "",
+             f"{edits['num_edits']} edits ({edits['num_add']} add, {edits['num_remove']} remove one finding) of "
+             f"`{edits['edit_set']}` studies of `{settings['dataset']}/{settings['dataset_config']}`; "
+             f"strength {edits['strength']}, {settings['steps']} steps, guidance {settings['guidance']}. "
+             "Means over edits with 95 % bootstrap intervals (docs/evaluation.md, 'Counterfactual edits').", "",
+             "| method | strict success | add | remove | preservation PSNR | preservation SSIM | "
+             "fidelity PSNR | fidelity SSIM | judge agreement |", "|" + "---|" * 9]
+    rows = {**edits["methods"], **{f"({name})": row for name, row in edits["references"].items()}}
+    for name, row in rows.items():
+        keys = ("success", "success_add", "success_remove", "preservation_psnr", "preservation_ssim",
+                "fidelity_psnr", "fidelity_ssim", "judge_agreement")
+        lines.append(f"| {name} | " + " | ".join(_with_ci(row.get(k)) for k in keys) + " |")
+    lines += ["", f"DDIM inversion and redraw ({settings['steps']} steps, no guidance) against the VAE round trip: "
+              f"PSNR {_with_ci(edits['inversion_redraw_psnr_vs_vae'])} dB.", "",
+              "## Edits", "", f"![edits]({os.path.relpath(grid, path.parent)})", ""]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
