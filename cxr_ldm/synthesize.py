@@ -342,7 +342,8 @@ class Writer:
                   "| label | positive | uncertain | negative |", "|---|---|---|---|", counts, "",
                   "## Reading it", "", "```python",
                   "import cxr_ldm.data.builders, tensorflow_datasets as tfds",
-                  f"source = tfds.data_source(\"synthetic_cxr/{s['resolution']}\", split=\"train\", data_dir=\"{self.out}\")",
+                  (f"source = tfds.data_source(\"synthetic_cxr/{s['resolution']}\", split=\"train\", "
+                   f"data_dir=\"{self.out}\")"),
                   "```", "",
                   (f"Training on it: `python train.py --config.data.name=synthetic_cxr "
                    f"--config.data.config={s['resolution']} --config.data.resolution={s['resolution']} "
@@ -357,7 +358,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _settings(args: argparse.Namespace, prompts: list[str], checkpoint: Path, min_count: int | None) -> dict:
     return {
-        "checkpoint": folder_digest(str(checkpoint)), "source": args.prompts or f"like {args.like}",
+        "checkpoint": folder_digest(str(checkpoint)),
+        "source": str(Path(args.prompts).resolve()) if args.prompts else f"like {args.like}",
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16], "num": args.num,
         "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "sampler": args.sampler,
         "format": args.format, "balance": args.balance, "min_count": min_count, "shard_size": args.shard_size,

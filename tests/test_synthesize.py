@@ -113,8 +113,8 @@ def test_manifest_columns_and_the_card(full_run, checkpoint):
     assert "| Pleural Effusion | 2 | 0 | 0 |" in card and "| Cardiomegaly | 1 | 0 | 0 |" in card
 
 
-def test_a_run_stopped_by_sigterm_resumes_over_two_processes_to_the_same_bytes(full_run, checkpoint, prompts_csv, tmp_path,
-                                                            monkeypatch):
+def test_a_run_stopped_by_sigterm_resumes_over_two_processes_to_the_same_bytes(full_run, checkpoint, prompts_csv,
+                                                                              tmp_path, monkeypatch):
     out = tmp_path / "synth"
     write_shard = synthesize.Writer.write_shard
 
