@@ -149,7 +149,7 @@ def main(argv=None) -> None:
                         help="judge the checkpoint's autoencoder alone: reconstruction and conditioning ceilings")
     parser.add_argument("--edits", action="store_true",
                         help="score counterfactual edits of phantom films (with --prompts dev or test) instead")
-    parser.add_argument("--num-edits", type=positive_int, default=40, help="with --edits: studies edited")
+    parser.add_argument("--num-edits", type=positive_int, default=100, help="with --edits: studies edited")
     parser.add_argument("--edit-strength", type=strength, default=0.6,
                         help="with --edits: the SDEdit strength in (0, 1] (inpainting runs at 1)")
     parser.add_argument("--no-compilation-cache", action="store_true",

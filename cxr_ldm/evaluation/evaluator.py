@@ -358,7 +358,7 @@ def evaluate_autoencoder(checkpoint: str | os.PathLike, out: str | os.PathLike, 
 
 
 def evaluate_edits(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe, edit_set: str = "test",
-                   num_edits: int = 40, strength: float = 0.6, methods: Sequence[str] = edits.METHODS,
+                   num_edits: int = 100, strength: float = 0.6, methods: Sequence[str] = edits.METHODS,
                    classifier_config: clf.TrainConfig | None = None, **options) -> dict:
     """`--edits`: counterfactual edits of held-out phantom films (evaluation/edits.py), scored with the strict judge
     against the true counterfactuals. Writes `out` (JSON: the `edits` section, with one row per method and the
