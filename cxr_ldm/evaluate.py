@@ -31,7 +31,8 @@ truncated_prompts, with the part the encoder reads.
   diversity       mean pairwise MS-SSIM within a prompt, and among real images with the same findings
   reconstruction  VAE round trip PSNR / SSIM / RMSE on the real test split
   memorization    nearest training image of each generated image (evaluation/memorization.py)
-  augmentation    (--augmentation-experiment) classifier on a small real set vs plus synthetic images
+  augmentation    (--augmentation-experiment) classifier on a small real set vs plus synthetic images (generated,
+                  or read from a synthetic data set with --augmentation-data DIR)
   guidance_sweep  (--guidance-sweep) conditioning accuracy and domain FID at other guidance scales, on the
                   headline's prompts and seeds: the trade-off a recipe's guidance scale is chosen on
 
@@ -142,6 +143,9 @@ def main(argv=None) -> None:
                         help="classifier cache (default: <data-dir>/cxr_ldm_eval/classifier-<dataset>-<config>)")
     parser.add_argument("--copy-threshold", type=float, default=defaults.copy_threshold)
     parser.add_argument("--augmentation-experiment", action="store_true")
+    parser.add_argument("--augmentation-data", default=None,
+                        help="with --augmentation-experiment: read the synthetic images from this synthetic data "
+                             "set (python -m cxr_ldm.synthesize --out) instead of generating them")
     parser.add_argument("--judge-only", action="store_true",
                         help="no checkpoint: the classifier's accuracy on real images and, on phantoms, the prompt "
                              "set's ceiling (real studies of each prompt scored as generated images are)")
@@ -158,6 +162,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.judge_only:
         parser.error("--checkpoint is required (except with --judge-only)")
+    if args.augmentation_data and not args.augmentation_experiment:
+        parser.error("--augmentation-data needs --augmentation-experiment")
     if args.edits and args.prompts not in EDIT_SETS:
         parser.error(f"--edits takes --prompts {' or '.join(EDIT_SETS)} (the studies to edit), got {args.prompts!r}")
     try:

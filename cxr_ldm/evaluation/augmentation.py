@@ -1,9 +1,10 @@
 """Data augmentation experiment: does adding synthetic images help a classifier trained on little real data?
 
 One classifier recipe, trained once per (ratio, seed): on a small real training set (the first `num_real`
-examples of the training split) plus round(ratio * num_real) synthetic images, generated from the prompts
-of the training examples that follow and labelled with those examples' labels and sides. Ratio 0 is the
-real-only baseline. A seed gives the classifier its initialisation and batch order (TrainConfig.seed +
+examples of the training split) plus round(ratio * num_real) synthetic images, either generated from the
+prompts of the training examples that follow and labelled with those examples' labels and sides, or read
+from a synthetic data set on disk (`python -m cxr_ldm.synthesize`; labelled with what their prompts state),
+seed k of the run taking its rows [k * M, (k + 1) * M). Ratio 0 is the real-only baseline. A seed gives the classifier its initialisation and batch order (TrainConfig.seed +
 seed) and the generator its sample seeds; within a seed every ratio uses the same classifier seed and the
 first images of the same synthetic draw (ratio 0.5's images are the first half of ratio 1's), so the
 ratios of one seed differ by the added images alone.
@@ -75,15 +76,18 @@ def _mean_auroc_replicates(probabilities: np.ndarray, target: dict, columns: lis
 
 
 def augmentation_experiment(train: clf.LabelledImages, train_prompts: list[str], validation: clf.LabelledImages,
-                            test: clf.LabelledImages, generate: Callable, observations: tuple[str, ...],
+                            test: clf.LabelledImages, generate: Callable | None, observations: tuple[str, ...],
                             config: clf.TrainConfig, *, num_real: int, seed: int, batch_size: int,
                             ratios: Sequence[float] = DEFAULT_RATIOS, seeds: Sequence[int] = DEFAULT_SEEDS,
                             num_synthetic: int | None = None, num_resamples: int = intervals.DEFAULT_RESAMPLES,
-                            level: float = intervals.DEFAULT_LEVEL, resample_seeds: bool = True) -> dict:
+                            level: float = intervals.DEFAULT_LEVEL, resample_seeds: bool = True,
+                            synthetic: clf.LabelledImages | None = None) -> dict:
     """AUROC on `test` of classifiers on `num_real` real images plus ratio * num_real synthetic ones, for
     every ratio in `ratios` (0 added if missing: the real-only baseline) and every seed in `seeds`.
 
-    generate(texts, seeds) -> images (B, H, W, C) in [0, 1] (resized to the real size if needed).
+    generate(texts, seeds) -> images (B, H, W, C) in [0, 1] (resized to the real size if needed); None when
+      `synthetic` is given: images read from disk (e.g. `data.load_synthetic`), whose rows [k * M, (k + 1) * M)
+      serve the k-th seed of `seeds` (ValueError if it holds fewer than len(seeds) * M rows).
     seed: the first generator sample seed. Seed `s` of `seeds` draws its images with the sample seeds
       seed + s * M + i, i < M = round(max(ratios) * num_real), disjoint for distinct seeds (and inside
       the evaluator's augmentation block, evaluator.generation_seeds, while (max(seeds) + 1) * M <=
@@ -96,7 +100,8 @@ def augmentation_experiment(train: clf.LabelledImages, train_prompts: list[str],
     Costs len(ratios) * len(seeds) classifier trainings and len(seeds) * M generated images.
 
     Returns a JSON-ready dict:
-      num_real, ratios, seeds, num_test; observations: those whose test AUROC is defined (both classes);
+      num_real, ratios, seeds, num_test, synthetic_source ("generated" or "read");
+      observations: those whose test AUROC is defined (both classes);
       interval: {level, num_resamples, resample_seeds, over};
       runs: per (ratio, seed): {ratio, seed, num_synthetic, num_train, mean_auroc, auroc {observation:
         AUROC or None}, exact_match};
@@ -107,6 +112,8 @@ def augmentation_experiment(train: clf.LabelledImages, train_prompts: list[str],
       Intervals are None when no observation has a defined AUROC.
     """
     ratios, seeds = _check_grid(ratios, seeds)
+    if (generate is None) == (synthetic is None):
+        raise ValueError("augmentation experiment: give either a generator or synthetic images, not both or none")
     if not observations:
         raise ValueError("augmentation experiment: no observations (every classifier must learn the same ones)")
     counts = {r: round(r * num_real) for r in ratios}
@@ -117,22 +124,34 @@ def augmentation_experiment(train: clf.LabelledImages, train_prompts: list[str],
     if num_real + most > len(train):
         raise ValueError(f"augmentation experiment: {num_real} real + {most} synthetic examples need "
                          f"{num_real + most} training examples, the split has {len(train)}")
+    if synthetic is not None and len(synthetic) < len(seeds) * most:
+        raise ValueError(f"augmentation experiment: {len(seeds)} seeds x {most} synthetic images need "
+                         f"{len(seeds) * most} synthetic examples, the synthetic data set has {len(synthetic)}")
     real = train.subset(slice(0, num_real))
     source = train.subset(slice(num_real, num_real + most))
     prompts = list(train_prompts[num_real:num_real + most])
     size = real.images.shape[1]
+
+    def draw(k: int, s: int) -> clf.LabelledImages:
+        if generate is not None:
+            return _synthetic(generate, prompts, source, seed + s * most, batch_size, size)
+        rows = synthetic.subset(slice(k * most, (k + 1) * most))
+        if rows.images.shape[1] == size:
+            return rows
+        resized = np.asarray(imaging.resize(imaging.as_float_images(rows.images), size))
+        return dataclasses.replace(rows, images=np.round(resized * 255).astype(np.uint8))
 
     target = clf.targets(test, observations, ())
     bootstrap = intervals.bootstrap_counts(len(test), num_resamples, seed=0)
     drawn_seeds = (np.random.default_rng(1).integers(0, len(seeds), (num_resamples, len(seeds))) if resample_seeds
                    else np.broadcast_to(np.arange(len(seeds)), (num_resamples, len(seeds))))
     runs, replicates = [], {}
-    for s in seeds:
-        synthetic = (_synthetic(generate, prompts, source, seed + s * most, batch_size, size) if most else None)
+    for k, s in enumerate(seeds):
+        drawn = draw(k, s) if most else None
         seed_config = dataclasses.replace(config, seed=config.seed + s)
         for ratio in ratios:
             n = counts[ratio]
-            data = _concat(real, synthetic.subset(slice(0, n))) if n else real
+            data = _concat(real, drawn.subset(slice(0, n))) if n else real
             model = clf.train_classifier(data, validation, seed_config, observations=observations)
             report = clf.evaluate_classifier(model, test)
             aurocs = {k: v["auroc"] for k, v in report["per_observation"].items()}
@@ -174,7 +193,7 @@ def augmentation_experiment(train: clf.LabelledImages, train_prompts: list[str],
             row["difference_to_real_only"] = interval(np.mean(scores) - np.mean(baseline), mean - mean_baseline)
         by_ratio.append(row)
     return {"num_real": num_real, "ratios": list(ratios), "seeds": list(seeds), "num_test": len(test),
-            "observations": defined,
+            "synthetic_source": "generated" if synthetic is None else "read", "observations": defined,
             "interval": {"level": level, "num_resamples": num_resamples, "resample_seeds": resample_seeds,
                          "over": INTERVAL_OVER[resample_seeds]},
             "runs": runs, "by_ratio": by_ratio}

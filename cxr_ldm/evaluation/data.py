@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cxr_ldm.data.builders import phantom_cxr
+from cxr_ldm.data.builders import phantom_cxr, synthetic_cxr
 from cxr_ldm.data.builders.common import as_text
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.labeler import label_report_details
@@ -89,3 +91,17 @@ def phantom_split(seeds: range, resolution: int, num_workers: int = 2) -> RealSp
     data = LabelledImages(np.stack(images), np.stack(labels).astype(np.int8), np.stack(sides).astype(np.int8),
                           phantom_slot_codes(seeds))
     return RealSplit(data, prompts, reports, list(seeds))
+
+
+def load_synthetic(folder: str | os.PathLike) -> RealSplit:
+    """The rows of a synthetic data set that `python -m cxr_ldm.synthesize --out folder` wrote, in row order.
+    FileNotFoundError names the folder when it holds none, ValueError when it holds several resolutions."""
+    root = Path(folder).expanduser() / synthetic_cxr.NAME
+    configs = sorted(p.name for p in root.glob("*") if (p / str(synthetic_cxr.SyntheticCxr.VERSION)).is_dir())
+    if not configs:
+        raise FileNotFoundError(f"{folder}: no synthetic data set ({synthetic_cxr.NAME}/<resolution>/"
+                                f"{synthetic_cxr.SyntheticCxr.VERSION}/); python -m cxr_ldm.synthesize --out writes one")
+    if len(configs) > 1:
+        raise ValueError(f"{folder}: synthetic data sets at several resolutions ({', '.join(configs)}); keep one")
+    builder = synthetic_cxr.SyntheticCxr(config=configs[0], data_dir=str(Path(folder).expanduser()))
+    return load_split(builder, synthetic_cxr.SPLIT)

@@ -23,7 +23,7 @@ from cxr_ldm.data.builders import BUILDERS, phantom_cxr, prepare
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation import conditioning, edits, intervals, memorization, report
 from cxr_ldm.evaluation.augmentation import augmentation_experiment
-from cxr_ldm.evaluation.data import RealSplit, load_split, phantom_split
+from cxr_ldm.evaluation.data import RealSplit, load_split, load_synthetic, phantom_split
 from cxr_ldm.evaluation.metrics import fid_from_features
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, EvalPrompt, load_prompt_file, prompt_set, verbatim_in
 from cxr_ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics
@@ -76,6 +76,9 @@ class EvalSettings:
     augmentation_real: int = 500
     augmentation_ratios: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # synthetic images per real one
     augmentation_seeds: tuple[int, ...] = (0, 1, 2)
+    # A synthetic data set (`python -m cxr_ldm.synthesize --out`) the augmentation experiment reads its synthetic
+    # images from; None: it generates them from the training prompts.
+    augmentation_data: str | None = None
 
 
 def _run_config(checkpoint: str) -> dict:
@@ -239,11 +242,12 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     augmentation = None
     if settings.augmentation_experiment:
+        synthetic = settings.augmentation_data and load_synthetic(settings.augmentation_data).data
         augmentation = augmentation_experiment(
-            train.data, train.prompts, validation.data, test.data, generate, classifier.observations,
-            classifier_config, num_real=settings.augmentation_real, ratios=settings.augmentation_ratios,
-            seeds=settings.augmentation_seeds,
-            seed=seeds["augmentation"], batch_size=settings.batch_size)
+            train.data, train.prompts, validation.data, test.data, None if synthetic else generate,
+            classifier.observations, classifier_config, num_real=settings.augmentation_real,
+            ratios=settings.augmentation_ratios, seeds=settings.augmentation_seeds,
+            seed=seeds["augmentation"], batch_size=settings.batch_size, synthetic=synthetic or None)
         lap("augmentation")
 
     sweep = None

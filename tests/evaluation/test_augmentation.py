@@ -9,9 +9,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from cxr_ldm import imaging
 from cxr_ldm.data import phantom
 from cxr_ldm.data.builders.common import encode_labels
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.labeler import label_report
 from cxr_ldm.evaluation import augmentation
 from cxr_ldm.evaluation import classifier as clf
 from cxr_ldm.evaluation.conditioning import EvalPrompt
@@ -133,7 +135,7 @@ def test_seeds_draw_disjoint_synthetic_images(experiment):
     assert not np.array_equal(synthetic[0, 1.0], synthetic[1, 1.0])  # seeds change the synthetic draw
 
 
-def run_with_trained_models(experiment, **options) -> tuple[dict, list]:
+def run_with_trained_models(experiment, seeds=SEEDS, **options) -> tuple[dict, list]:
     """The experiment with each seed's ratio-0 classifier of the fixture standing in for all its ratios
     (no training): (result, the training sets it was given)."""
     _, trained, _, train, train_prompts, (validation, test) = experiment
@@ -146,9 +148,10 @@ def run_with_trained_models(experiment, **options) -> tuple[dict, list]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(clf, "train_classifier", reuse)
+        options = {"generate": PhantomGenerator(), **options}
         result = augmentation.augmentation_experiment(
-            train, train_prompts, validation, test, PhantomGenerator(), OBSERVATIONS, CONFIG, num_real=NUM_REAL,
-            seed=FIRST_SEED, batch_size=16, ratios=(0.5, 1.0), seeds=SEEDS, num_resamples=300, **options)
+            train, train_prompts, validation, test, observations=OBSERVATIONS, config=CONFIG, num_real=NUM_REAL,
+            seed=FIRST_SEED, batch_size=16, ratios=(0.5, 1.0), seeds=seeds, num_resamples=300, **options)
     return result, seen
 
 
@@ -183,3 +186,46 @@ def test_too_little_training_data_or_synthetic_budget_is_refused():
                                              num_synthetic=10)
     with pytest.raises(ValueError, match="distinct"):
         augmentation.augmentation_experiment(*args, num_real=8, seed=0, batch_size=8, seeds=(1, 1))
+
+
+def write_synthetic(folder, n: int) -> list[np.ndarray]:
+    """A synthetic data set of n rows at 16 px in `folder`, as `python -m cxr_ldm.synthesize` lays it out (two
+    shards): phantom studies of PROMPTS cycled, at seeds 7000.. Returns the images."""
+    from cxr_ldm.data.builders import synthetic_cxr
+
+    builder = synthetic_cxr.SyntheticCxr(config="16", data_dir=str(folder), file_format="array_record")
+    rows = [(PROMPTS[i % len(PROMPTS)].text, phantom.generate(7000 + i, 16, PROMPTS[i % len(PROMPTS)]
+                                                              .phantom_findings())["image"]) for i in range(n)]
+    halves = (rows[:n // 2], rows[n // 2:])
+    path = folder / "synthetic_cxr" / "16" / "1.0.0"
+    path.mkdir(parents=True)
+    for k, half in enumerate(halves):
+        builder.write_shard(path / synthetic_cxr.shard_name(k, 2),
+                            [synthetic_cxr.make_example(image, text, 7000 + i) for i, (text, image) in enumerate(half)])
+    builder.write_info([len(h) for h in halves], sum(p.stat().st_size for p in path.glob("*array_record*")))
+    return [image for _, image in rows]
+
+
+def test_synthetic_images_can_be_read_from_a_written_data_set(experiment, tmp_path):
+    from cxr_ldm.evaluation.data import load_synthetic
+
+    images = write_synthetic(tmp_path, 2 * NUM_REAL)
+    synthetic = load_synthetic(tmp_path)
+    np.testing.assert_array_equal(synthetic.data.images, np.stack(images))
+    assert synthetic.prompts == [PROMPTS[i % len(PROMPTS)].text for i in range(2 * NUM_REAL)]
+    np.testing.assert_array_equal(synthetic.data.labels,  # what each prompt states
+                                  np.stack([encode_labels(label_report(text)) for text in synthetic.prompts]))
+    assert synthetic.data.labels[1, CHEXPERT_LABELS.index("Pleural Effusion")] == 1
+    result, seen = run_with_trained_models(experiment, synthetic=synthetic.data, generate=None)
+    assert result["synthetic_source"] == "read"
+    for k in range(len(SEEDS)):  # seed k: rows [k * M, (k + 1) * M) of the data set, M = NUM_REAL (ratio 1)
+        full = seen[3 * k + 2]  # ratio 1 of seed k; its 16 px rows resized to the real 32 px
+        assert full.images.shape == (2 * NUM_REAL, SIZE, SIZE, 1)
+        np.testing.assert_array_equal(full.labels[NUM_REAL:], synthetic.data.labels[k * NUM_REAL:(k + 1) * NUM_REAL])
+        np.testing.assert_array_equal(
+            full.images[NUM_REAL:], np.round(np.asarray(imaging.resize(imaging.as_float_images(
+                synthetic.data.images[k * NUM_REAL:(k + 1) * NUM_REAL]), SIZE)) * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="need 96 synthetic examples, the synthetic data set has 64"):
+        run_with_trained_models(experiment, synthetic=synthetic.data, generate=None, seeds=(0, 1, 2))
+    with pytest.raises(FileNotFoundError, match="no synthetic data set"):
+        load_synthetic(tmp_path / "empty")

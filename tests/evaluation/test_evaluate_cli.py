@@ -129,3 +129,12 @@ def test_out_of_range_arguments_stop_before_any_work_with_status_2(tmp_path, cap
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(rf"\S+: error: argument {flag}: expected {expected}, got '{re.escape(value)}'", error)
     assert not list(tmp_path.iterdir())
+
+
+def test_augmentation_data_without_the_experiment_stops_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json"),
+                       "--augmentation-data", str(tmp_path / "synth")])
+    assert exit_info.value.code == 2
+    assert "--augmentation-data needs --augmentation-experiment" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
