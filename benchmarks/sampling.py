@@ -38,8 +38,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# Model sizes. "small" is the benchmark's config; "tiny" is a quick smoke run.
+# Model sizes. "small" is the benchmark's config; "tiny" is a quick smoke run; "sd15" is Stable Diffusion
+# 1.5 (3-channel VAE with f=8, CLIP ViT-L/14 text encoder), which gpu.py uses.
 CONFIGS = {
+    "sd15": dict(
+        unet_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, latent_size=64,
+        vae_channels=(128, 256, 512, 512), text_hidden=768, text_layers=12, text_heads=12, layers_per_block=2,
+        image_channels=3),
     "small": dict(
         unet_channels=(64, 128, 128), cross_attention_dim=128, attention_head_dim=8, latent_size=16,
         vae_channels=(32, 64, 64), text_hidden=128, text_layers=2, text_heads=4),
@@ -83,7 +88,8 @@ def load_average() -> list[float]:
 
 
 def build_diffusers_pipeline(sizes: dict):
-    """A random StableDiffusionPipeline with a 1-channel VAE (f=4) and an SD 1.x DDIM scheduler."""
+    """A random StableDiffusionPipeline (by default a 1-channel VAE and one layer per block) with an SD 1.x
+    DDIM scheduler."""
     import diffusers
     import torch
     import transformers
@@ -91,17 +97,18 @@ def build_diffusers_pipeline(sizes: dict):
     from cxr_ldm.data.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    levels = len(sizes["unet_channels"])
+    levels, layers = len(sizes["unet_channels"]), sizes.get("layers_per_block", 1)
+    channels = sizes.get("image_channels", 1)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=sizes["latent_size"], in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=sizes["latent_size"], in_channels=4, out_channels=4, layers_per_block=layers,
         block_out_channels=sizes["unet_channels"], cross_attention_dim=sizes["cross_attention_dim"],
         attention_head_dim=sizes["attention_head_dim"], norm_num_groups=32,
         down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1))
     vae_levels = len(sizes["vae_channels"])
     vae = diffusers.AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=sizes["vae_channels"],
-        layers_per_block=1, norm_num_groups=32, sample_size=sizes["latent_size"] * 2 ** (vae_levels - 1),
+        in_channels=channels, out_channels=channels, latent_channels=4, block_out_channels=sizes["vae_channels"],
+        layers_per_block=layers, norm_num_groups=32, sample_size=sizes["latent_size"] * 2 ** (vae_levels - 1),
         down_block_types=("DownEncoderBlock2D",) * vae_levels, up_block_types=("UpDecoderBlock2D",) * vae_levels)
     hidden = sizes["text_hidden"]
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(

@@ -5,11 +5,11 @@ global-norm clipping at 1.0 and AdamW (lr 1e-4, weight decay 1e-2). Prints one t
 each framework and their ratio; on a GPU also the model FLOPs per step from XLA's cost analysis of the
 step (the step lowered for CPU, see `step_flops`) and the MFU (achieved FLOP/s over the chip's dense
 bf16 peak; with --remat the recomputed forward is counted too, so it is then a hardware-FLOPs
-utilisation).
+utilisation). `gpu.py` runs these functions over a batch sweep with an analytic FLOP count.
 
     python benchmarks/train_step.py                                   # small UNet, float32, CPU
     python benchmarks/train_step.py --preset sd15 --dtype bfloat16 --batch 8   # on a GPU
-    python benchmarks/train_step.py --preset sd15 --dtype bfloat16 --remat --framework jax
+    python benchmarks/train_step.py --preset sd15 --dtype bfloat16 --remat dots_saveable --framework jax
 
 bfloat16 means float32 params and bfloat16 compute on both sides (JAX: module dtype; PyTorch: autocast).
 """
@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from configs import default  # noqa: E402
+from cxr_ldm.models.layers import REMAT_POLICIES  # noqa: E402
 from cxr_ldm.models.unet import UNet2DConditionModel, UNetConfig, dummy_inputs  # noqa: E402
 from cxr_ldm.training import optimizer, sharding, state, steps  # noqa: E402
 
@@ -66,11 +67,22 @@ def make_inputs(config: UNetConfig, latent: int, text: int, batch: int, seed: in
             "context": rng.standard_normal((batch, text, config.cross_attention_dim), np.float32)}
 
 
-def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
-    module = UNet2DConditionModel(config, dtype=jnp.dtype(dtype), remat=remat)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy_inputs(config))["params"]
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda s: 0.02 * rng.standard_normal(s.shape, np.float32), shapes)
+def random_params(config: UNetConfig, seed: int = 0) -> dict:
+    """N(0, 0.02^2) numpy params of the UNet's shapes (no initializer compiled)."""
+    shapes = jax.eval_shape(UNet2DConditionModel(config).init, jax.random.PRNGKey(0), *dummy_inputs(config))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: 0.02 * rng.standard_normal(s.shape, np.float32), shapes)
+
+
+def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup, count_flops=True, params=None) -> dict:
+    """Times make_train_step on `inputs`; remat: None (keep every activation) or a REMAT_POLICIES key.
+    Returns step_s, compile_s, loss, xla_bytes (the executable's arguments + temporaries + outputs less the
+    donated buffers), peak_bytes (the device's peak so far, where it reports one) and, with count_flops,
+    flops (`step_flops`). params: `random_params(config)` unless given."""
+    module = UNet2DConditionModel(config, dtype=jnp.dtype(dtype), remat=remat is not None,
+                                  remat_policy=remat or "full")
+    params = random_params(config) if params is None else params
+    shapes = jax.eval_shape(lambda p: p, params)
     tx = optimizer.make_optimizer(optimizer.OptimizerConfig(learning_rate=1e-4, schedule="constant"))
     mesh = sharding.make_mesh()
     train_state, shardings = state.init_train_state({"unet": params}, {}, tx, jax.random.PRNGKey(0), mesh)
@@ -79,6 +91,7 @@ def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
     start = time.perf_counter()
     compiled = step.lower(train_state, batch).compile()
     compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
     for _ in range(warmup):
         train_state, metrics = compiled(train_state, batch)
     jax.block_until_ready(metrics)
@@ -87,8 +100,14 @@ def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
         train_state, metrics = compiled(train_state, batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / steps_to_time
-    return {"step_s": seconds, "compile_s": compile_s, "flops": step_flops(module, tx, shapes, inputs),
-            "loss": float(metrics["loss"])}
+    stats = jax.devices()[0].memory_stats() or {}
+    result = {"step_s": seconds, "compile_s": compile_s, "loss": float(metrics["loss"]),
+              "xla_bytes": memory and (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+                                       + memory.output_size_in_bytes - memory.alias_size_in_bytes),
+              "peak_bytes": stats.get("peak_bytes_in_use")}
+    if count_flops:
+        result["flops"] = step_flops(module, tx, shapes, inputs)
+    return result
 
 
 def unet_loss_fn(module):
@@ -113,10 +132,13 @@ def step_flops(module, tx, param_shapes, inputs) -> float:
 
 
 def bench_torch(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
+    """Times the same step in PyTorch (diffusers' default SDPA attention, autocast for bfloat16); remat:
+    gradient checkpointing. Returns step_s, loss and on CUDA peak_bytes (torch's allocator)."""
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TorchUNet.from_config(config.to_dict()).to(device).train()
+    with torch.device(device):
+        model = TorchUNet.from_config(config.to_dict()).train()
     if remat:
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-2)
@@ -137,6 +159,8 @@ def bench_torch(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
         return loss
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     sync()
@@ -144,7 +168,8 @@ def bench_torch(config, inputs, dtype, remat, steps_to_time, warmup) -> dict:
     for _ in range(steps_to_time):
         loss = step()
     sync()
-    return {"step_s": (time.perf_counter() - start) / steps_to_time, "loss": loss.item()}
+    return {"step_s": (time.perf_counter() - start) / steps_to_time, "loss": loss.item(),
+            "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None}
 
 
 def main(argv=None) -> dict:
@@ -152,7 +177,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=sorted([*PRESETS, "default"]), default="small")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--remat", action="store_true", help="rematerialise blocks (gradient checkpointing)")
+    parser.add_argument("--remat", choices=("none", *REMAT_POLICIES), default="none",
+                        help="rematerialise blocks keeping this (PyTorch: gradient checkpointing)")
     parser.add_argument("--framework", choices=("both", "jax", "torch"), default="both")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
@@ -166,9 +192,10 @@ def main(argv=None) -> dict:
                "device": f"{device.platform}:{device.device_kind}"}
     timings = {}
     if args.framework in ("both", "jax"):
-        timings["jax"] = bench_jax(config, inputs, args.dtype, args.remat, args.steps, args.warmup)
+        remat = None if args.remat == "none" else args.remat
+        timings["jax"] = bench_jax(config, inputs, args.dtype, remat, args.steps, args.warmup)
     if args.framework in ("both", "torch"):
-        timings["torch"] = bench_torch(config, inputs, args.dtype, args.remat, args.steps, args.warmup)
+        timings["torch"] = bench_torch(config, inputs, args.dtype, args.remat != "none", args.steps, args.warmup)
     for name, t in timings.items():
         t["images_per_s"] = args.batch / t["step_s"]
     if "jax" in timings:
