@@ -142,21 +142,27 @@ def jax_train(preset: dict) -> tuple[list[dict], dict]:
 
     config, latent, text = train_step.PRESETS[preset["train"]]
     params = train_step.random_params(config)
-    rows, box = [], TimeBox(preset["budgets"]["jax_train"])
+    rows, box, attention = [], TimeBox(preset["budgets"]["jax_train"]), "auto"
     for batch in preset["train_batches"]:
         if not box.open():
             rows.append({"batch": batch, "skipped": "time box"})
             continue
         inputs = train_step.make_inputs(config, latent, text, batch)
-        for remat in REMAT_ORDER:
+        remats = list(REMAT_ORDER)
+        while remats:
+            attempt = {"batch": batch, "remat": remats[0] or "none", "attention": attention}
             try:
-                result = train_step.bench_jax(config, inputs, preset["dtype"], remat, preset["timed_steps"],
-                                              preset["warmup"], count_flops=False, params=params)
-                rows.append({"batch": batch, "remat": remat or "none", **result})
+                rows.append({**attempt, **train_step.bench_jax(
+                    config, inputs, preset["dtype"], remats[0], preset["timed_steps"], preset["warmup"],
+                    count_flops=False, params=params, attention=attention)})
                 break
-            except Exception as e:  # noqa: BLE001 -- an out-of-memory step tries the next remat policy
-                rows.append({"batch": batch, "remat": remat or "none", "error": str(e)[:300]})
-                if not out_of_memory(e):
+            except Exception as e:  # noqa: BLE001 -- recorded; the next attempt changes what failed
+                rows.append({**attempt, "error": str(e)[:300]})
+                if out_of_memory(e):
+                    remats.pop(0)
+                elif attention == "auto":  # a kernel (cuDNN attention) that this stack does not take
+                    attention = "xla"
+                else:
                     break
             finally:
                 gc.collect()
@@ -203,11 +209,12 @@ def jax_sample(preset: dict, folder: str, reference_images: dict) -> list[dict]:
 # --- report --------------------------------------------------------------------------------------------
 
 def merge(ours: list[dict], theirs: list[dict], per_image_flops: float | None, peak_tflops: float | None) -> list[dict]:
-    """One row per batch: the successful (or last) attempt of each side, images/s, MFU, ratio."""
+    """One row per batch: the successful (or last) attempt of each side with the failed ones before it,
+    images/s, MFU, ratio."""
     def final(rows, batch):
         attempts = [r for r in rows if r["batch"] == batch]
         done = [r for r in attempts if "step_s" in r or "median_s" in r]
-        return (done or attempts or [{}])[-1], len(attempts) - len(done)
+        return (done or attempts or [{}])[-1], [r for r in attempts if "error" in r]
 
     out = []
     for batch in dict.fromkeys(r["batch"] for r in ours + theirs):
@@ -247,13 +254,13 @@ def markdown(result: dict) -> str:
              f"jax {versions['jax']}, torch {versions['torch']}, diffusers {versions['diffusers']}; compute dtype "
              f"{result['dtype']}; FLOPs per image and train step {flops['analytic_per_image']:.4g} (analytic, MFU) / "
              f"{flops['xla_per_image']:.4g} (XLA cost analysis)", "",
-             "| batch | ours ms | ours img/s | ours MFU | ours remat | ours GB | compile s | diffusers ms | "
+             "| batch | ours ms | ours img/s | ours MFU | ours remat, attention | ours GB | compile s | diffusers ms | "
              "diffusers img/s | diffusers MFU | diffusers GB | ours / diffusers |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
         o, d = r["ours"], r["diffusers"]
         lines.append(f"| {r['batch']} | {_ms(o)} | {_num(o['images_per_s'], '.2f')} | {_num(o.get('mfu'), '.1%')} | "
-                     f"{o.get('remat', '-')} | {_gigabytes(o)} | {_num(o.get('compile_s'), '.1f')} | {_ms(d)} | "
+                     f"{o.get('remat', '-')}, {o.get('attention', '-')} | {_gigabytes(o)} | {_num(o.get('compile_s'), '.1f')} | {_ms(d)} | "
                      f"{_num(d['images_per_s'], '.2f')} | {_num(d.get('mfu'), '.1%')} | {_gigabytes(d)} | "
                      f"{_num(r['ours_over_diffusers'], '.2f')} |")
     lines += ["", f"Sampling: {result['sample_steps']} DDIM steps, guidance {GUIDANCE}, VAE decode included.", "",

@@ -74,13 +74,14 @@ def random_params(config: UNetConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map(lambda s: 0.02 * rng.standard_normal(s.shape, np.float32), shapes)
 
 
-def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup, count_flops=True, params=None) -> dict:
+def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup, count_flops=True, params=None,
+              attention="auto") -> dict:
     """Times make_train_step on `inputs`; remat: None (keep every activation) or a REMAT_POLICIES key.
     Returns step_s, compile_s, loss, xla_bytes (the executable's arguments + temporaries + outputs less the
     donated buffers), peak_bytes (the device's peak so far, where it reports one) and, with count_flops,
-    flops (`step_flops`). params: `random_params(config)` unless given."""
+    flops (`step_flops`). params: `random_params(config)` unless given; attention: the UNet's attention_impl."""
     module = UNet2DConditionModel(config, dtype=jnp.dtype(dtype), remat=remat is not None,
-                                  remat_policy=remat or "full")
+                                  remat_policy=remat or "full", attention_impl=attention)
     params = random_params(config) if params is None else params
     shapes = jax.eval_shape(lambda p: p, params)
     tx = optimizer.make_optimizer(optimizer.OptimizerConfig(learning_rate=1e-4, schedule="constant"))
@@ -122,7 +123,9 @@ def unet_loss_fn(module):
 def step_flops(module, tx, param_shapes, inputs) -> float:
     """FLOPs of one train step by XLA's cost analysis of the step lowered for one CPU device (abstract
     shapes, nothing allocated). On CPU convolutions and matmuls are still HLO ops that the analysis
-    counts; after GPU compilation they are library calls that it does not."""
+    counts; after GPU compilation they are library calls that it does not. Attention is lowered as XLA's
+    (a cuDNN or Pallas kernel is a custom call that the analysis does not see into)."""
+    module = module.clone(attention_impl="xla")
     mesh = sharding.make_mesh(devices=jax.devices("cpu")[:1])
     abstract = jax.eval_shape(lambda p: state.create_train_state({"unet": p}, {}, tx, jax.random.PRNGKey(0)),
                               param_shapes)
