@@ -51,9 +51,6 @@ def remat(module_class: type[nn.Module], policy: str = "full") -> type[nn.Module
     return nn.remat(module_class, policy=REMAT_POLICIES[policy])
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
-
-
 def select_attention(dtype: Dtype, head_dim: int, q_len: int, kv_len: int, *, masked: bool = False,
                      backend: str | None = None, compute_capability: float | None = None) -> str:
     """The attention kernel "auto" runs on `backend` (default: jax.default_backend()).
@@ -91,6 +88,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     if implementation == "auto":
         implementation = select_attention(q.dtype, q.shape[-1], q.shape[1], k.shape[1], masked=mask is not None)
     if implementation == "pallas":
+        if mask is not None:
+            raise ValueError("attention implementation 'pallas' (TPU flash attention) takes no mask")
         from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
         return heads_first_attention(flash_attention, q, k, v, is_causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)

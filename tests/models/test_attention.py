@@ -54,3 +54,5 @@ def test_the_tpu_kernel_layout_computes_the_same_attention(is_causal):
     out = heads_first_attention(kernel, q, k, v, is_causal)
     expected = dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="takes no mask"):
+        dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 24, 24), bool), implementation="pallas")
