@@ -55,21 +55,29 @@ def select_attention(dtype: Dtype, head_dim: int, q_len: int, kv_len: int, *, ma
                      backend: str | None = None, compute_capability: float | None = None) -> str:
     """The attention kernel "auto" runs on `backend` (default: jax.default_backend()).
 
-    "cudnn" (cuDNN flash attention, forward and backward) on GPU for float16/bfloat16 without a mask, head_dim
-    a multiple of 8 and at most 128 (256 from compute capability 9.0, Hopper; default: the first device's);
-    "pallas" (the flash-attention kernel of `jax.experimental.pallas.ops.tpu`) on TPU without a mask when
-    q_len and kv_len are multiples of its 128-row blocks; "xla" otherwise (CPU, float32, other shapes).
+    "cudnn" (cuDNN flash attention, forward and backward) on NVIDIA GPUs from compute capability 8.0
+    (Ampere; default: the first device's) for float16/bfloat16 without a mask, head_dim a multiple of 8 and
+    at most 128 (256 from 9.0, Hopper); "pallas" (the flash-attention kernel of
+    `jax.experimental.pallas.ops.tpu`) on TPU without a mask when q_len and kv_len are multiples of its
+    128-row blocks; "xla" otherwise (CPU, ROCm, float32, other shapes).
     """
     backend = backend or jax.default_backend()
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend in ("gpu", "cuda") and low_precision and not masked and head_dim % 8 == 0:
-        if compute_capability is None:
-            compute_capability = float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
-        if head_dim <= (256 if compute_capability >= 9.0 else 128):
+        capability = _cuda_capability() if compute_capability is None else compute_capability
+        if capability >= 8.0 and head_dim <= (256 if capability >= 9.0 else 128):
             return "cudnn"
     if backend == "tpu" and not masked and q_len % 128 == 0 and kv_len % 128 == 0:
         return "pallas"
     return "xla"
+
+
+def _cuda_capability() -> float:
+    """The first device's CUDA compute capability (e.g. 9.0), 0 where it has none (ROCm, CPU)."""
+    try:
+        return float(jax.devices()[0].compute_capability)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,

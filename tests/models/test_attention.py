@@ -16,6 +16,8 @@ BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
     ("gpu", BF16, 40, 4096, 77, False, 9.0, "cudnn"),  # SD 1.5's first block, cross-attention
     ("gpu", F16, 160, 256, 256, False, 9.0, "cudnn"),  # its 1280-channel blocks on Hopper
     ("gpu", BF16, 160, 256, 256, False, 8.0, "xla"),  # ... and on Ampere
+    ("gpu", BF16, 64, 256, 256, False, 7.5, "xla"),  # before Ampere
+    ("gpu", BF16, 64, 256, 256, False, 0.0, "xla"),  # no CUDA capability (ROCm)
     ("gpu", F32, 40, 4096, 4096, False, 9.0, "xla"),
     ("gpu", BF16, 12, 64, 64, False, 9.0, "xla"),  # head_dim not a multiple of 8
     ("gpu", BF16, 64, 77, 77, True, 9.0, "xla"),  # a padding mask (text encoders)
