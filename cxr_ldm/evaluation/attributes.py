@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cxr_ldm.data.phantom.cases import DEVICES, FINDING_SPECS, Finding, draw_findings
+from cxr_ldm.data.phantom.cases import DEVICES, FINDING_COUNT_SHARES, FINDING_SPECS, Finding, draw_findings
 
 ATTRIBUTES = ("grade", "location", "device", "route")
 UNKNOWN = -1
@@ -72,9 +72,11 @@ def slot_codes(case: Sequence[Finding]) -> np.ndarray:
     return codes
 
 
-def phantom_slot_codes(seeds: Sequence[int]) -> np.ndarray:
-    """int8 (N, len(SLOTS)) of the phantom studies of `seeds` (the cases only: no image is drawn)."""
-    return np.stack([slot_codes(draw_findings(int(seed))) for seed in seeds]) if len(seeds) else \
+def phantom_slot_codes(seeds: Sequence[int], count_shares: tuple[float, float, float] = FINDING_COUNT_SHARES
+                       ) -> np.ndarray:
+    """int8 (N, len(SLOTS)) of the phantom studies of `seeds` drawn with `count_shares` (`cases.draw_findings`; the
+    cases only: no image is drawn)."""
+    return np.stack([slot_codes(draw_findings(int(seed), count_shares)) for seed in seeds]) if len(seeds) else \
         np.zeros((0, len(SLOTS)), np.int8)
 
 

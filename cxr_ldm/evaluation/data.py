@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cxr_ldm.data.builders import phantom_cxr, synthetic_cxr
 from cxr_ldm.data.builders.common import as_text
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.phantom.cases import FINDING_COUNT_SHARES
 from cxr_ldm.data.labeler import label_report_details
 from cxr_ldm.evaluation.attributes import phantom_slot_codes
 from cxr_ldm.evaluation.classifier import LabelledImages
@@ -77,11 +78,13 @@ def load_split(builder, split: str, limit: int | None = None, chunk: int = 256) 
                      seeds or None)
 
 
-def phantom_split(seeds: range, resolution: int, num_workers: int = 2) -> RealSplit:
+def phantom_split(seeds: range, resolution: int, num_workers: int = 2,
+                  count_shares: tuple[float, float, float] = FINDING_COUNT_SHARES) -> RealSplit:
     """The phantom_cxr examples of `seeds`, drawn in memory rather than read from a built data set: the
-    same images, labels, sides and slots that `load_split` reads for those seeds (in seed order)."""
+    same images, labels, sides and slots that `load_split` reads for those seeds (in seed order). Other
+    `count_shares` (how often an abnormal study has 1, 2 or 3 drawn findings) draw other studies."""
     images, labels, sides, prompts, reports = [], [], [], [], []
-    examples = phantom_cxr.generate_examples(seeds, resolution, num_workers)
+    examples = phantom_cxr.generate_examples(seeds, resolution, num_workers, count_shares)
     for _, example in tqdm(examples, total=len(seeds), desc="drawing phantom studies", unit="study", leave=False):
         images.append(np.asarray(Image.open(io.BytesIO(example["image"])), np.uint8).reshape(resolution, resolution, 1))
         labels.append(example["labels"])
@@ -89,7 +92,7 @@ def phantom_split(seeds: range, resolution: int, num_workers: int = 2) -> RealSp
         prompts.append(example["prompt"])
         reports.append(example["report"])
     data = LabelledImages(np.stack(images), np.stack(labels).astype(np.int8), np.stack(sides).astype(np.int8),
-                          phantom_slot_codes(seeds))
+                          phantom_slot_codes(seeds, count_shares))
     return RealSplit(data, prompts, reports, list(seeds))
 
 

@@ -36,6 +36,11 @@ DEFAULT_DATASET = "phantom_cxr"
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 DEFAULT_GUIDANCE = 3.0  # when neither --guidance nor the workdir config gives one
 JUDGE_TRAIN_FACTOR = 8  # phantom_cxr: the judge trains on this many times the train split (docs/recipes.md)
+# The judge's network: full-resolution convolutions before each 2x2 max pool keep thin findings (docs/recipes.md)
+JUDGE_NETWORK = {"downsample": "maxpool", "stem_layers": 2}
+# How often the judge's extra studies have 1, 2 or 3 drawn findings (the data set's: 0.6, 0.3, 0.1); prompt sets
+# stress combinations (docs/recipes.md)
+JUDGE_FINDING_COUNT_SHARES = (0.3, 0.4, 0.3)
 CLASSIFIER_ACCURACY_DEFINITION = (
     "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
     "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
@@ -245,7 +250,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         synthetic = settings.augmentation_data and load_synthetic(settings.augmentation_data).data
         augmentation = augmentation_experiment(
             train.data, train.prompts, validation.data, test.data, None if synthetic else generate,
-            classifier.observations, classifier_config, num_real=settings.augmentation_real,
+            classifier.observations, augmentation_recipe(classifier.config), num_real=settings.augmentation_real,
             ratios=settings.augmentation_ratios, seeds=settings.augmentation_seeds,
             seed=seeds["augmentation"], batch_size=settings.batch_size, synthetic=synthetic or None)
         lap("augmentation")
@@ -287,6 +292,12 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
     _write_report(out, results, [p.text for p in usable], prompt_images, prompt_results, generated_all,
                   train.data.images)
     return results
+
+
+def augmentation_recipe(judge_config: clf.TrainConfig) -> clf.TrainConfig:
+    """The augmentation experiment's classifiers: the judge's network and input size, trained for TrainConfig's
+    default epochs (the judge's epochs are scaled to its far larger training set)."""
+    return dataclasses.replace(judge_config, epochs=clf.TrainConfig.epochs)
 
 
 def sweep_row(guidance: float, summary: dict, domain_fid: float) -> dict:
@@ -467,11 +478,13 @@ def judge_extra_seeds(settings: EvalSettings, train: RealSplit) -> range:
 
 
 def judge_training_studies(settings: EvalSettings, train: RealSplit) -> RealSplit:
-    """What the judge's classifier trains on: the train split, then the studies of `judge_extra_seeds`."""
+    """What the judge's classifier trains on: the train split, then the studies of `judge_extra_seeds`, drawn with
+    JUDGE_FINDING_COUNT_SHARES (more two- and three-finding studies than the data set has)."""
     extra = judge_extra_seeds(settings, train)
     if not extra:
         return train
-    return train.concatenate(phantom_split(extra, train.data.images.shape[1], min(4, os.cpu_count() or 1)))
+    return train.concatenate(phantom_split(extra, train.data.images.shape[1], min(4, os.cpu_count() or 1),
+                                           JUDGE_FINDING_COUNT_SHARES))
 
 
 def _judge_signature(train: RealSplit, extra: range) -> str:
@@ -480,7 +493,8 @@ def _judge_signature(train: RealSplit, extra: range) -> str:
     if not extra:
         return train.data.signature()
     described = (f"{train.data.signature()}+phantom_cxr {phantom_cxr.PhantomCxr.VERSION} seeds "
-                 f"[{extra.start}, {extra.stop}) at {train.data.images.shape[1]} px")
+                 f"[{extra.start}, {extra.stop}) at {train.data.images.shape[1]} px, finding counts "
+                 f"{JUDGE_FINDING_COUNT_SHARES}")
     return hashlib.sha256(described.encode()).hexdigest()
 
 
@@ -586,7 +600,7 @@ def _judge(settings: EvalSettings, prompts, classifier_config: clf.TrainConfig |
     lap("data")
     # the default recipe's optimizer steps stay those of 24 epochs on the train split, whatever the judge trains on
     epochs = max(1, round(clf.TrainConfig.epochs * len(train) / num_training))
-    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128), epochs=epochs)
+    classifier_config = classifier_config or clf.TrainConfig(input_size=min(size, 128), epochs=epochs, **JUDGE_NETWORK)
     classifier_dir, classifier, cached = _classifier(settings, train, validation, classifier_config)
     classifier_test = clf.evaluate_classifier(classifier, test.data)
     lap("classifier")

@@ -247,6 +247,21 @@ def test_random_draw_statistics():
     assert sides["left"] > 0.6 * sides["right"] and sides["right"] > 0.6 * sides["left"]
 
 
+def test_other_count_shares_redraw_only_how_many_findings():
+    shares = (0.2, 0.4, 0.4)
+    several, n = {"default": 0, "other": 0}, 1500
+    for seed in range(n):
+        default, other = draw_findings(seed), draw_findings(seed, shares)
+        assert (not default) == (not other)  # the same normal studies
+        several["default"] += len(default) > 1
+        several["other"] += len(other) > 1
+    assert several["other"] > 1.5 * several["default"]
+    seed = next(s for s in range(n) if len(draw_findings(s, shares)) > len(draw_findings(s)))
+    study, drawn = phantom.generate(seed, 32, count_shares=shares), draw_findings(seed, shares)
+    np.testing.assert_array_equal(study["image"], phantom.render_image(seed, drawn, 32))
+    assert study["report"] == write_report(seed, drawn)[0]
+
+
 def test_reports_state_their_labels():
     """The repository's rule-based labeler reads the phantom reports back to the phantom labels.
 

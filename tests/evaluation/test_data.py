@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cxr_ldm.data.builders import phantom_cxr, prepare
+from cxr_ldm.data.phantom.cases import FINDING_COUNT_SHARES
 from cxr_ldm.evaluation import evaluator
 from cxr_ldm.evaluation.data import load_split, phantom_split
 
@@ -38,7 +39,10 @@ def test_judge_trains_on_the_train_split_and_the_next_training_seeds(tiny_train)
     assert len(extended) == evaluator.JUDGE_TRAIN_FACTOR * n
     assert extended.seeds[:n] == tiny_train.seeds and extended.seeds[n:] == list(range(n, len(extended)))
     np.testing.assert_array_equal(extended.data.images[:n], tiny_train.data.images)
-    np.testing.assert_array_equal(extended.data.images[n:n + 8], phantom_split(range(n, n + 8), 32, 1).data.images)
+    enriched = phantom_split(range(n, n + 8), 32, 1, evaluator.JUDGE_FINDING_COUNT_SHARES)
+    for name in ("images", "labels", "sides", "slots"):  # drawn with the judge's shares of finding counts
+        np.testing.assert_array_equal(getattr(extended.data, name)[n:n + 8], getattr(enriched.data, name))
+    assert evaluator.JUDGE_FINDING_COUNT_SHARES != FINDING_COUNT_SHARES
     assert max(extended.seeds) < phantom_cxr.SPLIT_SEED_OFFSETS["validation"]
 
     exact = evaluator.judge_training_studies(dataclasses.replace(settings, judge_train_size=n), tiny_train)

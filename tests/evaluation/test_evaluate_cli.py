@@ -138,3 +138,12 @@ def test_augmentation_data_without_the_experiment_stops_before_any_work(tmp_path
     assert exit_info.value.code == 2
     assert "--augmentation-data needs --augmentation-experiment" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_augmentation_classifiers_take_the_judges_network_and_the_default_epochs():
+    from cxr_ldm.evaluation import classifier as clf
+
+    judge = clf.TrainConfig(input_size=64, epochs=3, **evaluator.JUDGE_NETWORK)
+    recipe = evaluator.augmentation_recipe(judge)
+    assert recipe.epochs == clf.TrainConfig.epochs == 24
+    assert (recipe.downsample, recipe.stem_layers, recipe.input_size) == ("maxpool", 2, 64)

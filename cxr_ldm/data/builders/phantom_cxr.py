@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from cxr_ldm.data import phantom
 from cxr_ldm.data.builders import common
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
+from cxr_ldm.data.phantom.cases import FINDING_COUNT_SHARES
 
 SPLIT_SEED_OFFSETS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 # int8 code of a finding's side is its index here; 0 (None) where no side is stated.
@@ -64,9 +65,9 @@ class PhantomCxrConfig(tfds.core.BuilderConfig):
         return {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
 
 
-def make_example(seed: int, resolution: int) -> dict:
-    """phantom.generate(seed, resolution) as a feature dict of this builder (PNG-encoded image)."""
-    sample = phantom.generate(seed, resolution)
+def make_example(seed: int, resolution: int, count_shares: tuple[float, float, float] = FINDING_COUNT_SHARES) -> dict:
+    """phantom.generate(seed, resolution, count_shares=...) as a feature dict of this builder (PNG-encoded image)."""
+    sample = phantom.generate(seed, resolution, count_shares=count_shares)
     return {
         "image": common.png_bytes(sample["image"]),
         "report": sample["report"],
@@ -78,24 +79,26 @@ def make_example(seed: int, resolution: int) -> dict:
     }
 
 
-def _make_chunk(seeds: range, resolution: int) -> list[dict]:
-    return [make_example(seed, resolution) for seed in seeds]
+def _make_chunk(seeds: range, resolution: int, count_shares: tuple[float, float, float]) -> list[dict]:
+    return [make_example(seed, resolution, count_shares) for seed in seeds]
 
 
-def generate_examples(seeds: range, resolution: int, num_workers: int) -> Iterator[tuple[int, dict]]:
+def generate_examples(seeds: range, resolution: int, num_workers: int,
+                      count_shares: tuple[float, float, float] = FINDING_COUNT_SHARES) -> Iterator[tuple[int, dict]]:
     """(seed, example) for every seed, in seed order; chunks of seeds go to `num_workers` processes.
+    count_shares: how often an abnormal study has 1, 2 or 3 drawn findings (`phantom.cases.draw_findings`).
 
     Worker processes are spawned (not forked), so a caller that already initialised JAX or
     TensorFlow is safe.
     """
     chunks = [seeds[i:i + _CHUNK_SIZE] for i in range(0, len(seeds), _CHUNK_SIZE)]
     if num_workers <= 1 or len(chunks) <= 1:
-        results = (_make_chunk(chunk, resolution) for chunk in chunks)
+        results = (_make_chunk(chunk, resolution, count_shares) for chunk in chunks)
         yield from ((ex["seed"], ex) for examples in results for ex in examples)
         return
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        for examples in pool.map(_make_chunk, chunks, [resolution] * len(chunks)):
+        for examples in pool.map(_make_chunk, chunks, [resolution] * len(chunks), [count_shares] * len(chunks)):
             yield from ((ex["seed"], ex) for ex in examples)
 
 

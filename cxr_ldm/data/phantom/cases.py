@@ -17,6 +17,7 @@ import numpy as np
 DEVICES = ("et_tube", "ng_tube", "central_line", "pacemaker", "sternotomy")
 LATERAL_DEVICES = ("central_line", "pacemaker")
 NORMAL_FRACTION = 0.3
+FINDING_COUNT_SHARES = (0.6, 0.3, 0.1)  # of abnormal studies with 1, 2 and 3 drawn findings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +164,15 @@ def parse_findings(seed: int, findings: Mapping[str, Mapping | None],
                  for i, name in enumerate(FINDING_NAMES) if name in names)
 
 
-def draw_findings(seed: int) -> tuple[Finding, ...]:
-    """Random case: NORMAL_FRACTION normal studies, else 1-3 findings with clinical associations."""
+def draw_findings(seed: int, count_shares: tuple[float, float, float] = FINDING_COUNT_SHARES) -> tuple[Finding, ...]:
+    """Random case: NORMAL_FRACTION normal studies, else 1, 2 or 3 findings (with the probabilities `count_shares`)
+    and their clinical associations. Other shares redraw only the number of findings: the same random numbers
+    decide all the rest."""
     rng = random_stream(seed, 1)
     if rng.random() < NORMAL_FRACTION:
         return ()
     weights = np.array([spec.weight for spec in FINDING_SPECS.values()])
-    count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
+    count = int(rng.choice([1, 2, 3], p=list(count_shares)))
     names = set(rng.choice(FINDING_NAMES, size=count, replace=False, p=weights / weights.sum()))
     forced: dict[str, dict] = {name: {} for name in names}
     if "Edema" in names:  # congestive failure: big heart, bilateral effusions

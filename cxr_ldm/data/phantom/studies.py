@@ -14,7 +14,15 @@ from PIL import Image
 from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.phantom import anatomy
 from cxr_ldm.data.phantom import findings as phantom_findings
-from cxr_ldm.data.phantom.cases import FINDING_NAMES, PARENCHYMAL, Finding, draw_findings, parse_findings, random_stream
+from cxr_ldm.data.phantom.cases import (
+    FINDING_COUNT_SHARES,
+    FINDING_NAMES,
+    PARENCHYMAL,
+    Finding,
+    draw_findings,
+    parse_findings,
+    random_stream,
+)
 from cxr_ldm.data.phantom.reports import write_report
 
 
@@ -92,13 +100,14 @@ def _sides_and_severities(findings: tuple[Finding, ...], labels: Mapping) -> tup
     return side, severity
 
 
-def generate(seed: int, resolution: int = 128, findings: Mapping[str, Mapping | None] | None = None) -> dict:
+def generate(seed: int, resolution: int = 128, findings: Mapping[str, Mapping | None] | None = None,
+             count_shares: tuple[float, float, float] = FINDING_COUNT_SHARES) -> dict:
     """One phantom study.
 
     Args:
       seed: any non-negative int; the study is a deterministic function of (seed, resolution, findings).
       resolution: image side in pixels (>= 16).
-      findings: None draws the case at random (NORMAL_FRACTION normal studies); a mapping forces it, e.g.
+      findings: None draws the case at random (`cases.draw_findings` with `count_shares`); a mapping forces it, e.g.
         {"Pleural Effusion": {"side": "left", "severity": "moderate"}} or {"No Finding": None}; see
         `cases.parse_findings` for the fields.
 
@@ -111,7 +120,7 @@ def generate(seed: int, resolution: int = 128, findings: Mapping[str, Mapping | 
         raise ValueError(f"phantom.generate: seed must be a non-negative int, got {seed!r}.")
     if not isinstance(resolution, (int, np.integer)) or resolution < 16:
         raise ValueError(f"phantom.generate: resolution must be an int >= 16, got {resolution!r}.")
-    case = draw_findings(seed) if findings is None else parse_findings(seed, findings)
+    case = draw_findings(seed, count_shares) if findings is None else parse_findings(seed, findings)
     report, impression, labels = write_report(seed, case)
     side, severity = _sides_and_severities(case, labels)
     return {"image": render_image(seed, case, int(resolution)), "report": report, "prompt": impression,
