@@ -40,7 +40,7 @@ JUDGE_TRAIN_FACTOR = 8  # phantom_cxr: the judge trains on this many times the t
 JUDGE_NETWORK = {"downsample": "maxpool", "stem_layers": 2}
 # How often the judge's extra studies have 1, 2 or 3 drawn findings (the data set's: 0.6, 0.3, 0.1); prompt sets
 # stress combinations (docs/recipes.md)
-JUDGE_FINDING_COUNT_SHARES = (0.3, 0.4, 0.3)
+JUDGE_FINDING_COUNT_SHARES = (0.2, 0.3, 0.5)
 CLASSIFIER_ACCURACY_DEFINITION = (
     "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
     "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
