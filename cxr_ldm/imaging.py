@@ -29,12 +29,12 @@ def rmse(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
 def masked_psnr(a: jnp.ndarray, b: jnp.ndarray, mask: jnp.ndarray, data_range: float = 1.0) -> jnp.ndarray:
     """PSNR in dB over the pixels where mask (N, H, W, 1) is true, per image: (N, H, W, C) x2 -> (N,);
-    NaN for an image whose mask is empty."""
+    inf where those pixels are identical, NaN for an image whose mask is empty."""
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     weights = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), a.shape)
     count = weights.sum(axis=(1, 2, 3))
     mse = (weights * jnp.square(a - b)).sum(axis=(1, 2, 3)) / jnp.where(count > 0, count, jnp.nan)
-    return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-12))
+    return 10.0 * jnp.log10(data_range ** 2 / mse)
 
 
 def _gaussian_window(size: int, sigma: float) -> jnp.ndarray:

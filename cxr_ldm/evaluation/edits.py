@@ -27,6 +27,7 @@ ceiling for edits).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,26 +89,24 @@ def edit_cases(num: int, resolution: int, edit_set: str = "test") -> list[EditCa
     pixels at `resolution` (the film would not show it)."""
     if edit_set not in EDIT_SETS:
         raise ValueError(f"edit set {edit_set!r}: expected one of {sorted(EDIT_SETS)}")
-    cases, seed = [], EDIT_SETS[edit_set]
-    while len(cases) < num:
+    cases = []
+    for seed in itertools.count(EDIT_SETS[edit_set]):
+        if len(cases) == num:
+            return cases
         operation = OPERATIONS[len(cases) % 2]
         edit = _edit(seed, operation)
-        seed += 1
         if edit is None:
             continue
         finding, source, target = edit
-        source_text, target_text = write_report(seed - 1, source)[1], write_report(seed - 1, target)[1]
+        source_text, target_text = write_report(seed, source)[1], write_report(seed, target)[1]
         if not (states_exactly(source_text, source) and states_exactly(target_text, target)):
             continue
-        image = render_image(seed - 1, source, resolution)
-        counterfactual = render_image(seed - 1, target, resolution)
+        image, counterfactual = render_image(seed, source, resolution), render_image(seed, target, resolution)
         region = np.abs(image.astype(np.int16) - counterfactual) > MIN_CHANGE
-        if region.sum() < MIN_CHANGED_PIXELS:
-            continue
-        cases.append(EditCase(seed - 1, operation, finding, prompt_from_case(source_text, source, "template", seed - 1),
-                              prompt_from_case(target_text, target, "template", seed - 1), image, counterfactual,
-                              region))
-    return cases
+        if region.sum() >= MIN_CHANGED_PIXELS:
+            cases.append(EditCase(seed, operation, finding, prompt_from_case(source_text, source, "template", seed),
+                                  prompt_from_case(target_text, target, "template", seed), image, counterfactual,
+                                  region))
 
 
 def dilate(masks: np.ndarray, pixels: int) -> np.ndarray:
@@ -122,6 +121,17 @@ def edit_masks(cases: Sequence[EditCase], cell: int) -> tuple[np.ndarray, np.nda
     return masks, ~dilate(masks, cell)
 
 
+def _batches(pipe, cases: Sequence[EditCase], batch_size: int, desc: str):
+    """(indices of the batch's cases, the same padded to batch_size by repeating the last, their films float
+    (batch_size, S, S, 1) at the pipeline's size S, zero noise of their VAE posterior samples (the mean))."""
+    for start in tqdm(range(0, len(cases), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = list(range(start, min(start + batch_size, len(cases))))
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        films = _at(np.stack([cases[i].image for i in padded]).astype(np.float32) / 255.0, pipe.default_size())
+        latent = films.shape[1] // pipe.vae_scale
+        yield chunk, padded, films, np.zeros((batch_size, latent, latent, pipe.latent_channels), np.float32)
+
+
 def run_edits(pipe, cases: Sequence[EditCase], method: str, *, strength: float, steps: int, guidance: float,
               sampler: str = "ddim", seed: int = 0, batch_size: int = 16) -> np.ndarray:
     """The edited films of `cases` by `method` (module doc): float32 (N, R, R, 1) in [0, 1]. Edit i uses sample
@@ -132,23 +142,17 @@ def run_edits(pipe, cases: Sequence[EditCase], method: str, *, strength: float, 
     resolution = cases[0].image.shape[0]
     masks, _ = edit_masks(cases, pipe.vae_scale)
     outputs = []
-    for start in tqdm(range(0, len(cases), batch_size), desc=f"editing ({method})", unit="batch", leave=False):
-        chunk = list(range(start, min(start + batch_size, len(cases))))
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        images = _at(np.stack([cases[i].image for i in padded]).astype(np.float32) / 255.0, pipe.default_size())
-        mask = _at(masks[padded].astype(np.float32), pipe.default_size()) >= 0.5
+    for chunk, padded, films, posterior_mean in _batches(pipe, cases, batch_size, f"editing ({method})"):
         prompts, seeds = [cases[i].target.text for i in padded], [seed + i for i in padded]
-        latent_shape = (len(padded), images.shape[1] // pipe.vae_scale, images.shape[2] // pipe.vae_scale,
-                        pipe.latent_channels)
-        posterior_mean = np.zeros(latent_shape, np.float32)
         common = dict(num_inference_steps=steps, guidance_scale=guidance, sampler=sampler, seed=seeds)
         if method == "sdedit":
-            edited = pipe.img2img(images, prompts, strength=strength, encode_noise=posterior_mean, **common)
+            edited = pipe.img2img(films, prompts, strength=strength, encode_noise=posterior_mean, **common)
         elif method in ("sdedit_masked", "inpaint"):
-            edited = pipe.inpaint(images, mask, prompts, strength=strength if method == "sdedit_masked" else 1.0,
+            mask = _at(masks[padded].astype(np.float32), pipe.default_size()) >= 0.5
+            edited = pipe.inpaint(films, mask, prompts, strength=strength if method == "sdedit_masked" else 1.0,
                                   encode_noise=posterior_mean, **common)
         else:
-            latents = pipe.invert(images, [cases[i].source.text for i in padded], num_inference_steps=steps,
+            latents = pipe.invert(films, [cases[i].source.text for i in padded], num_inference_steps=steps,
                                   seed=seeds, encode_noise=posterior_mean)
             edited = pipe(prompts, latents=latents, **{**common, "sampler": "ddim"})
         outputs.append(_gray(_at(edited, resolution))[:len(chunk)])
@@ -161,15 +165,10 @@ def inversion_redraws(pipe, cases: Sequence[EditCase], *, steps: int, seed: int 
     float32 (N, R, R, 1) in [0, 1], to compare with the VAE round trip."""
     resolution = cases[0].image.shape[0]
     outputs = []
-    for start in range(0, len(cases), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(cases))))
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        images = _at(np.stack([cases[i].image for i in padded]).astype(np.float32) / 255.0, pipe.default_size())
-        prompts, seeds = [cases[i].source.text for i in padded], [seed + i for i in padded]
-        shape = (len(padded), images.shape[1] // pipe.vae_scale, images.shape[2] // pipe.vae_scale,
-                 pipe.latent_channels)
-        latents = pipe.invert(images, prompts, num_inference_steps=steps, seed=seeds,
-                              encode_noise=np.zeros(shape, np.float32))
+    for chunk, padded, films, posterior_mean in _batches(pipe, cases, batch_size, "inverting"):
+        prompts = [cases[i].source.text for i in padded]
+        latents = pipe.invert(films, prompts, num_inference_steps=steps, seed=[seed + i for i in padded],
+                              encode_noise=posterior_mean)
         redrawn = pipe(prompts, latents=latents, num_inference_steps=steps, guidance_scale=1.0, sampler="ddim")
         outputs.append(_gray(_at(redrawn, resolution))[:len(chunk)])
     return np.concatenate(outputs)
@@ -209,28 +208,21 @@ def score_edits(cases: Sequence[EditCase], edited: np.ndarray, success: np.ndarr
                 cell: int, vae_round_trip: np.ndarray | None = None, seed: int = 0) -> dict:
     """The metrics of the module doc for edited films (N, R, R, 1) in [0, 1]: for each, {"mean", "ci"} over all
     edits, and success per operation. success and truth_success: the judge's verdicts (`verdicts`) on the edits
-    and on the true counterfactuals. PSNRs of identical pixels are left out of their means."""
+    and on the true counterfactuals. PSNRs of identical pixels (infinite) are left out of their means."""
     masks, kept = edit_masks(cases, cell)
     originals = np.stack([c.image for c in cases]).astype(np.float32) / 255.0
     truths = np.stack([c.counterfactual for c in cases]).astype(np.float32) / 255.0
-    identical = 10.0 * np.log10(1.0 / 1e-12)
-
-    def finite(psnrs):
-        psnrs = np.asarray(psnrs, np.float64)
-        return np.where(psnrs >= identical - 1e-3, np.nan, psnrs)
-
     scores = {
         "success": mean_ci(success, seed),
-        "preservation_psnr": mean_ci(finite(imaging.masked_psnr(edited, originals, kept)), seed),
-        "preservation_ssim": mean_ci(np.asarray(imaging.masked_ssim(edited, originals, kept)), seed),
-        "fidelity_psnr": mean_ci(finite(imaging.masked_psnr(edited, truths, masks)), seed),
-        "fidelity_ssim": mean_ci(np.asarray(imaging.ssim(edited, truths)), seed),
+        "preservation_psnr": mean_ci(imaging.masked_psnr(edited, originals, kept), seed),
+        "preservation_ssim": mean_ci(imaging.masked_ssim(edited, originals, kept), seed),
+        "fidelity_psnr": mean_ci(imaging.masked_psnr(edited, truths, masks), seed),
+        "fidelity_ssim": mean_ci(imaging.ssim(edited, truths), seed),
         "judge_agreement": mean_ci(success == truth_success, seed),
     }
     if vae_round_trip is not None:
-        scores["preservation_psnr_vs_vae"] = mean_ci(finite(imaging.masked_psnr(edited, vae_round_trip, kept)), seed)
-        scores["preservation_ssim_vs_vae"] = mean_ci(np.asarray(imaging.masked_ssim(edited, vae_round_trip, kept)),
-                                                      seed)
+        scores["preservation_psnr_vs_vae"] = mean_ci(imaging.masked_psnr(edited, vae_round_trip, kept), seed)
+        scores["preservation_ssim_vs_vae"] = mean_ci(imaging.masked_ssim(edited, vae_round_trip, kept), seed)
     operations = np.array([c.operation for c in cases])
     for operation in OPERATIONS:
         if (operations == operation).any():

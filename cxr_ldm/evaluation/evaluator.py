@@ -247,12 +247,12 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
 
     augmentation = None
     if settings.augmentation_experiment:
-        synthetic = settings.augmentation_data and load_synthetic(settings.augmentation_data).data
+        synthetic = None if settings.augmentation_data is None else load_synthetic(settings.augmentation_data).data
         augmentation = augmentation_experiment(
-            train.data, train.prompts, validation.data, test.data, None if synthetic else generate,
+            train.data, train.prompts, validation.data, test.data, generate if synthetic is None else None,
             classifier.observations, augmentation_recipe(classifier.config), num_real=settings.augmentation_real,
             ratios=settings.augmentation_ratios, seeds=settings.augmentation_seeds,
-            seed=seeds["augmentation"], batch_size=settings.batch_size, synthetic=synthetic or None)
+            seed=seeds["augmentation"], batch_size=settings.batch_size, synthetic=synthetic)
         lap("augmentation")
 
     sweep = None
