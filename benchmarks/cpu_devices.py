@@ -1,8 +1,9 @@
 """How to use a CPU's cores for the main job's train step: one XLA CPU device (its intra-op thread pool) vs
 several devices of one process (`--xla_force_host_platform_device_count`) with the batch split over the
 mesh's `data` axis, with XLA's multithreaded Eigen on or off. Each setting runs in its own process (the XLA
-flags are read once, at start-up), side by side in one invocation; the table gives ms/step, images/s and
-the throughput ratio to one device.
+flags are read once, at start-up), side by side in one invocation, and last the same step in PyTorch
+(diffusers' UNet, all cores) as the reference; the table gives ms/step, images/s and the throughput ratio to
+one device.
 
     python benchmarks/cpu_devices.py                      # the default UNet, batch 8, 1 and 2 devices
     python benchmarks/cpu_devices.py --preset tiny --steps 3 --devices 1,2,4
@@ -34,14 +35,18 @@ def _settings(devices: list[int]) -> list[tuple[str, str]]:
     return settings
 
 
-def _child(preset: str, batch: int, steps: int, warmup: int) -> None:
-    """Runs in a child process: one timing under the XLA_FLAGS it was started with; prints a JSON line."""
+def _child(preset: str, batch: int, steps: int, warmup: int, framework: str) -> None:
+    """Runs in a child process: one timing (under the XLA_FLAGS it was started with); prints a JSON line."""
     sys.path.insert(0, str(HERE))
     import jax
     import train_step
 
     config, latent, text = (train_step._default_preset() if preset == "default" else train_step.PRESETS[preset])
     inputs = train_step.make_inputs(config, latent, text, batch)
+    if framework == "torch":
+        result = train_step.bench_torch(config, inputs, "float32", False, steps, warmup)
+        print(json.dumps({"devices": 1, "step_s": result["step_s"], "compile_s": 0.0, "loss": result["loss"]}))
+        return
     result = train_step.bench_jax(config, inputs, "float32", None, steps, warmup, count_flops=False)
     print(json.dumps({"devices": jax.device_count(), "step_s": result["step_s"], "compile_s": result["compile_s"],
                       "loss": result["loss"]}))
@@ -55,20 +60,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--devices", default="1,2", help="comma-separated device counts")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        _child(args.preset, args.batch, args.steps, args.warmup)
+        _child(args.preset, args.batch, args.steps, args.warmup, args.child)
         return []
     counts = [int(n) for n in args.devices.split(",")]
     if any(args.batch % n for n in counts):
         parser.error(f"--batch {args.batch} must split evenly over {counts} devices")
     rows = []
-    for name, flags in _settings(counts):
+    runs = [*((name, flags, "jax") for name, flags in _settings(counts)), ("PyTorch (diffusers)", "", "torch")]
+    for name, flags, framework in runs:
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
-               "JAX_PLATFORMS": "cpu"}
-        out = subprocess.run([sys.executable, __file__, "--child", "--preset", args.preset, "--batch", str(args.batch),
-                              "--steps", str(args.steps), "--warmup", str(args.warmup)],
+               "JAX_PLATFORMS": "cpu", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        out = subprocess.run([sys.executable, __file__, "--child", framework, "--preset", args.preset, "--batch",
+                              str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)],
                              env=env, capture_output=True, text=True, check=True).stdout
         rows.append({"setting": name, "xla_flags": flags, **json.loads(out.strip().splitlines()[-1])})
     base = rows[0]["step_s"]
