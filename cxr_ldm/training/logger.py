@@ -25,6 +25,7 @@ class MetricsLogger:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.batch_size = batch_size
         self._last_time, self._last_step = time.perf_counter(), resume_step
+        self.excluded_seconds = 0.0  # the total left out of images_per_s (validation, sampling)
         self._writer = None
         self._bar = None
         if not self.enabled:
@@ -53,6 +54,7 @@ class MetricsLogger:
     def exclude_time(self, seconds: float) -> None:
         """Leaves `seconds` (validation, sampling) out of the next images_per_s."""
         self._last_time += seconds
+        self.excluded_seconds += seconds
 
     def _write(self, step: int, metrics: Mapping[str, float]) -> dict:
         record = {"stage": self.stage, "step": int(step), **{k: _plain(v) for k, v in metrics.items()}}

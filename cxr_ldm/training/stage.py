@@ -7,6 +7,7 @@ function and batches (`StageSetup`), and a `finish` function for its outputs.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -54,16 +55,20 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str, mesh:
     """Runs (or resumes) `stage` in `workdir`; returns False if `stop` was requested during its steps (the
     step reached was checkpointed; the stage's outputs are written when it resumes).
 
-    A stage whose done.json exists is skipped without calling `setup`.
+    A stage whose done.json exists is skipped without calling `setup`. done.json records, besides the
+    stage's summary, the wall seconds of this invocation's parts (`StageTimes`).
     """
     if read_done(workdir, stage) is not None:
         return True
+    clock = time.perf_counter()
     s = setup()
     checkpointer = Checkpointer(checkpoints_dir(workdir, stage), save_interval_steps=config.checkpoint_every,
                                 max_to_keep=config.keep_checkpoints, config=s.checkpoint_config)
     state = s.state
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(state, s.iterator)
+    first_step = int(state.step)
+    setup_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     logger = MetricsLogger(workdir, stage, resume_step=int(state.step), total_steps=s.num_steps,
                            batch_size=s.batch_size)
     try:
@@ -77,10 +82,35 @@ def run_stage(stage: str, config: ml_collections.ConfigDict, workdir: str, mesh:
         logger.close()
     if not finished:
         return False
+    loop_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     summary = s.finish(state)
+    times = StageTimes(setup=setup_seconds, steps=loop_seconds - logger.excluded_seconds,
+                       hooks=logger.excluded_seconds, finish=time.perf_counter() - clock,
+                       steps_run=s.num_steps - first_step)
     if jax.process_index() == 0:
-        write_done(workdir, stage, {"step": s.num_steps, **summary})
+        write_done(workdir, stage, {"step": s.num_steps, **summary, "seconds": times.rounded()})
     return True
+
+
+@dataclasses.dataclass
+class StageTimes:
+    """Wall seconds of one invocation of a stage.
+
+    setup: the stage's models, state and data iterator (the LDM's latent cache included) and the checkpoint
+      restore.
+    steps: the step loop without its hooks (the first step's compilation included); `steps_run` steps.
+    hooks: validation and sample grids inside the loop.
+    finish: the stage's outputs (the LDM's exported pipeline).
+    """
+
+    setup: float
+    steps: float
+    hooks: float
+    finish: float
+    steps_run: int
+
+    def rounded(self) -> dict:
+        return {k: v if isinstance(v, int) else round(v, 1) for k, v in dataclasses.asdict(self).items()}
 
 
 def dataset_name(config: ml_collections.ConfigDict) -> str:

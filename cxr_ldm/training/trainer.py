@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 
 import jax
 import ml_collections
@@ -78,7 +79,9 @@ def load_run_tokenizer(config: ml_collections.ConfigDict):
 def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSignal) -> bool:
     """Prepares the data and runs the stages; a SIGTERM (`stop`) is honoured after the step it came in, or,
     when it came during the data build or a stage's setup or outputs, once that work is done."""
+    clock = time.perf_counter()
     prepare_data(config)
+    times = {"data": round(time.perf_counter() - clock, 1)}
     mesh = make_mesh(data=None if config.mesh.data == -1 else config.mesh.data, fsdp=config.mesh.fsdp)
     _say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.default_backend()} device(s); workdir {workdir}")
     for stage in config.stages:
@@ -88,11 +91,15 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSigna
         tokenizer = load_run_tokenizer(config)
         if jax.process_index() == 0:
             fingerprint.record(config, workdir, stage)
+        clock = time.perf_counter()
         if not STAGES[stage](config, workdir, mesh, tokenizer, stop):
             _say(f"stopped by SIGTERM in the {stage} stage after saving a checkpoint; rerun the same "
                  "command to resume")
             return False
+        times[stage] = round(time.perf_counter() - clock, 1)
     _say_where_the_outputs_are(workdir)
+    _say("wall seconds of this run: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+         + " (a stage's parts: <workdir>/<stage>/done.json)")
     return True
 
 

@@ -148,6 +148,11 @@ def test_preempted_run_resumes_to_the_same_weights(data_dir, straight, tmp_path,
     stamp = cache.stat().st_mtime_ns
     assert trainer.run(_config(data_dir), str(interrupted))
     assert cache.stat().st_mtime_ns == stamp  # the resumed LDM stage read the latents cached before
+    # done.json times the invocation that finished the stage: the LDM stage resumed at its step-3 checkpoint.
+    assert json.loads((interrupted / "ldm" / "done.json").read_text())["seconds"]["steps_run"] == 3
+    straight_times = json.loads((straight / "ldm" / "done.json").read_text())["seconds"]
+    assert straight_times["steps_run"] == 6
+    assert min(straight_times[k] for k in ("setup", "steps", "hooks", "finish")) > 0
 
     expected, got = _losses(straight), _losses(interrupted)
     assert [(s, n) for s, n, _ in got] == [(s, n) for s in STAGES for n in range(1, 7)]
