@@ -5,6 +5,7 @@ Everything is read back with `tfds.data_source` and checked value by value (pixe
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -392,3 +393,10 @@ def test_unknown_data_sets_and_configs_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown config '32' of phantom_cxr; expected one of \['64', "):
         prepare("phantom_cxr", tmp_path, config="32")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tfds_opencv_notice_is_dropped_and_other_warnings_kept(caplog):
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        logging.getLogger("absl").warning("OpenCV is not installed. We recommend using OpenCV ...")
+        logging.getLogger("absl").warning("a shard is missing")
+    assert [r.getMessage() for r in caplog.records] == ["a shard is missing"]

@@ -10,6 +10,7 @@ data_dir=...)` finds them.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import tensorflow_datasets as tfds
@@ -63,8 +64,25 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
                                     f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     download_config = tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else os.fspath(manual_dir))
-    builder.download_and_prepare(download_config=download_config)
+    own_progress = getattr(builder, "SHOWS_PROGRESS", False)
+    if own_progress:  # TFDS's bars per split and per shuffle; the builder shows one per split instead
+        tfds.display_progress_bar(False)
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    finally:
+        if own_progress:
+            tfds.display_progress_bar(True)
     return builder
+
+
+class _WithoutOpenCvNotice(logging.Filter):
+    """Drops TFDS's "OpenCV is not installed ... Defaulting to PIL" warning: PIL decodes our PNGs as meant."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "OpenCV is not installed" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_WithoutOpenCvNotice())
 
 
 __all__ = ["BUILDERS", "MimicCxrJpg", "OpeniCxr", "PhantomCxr", "SyntheticCxr", "builder_class", "prepare"]

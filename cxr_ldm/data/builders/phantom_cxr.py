@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tqdm import tqdm
 
 from cxr_ldm.data import phantom
 from cxr_ldm.data.builders import common
@@ -133,15 +134,18 @@ class PhantomCxr(tfds.core.GeneratorBasedBuilder):
             supervised_keys=None,
         )
 
+    SHOWS_PROGRESS = True  # `builders.prepare` turns TFDS's bars off for this builder's one bar per split
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager
         return {
-            split: self._generate_examples(range(SPLIT_SEED_OFFSETS[split], SPLIT_SEED_OFFSETS[split] + size))
+            split: self._generate_examples(range(SPLIT_SEED_OFFSETS[split], SPLIT_SEED_OFFSETS[split] + size), split)
             for split, size in self.builder_config.split_sizes().items()
         }
 
-    def _generate_examples(self, seeds: range):
-        return generate_examples(seeds, self.builder_config.resolution, self.builder_config.num_workers)
+    def _generate_examples(self, seeds: range, split: str = "train"):
+        examples = generate_examples(seeds, self.builder_config.resolution, self.builder_config.num_workers)
+        yield from tqdm(examples, total=len(seeds), desc=f"phantom {split}", unit="study", leave=False)
 
     # TFDS announces a build as a download ("Downloading and preparing dataset Unknown size ...", then
     # "... downloaded and prepared to ..."); the phantom is generated, so it says so instead.
