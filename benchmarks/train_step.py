@@ -75,11 +75,12 @@ def random_params(config: UNetConfig, seed: int = 0) -> dict:
 
 
 def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup, count_flops=True, params=None,
-              attention="auto") -> dict:
+              attention="auto", parts=False) -> dict:
     """Times make_train_step on `inputs`; remat: None (keep every activation) or a REMAT_POLICIES key.
     Returns step_s, compile_s, loss, xla_bytes (the executable's arguments + temporaries + outputs less the
     donated buffers), peak_bytes (the device's peak so far, where it reports one) and, with count_flops,
-    flops (`step_flops`). params: `random_params(config)` unless given; attention: the UNet's attention_impl."""
+    flops (`step_flops`). params: `random_params(config)` unless given; attention: the UNet's attention_impl.
+    With parts, also forward_s and forward_backward_s: the loss, and its value and gradient, each jitted alone."""
     module = UNet2DConditionModel(config, dtype=jnp.dtype(dtype), remat=remat is not None,
                                   remat_policy=remat or "full", attention_impl=attention)
     params = random_params(config) if params is None else params
@@ -103,11 +104,28 @@ def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup, count_flops=T
     seconds = (time.perf_counter() - start) / steps_to_time
     stats = jax.devices()[0].memory_stats() or {}
     result = {"step_s": seconds, "compile_s": compile_s, "loss": float(metrics["loss"]),
+              **(_part_seconds(module, params, batch, steps_to_time, warmup) if parts else {}),
               "xla_bytes": memory and (memory.argument_size_in_bytes + memory.temp_size_in_bytes
                                        + memory.output_size_in_bytes - memory.alias_size_in_bytes),
               "peak_bytes": stats.get("peak_bytes_in_use")}
     if count_flops:
         result["flops"] = step_flops(module, tx, shapes, inputs)
+    return result
+
+
+def _part_seconds(module, params, batch, steps_to_time, warmup) -> dict:
+    """Seconds per call of the step's loss and of its value and gradient, each jitted alone."""
+    loss = lambda p: unet_loss_fn(module)({"unet": p}, {}, batch, None, 0)[0]
+    result = {}
+    for name, fn in (("forward_s", jax.jit(loss)), ("forward_backward_s", jax.jit(jax.value_and_grad(loss)))):
+        for _ in range(warmup):
+            out = fn(params)
+        jax.block_until_ready(out)
+        start = time.perf_counter()
+        for _ in range(steps_to_time):
+            out = fn(params)
+        jax.block_until_ready(out)
+        result[name] = (time.perf_counter() - start) / steps_to_time
     return result
 
 
@@ -185,6 +203,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--framework", choices=("both", "jax", "torch"), default="both")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the JAX forward and forward + backward alone (the optimizer is the rest)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -196,7 +216,7 @@ def main(argv=None) -> dict:
     timings = {}
     if args.framework in ("both", "jax"):
         remat = None if args.remat == "none" else args.remat
-        timings["jax"] = bench_jax(config, inputs, args.dtype, remat, args.steps, args.warmup)
+        timings["jax"] = bench_jax(config, inputs, args.dtype, remat, args.steps, args.warmup, parts=args.parts)
     if args.framework in ("both", "torch"):
         timings["torch"] = bench_torch(config, inputs, args.dtype, args.remat != "none", args.steps, args.warmup)
     for name, t in timings.items():
@@ -220,6 +240,9 @@ def main(argv=None) -> dict:
             extra += f"  MFU {100 * t['mfu']:.1f}%"
         print(f"  {name:5s} {t['step_s'] * 1e3:9.1f} ms/step  {t['images_per_s']:8.2f} images/s  "
               f"loss {t['loss']:.4f}{extra}")
+        if "forward_s" in t:
+            print(f"        forward {t['forward_s'] * 1e3:.1f} ms, forward + backward {t['forward_backward_s'] * 1e3:.1f} "
+                  f"ms, optimizer and the rest {(t['step_s'] - t['forward_backward_s']) * 1e3:.1f} ms")
     if "jax_over_torch" in results:
         print(f"  throughput ratio jax / torch: {results['jax_over_torch']:.2f}")
     if args.json:
