@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from cxr_ldm.cli_types import number, positive_int, strength
 from cxr_ldm.diffusion.samplers import img2img_start_step
-from cxr_ldm.io.compilation_cache import enable_compilation_cache
+from cxr_ldm.io.compilation_cache import NO_CACHE_HELP, enable_compilation_cache
 from cxr_ldm.io.images import make_grid, read_image, save_png
 from cxr_ldm.io.weights import PickleRefusedError
 from cxr_ldm.pipeline import SAMPLERS, Pipeline
@@ -83,9 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--invert", action="store_true",
                    help="with --init-image: DDIM-invert it under each prompt over --steps, then sample from the "
                         "inverted latents (--guidance 1 redraws the image; more pushes it towards the prompt)")
-    p.add_argument("--no-compilation-cache", action="store_true",
-                   help="compile afresh: no JAX persistent compilation cache (default: $CXR_LDM_COMPILATION_CACHE, "
-                        "else ~/.cache/cxr_ldm/jax)")
+    p.add_argument("--no-compilation-cache", action="store_true", help=NO_CACHE_HELP)
     args = p.parse_args(argv)
     for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
         if args.init_image is None and value is not None:

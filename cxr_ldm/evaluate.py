@@ -72,7 +72,7 @@ from cxr_ldm.evaluation.evaluator import (
 )
 from cxr_ldm.evaluation.edits import EDIT_SETS
 from cxr_ldm.evaluation.prompts import PROMPT_SETS, PromptFileError
-from cxr_ldm.io.compilation_cache import enable_compilation_cache
+from cxr_ldm.io.compilation_cache import NO_CACHE_HELP, enable_compilation_cache
 from cxr_ldm.io.weights import PickleRefusedError
 
 
@@ -156,9 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-edits", type=positive_int, default=100, help="with --edits: studies edited")
     parser.add_argument("--edit-strength", type=strength, default=0.6,
                         help="with --edits: the SDEdit strength in (0, 1] (inpainting runs at 1)")
-    parser.add_argument("--no-compilation-cache", action="store_true",
-                        help="compile afresh: no JAX persistent compilation cache (default: "
-                             "$CXR_LDM_COMPILATION_CACHE, else ~/.cache/cxr_ldm/jax)")
+    parser.add_argument("--no-compilation-cache", action="store_true", help=NO_CACHE_HELP)
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.judge_only:
         parser.error("--checkpoint is required (except with --judge-only)")

@@ -56,7 +56,7 @@ from cxr_ldm.data.chexpert import CHEXPERT_LABELS
 from cxr_ldm.data.input_pipeline import data_source
 from cxr_ldm.evaluation.classifier import FindingClassifier
 from cxr_ldm.evaluation.findings import MAJOR_FINDINGS, allowed_findings
-from cxr_ldm.io.compilation_cache import enable_compilation_cache
+from cxr_ldm.io.compilation_cache import NO_CACHE_HELP, enable_compilation_cache
 from cxr_ldm.io.dicom import write_dicom
 from cxr_ldm.io.run_folder import EXPORT_DIRNAME, folder_digest, write_file_atomically
 from cxr_ldm.pipeline import Pipeline
@@ -95,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", choices=FORMATS, default="png", help="image files beside the data set")
     p.add_argument("--shard-size", type=positive_int, default=256, help="rows per shard")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per sampler call")
+    p.add_argument("--no-compilation-cache", action="store_true", help=NO_CACHE_HELP)
     args = p.parse_args(argv)
     if args.filter != (args.judge is not None):
         p.error("--filter and --judge go together")
@@ -380,7 +381,7 @@ def _prepare(args: argparse.Namespace) -> Writer:
             judge = FindingClassifier.load(args.judge)
         except (FileNotFoundError, ValueError) as e:
             _fail(f"--judge {args.judge}: {e}")
-    enable_compilation_cache()
+    enable_compilation_cache(not args.no_compilation_cache)
     try:
         pipe = Pipeline.from_pretrained(checkpoint)
     except (FileNotFoundError, ValueError, OSError) as e:

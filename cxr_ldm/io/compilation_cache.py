@@ -12,6 +12,9 @@ import os
 import jax
 
 ENV_VAR = "CXR_LDM_COMPILATION_CACHE"
+# The CLIs' --no-compilation-cache help.
+NO_CACHE_HELP = ("compile every program afresh: no JAX persistent compilation cache (default: "
+                 f"${ENV_VAR}, else ~/.cache/cxr_ldm/jax)")
 
 
 def compilation_cache_dir() -> str:
