@@ -22,7 +22,8 @@ rows. Row i's prompt is fixed before any image is drawn; its image starts from t
   shards/<k>.json           the rows of finished shard k
 
 Rows are written in shards of --shard-size; process p of a multi-host run (jax.process_index()) writes the
-shards k with k % process_count == p. A shard's files are renamed into place once it is whole, its
+shards k with k % process_count == p, and a --batch-size that divides over its local devices is sampled across
+them (`Pipeline`; the images are those one device draws). A shard's files are renamed into place once it is whole, its
 array_record file last, so a rerun skips finished shards and redoes the others, and SIGTERM stops after
 the batch in progress with exit status 0. The same settings give the same bytes, resumed or not. The
 manifest, the card and dataset_info.json are written once every shard is.
