@@ -97,9 +97,9 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSigna
                  "command to resume")
             return False
         times[stage] = round(time.perf_counter() - clock, 1)
-    _say_where_the_outputs_are(workdir)
     _say("wall seconds of this run: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
          + " (a stage's parts: <workdir>/<stage>/done.json)")
+    _say_where_the_outputs_are(workdir)
     return True
 
 

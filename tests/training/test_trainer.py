@@ -86,6 +86,7 @@ def test_a_run_says_what_it_builds_and_ends_with_where_its_outputs_are(data_dir,
     workdir, printed = straight_run
     assert f"building the phantom data set phantom_cxr/tiny: 160 studies in {data_dir}\n" in printed
     assert "Downloading and preparing" not in printed and "downloaded and prepared" not in printed
+    assert "wall seconds of this run: data " in printed and ", ldm " in printed
     assert printed.endswith(
         f"done: {workdir}\n"
         f"  samples   {workdir}/samples/ldm_step_000006.png\n"
