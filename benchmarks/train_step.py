@@ -94,14 +94,7 @@ def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup, count_flops=T
     compiled = step.lower(train_state, batch).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    for _ in range(warmup):
-        train_state, metrics = compiled(train_state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps_to_time):
-        train_state, metrics = compiled(train_state, batch)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps_to_time
+    seconds, metrics = seconds_per_call(lambda s: compiled(s, batch), train_state, steps_to_time, warmup)
     stats = jax.devices()[0].memory_stats() or {}
     result = {"step_s": seconds, "compile_s": compile_s, "loss": float(metrics["loss"]),
               **(_part_seconds(module, params, batch, steps_to_time, warmup) if parts else {}),
@@ -113,20 +106,24 @@ def bench_jax(config, inputs, dtype, remat, steps_to_time, warmup, count_flops=T
     return result
 
 
+def seconds_per_call(fn, carry, steps_to_time: int, warmup: int):
+    """(mean seconds per call, last output) of `carry, output = fn(carry)` called `steps_to_time` times after
+    `warmup` calls, each timing ended by waiting for the output (JAX dispatches asynchronously)."""
+    for _ in range(warmup):
+        carry, out = fn(carry)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(steps_to_time):
+        carry, out = fn(carry)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps_to_time, out
+
+
 def _part_seconds(module, params, batch, steps_to_time, warmup) -> dict:
     """Seconds per call of the step's loss and of its value and gradient, each jitted alone."""
     loss = lambda p: unet_loss_fn(module)({"unet": p}, {}, batch, None, 0)[0]
-    result = {}
-    for name, fn in (("forward_s", jax.jit(loss)), ("forward_backward_s", jax.jit(jax.value_and_grad(loss)))):
-        for _ in range(warmup):
-            out = fn(params)
-        jax.block_until_ready(out)
-        start = time.perf_counter()
-        for _ in range(steps_to_time):
-            out = fn(params)
-        jax.block_until_ready(out)
-        result[name] = (time.perf_counter() - start) / steps_to_time
-    return result
+    return {name: seconds_per_call(lambda p: (p, fn(p)), params, steps_to_time, warmup)[0]
+            for name, fn in (("forward_s", jax.jit(loss)), ("forward_backward_s", jax.jit(jax.value_and_grad(loss))))}
 
 
 def unet_loss_fn(module):

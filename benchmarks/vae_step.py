@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import seconds_per_call  # noqa: E402
 
 from configs import default, tiny  # noqa: E402
 from cxr_ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, dummy_inputs  # noqa: E402
@@ -36,18 +39,6 @@ def make_images(config: AutoencoderConfig, batch: int, seed: int = 0) -> np.ndar
     """(batch, side, side, in_channels) float32 images in [-1, 1]."""
     side = config.sample_size
     return np.random.default_rng(seed).uniform(-1, 1, (batch, side, side, config.in_channels)).astype(np.float32)
-
-
-def _timed(fn, args, steps_to_time: int, warmup: int) -> float:
-    """Mean seconds per call of `fn(*args)` after `warmup` calls; `fn` returns (args for the next call, output)."""
-    for _ in range(warmup):
-        args, out = fn(*args)
-    jax.block_until_ready(out)
-    start = time.perf_counter()
-    for _ in range(steps_to_time):
-        args, out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / steps_to_time
 
 
 def bench_jax(config: AutoencoderConfig, images: np.ndarray, steps_to_time: int, warmup: int) -> dict:
@@ -68,20 +59,10 @@ def bench_jax(config: AutoencoderConfig, images: np.ndarray, steps_to_time: int,
     start = time.perf_counter()
     compiled = step.lower(train_state, batch).compile()
     compile_s = time.perf_counter() - start
-    result = {
-        "forward_s": _timed(lambda p: ((p,), forward(p)), (trainable,), steps_to_time, warmup),
-        "forward_backward_s": _timed(lambda p: ((p,), backward(p)), (trainable,), steps_to_time, warmup),
-        "compile_s": compile_s,
-    }
-    holder = {}
-
-    def train(s):
-        s, metrics = compiled(s, batch)
-        holder["loss"] = metrics["loss"]
-        return (s,), metrics["loss"]
-    result["step_s"] = _timed(train, (train_state,), steps_to_time, warmup)
-    result["loss"] = float(holder["loss"])
-    return result
+    result = {name: seconds_per_call(lambda p: (p, fn(p)), trainable, steps_to_time, warmup)[0]
+              for name, fn in (("forward_s", forward), ("forward_backward_s", backward))}
+    result["step_s"], metrics = seconds_per_call(lambda s: compiled(s, batch), train_state, steps_to_time, warmup)
+    return {**result, "compile_s": compile_s, "loss": float(metrics["loss"])}
 
 
 def torch_loss(model, x, sample_posterior: bool = True):

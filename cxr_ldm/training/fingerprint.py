@@ -89,7 +89,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, retrain_from:
         if recorded is None:
             continue
         current = stage_fingerprint(stage, config, workdir)
-        changes = (differences(recorded["config"], current["config"])  # named as on the command line
+        # A field added to the configs after this stage was trained, left at None, changes nothing it did.
+        current_config = {key: value for key, value in current["config"].items()
+                          if key in recorded["config"] or value is not None}
+        changes = (differences(recorded["config"], current_config)  # named as on the command line
                    + differences({"inputs": recorded["inputs"]}, {"inputs": current["inputs"]}))
         if not changes:
             continue

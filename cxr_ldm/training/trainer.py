@@ -19,6 +19,7 @@ from cxr_ldm.io.run_folder import (
     SAMPLES_DIRNAME,
     adapter_dir,
     export_dir,
+    read_done,
     stage_dir,
     workdir_lock,
     write_file_atomically,
@@ -81,7 +82,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSigna
     when it came during the data build or a stage's setup or outputs, once that work is done."""
     clock = time.perf_counter()
     prepare_data(config)
-    times = {"data": round(time.perf_counter() - clock, 1)}
+    times = {"data": f"{time.perf_counter() - clock:.0f}"}
     mesh = make_mesh(data=None if config.mesh.data == -1 else config.mesh.data, fsdp=config.mesh.fsdp)
     _say(f"mesh {dict(mesh.shape)} over {mesh.size} {jax.default_backend()} device(s); workdir {workdir}")
     for stage in config.stages:
@@ -91,13 +92,14 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, stop: StopSigna
         tokenizer = load_run_tokenizer(config)
         if jax.process_index() == 0:
             fingerprint.record(config, workdir, stage)
+        done_earlier = read_done(workdir, stage) is not None
         clock = time.perf_counter()
         if not STAGES[stage](config, workdir, mesh, tokenizer, stop):
             _say(f"stopped by SIGTERM in the {stage} stage after saving a checkpoint; rerun the same "
                  "command to resume")
             return False
-        times[stage] = round(time.perf_counter() - clock, 1)
-    _say("wall seconds of this run: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+        times[stage] = "done earlier" if done_earlier else f"{time.perf_counter() - clock:.0f}"
+    _say("wall seconds of this run: " + ", ".join(f"{k} {v}" for k, v in times.items())
          + " (a stage's parts: <workdir>/<stage>/done.json)")
     _say_where_the_outputs_are(workdir)
     return True

@@ -171,13 +171,14 @@ def test_a_sigterm_during_the_data_build_stops_before_the_first_stage(data_dir, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "train.lock"]
 
 
-def test_finished_run_is_skipped_and_exports_a_loadable_pipeline(data_dir, straight):
+def test_finished_run_is_skipped_and_exports_a_loadable_pipeline(data_dir, straight, capsys):
     import cxr_ldm
     before = (straight / "metrics.jsonl").read_text()
     config = _config(data_dir)
     config.update(log_every=3, checkpoint_every=3)  # settings that change no model: accepted, and recorded
     config.sample.steps, config.autoencoder.eval_every = 3, 3
     assert trainer.run(config, str(straight))  # all stages done: nothing is retrained
+    assert "autoencoder done earlier, text_pretrain done earlier, ldm done earlier" in capsys.readouterr().err
     assert (straight / "metrics.jsonl").read_text() == before
     assert json.loads((straight / "config.json").read_text())["log_every"] == 3
     pipe = cxr_ldm.Pipeline.from_pretrained(straight)
@@ -258,6 +259,20 @@ def test_a_replaced_input_folder_is_refused(data_dir, straight, tmp_path, monkey
         trainer.run(_config(data_dir), str(workdir))
 
 
+def test_a_field_added_to_the_configs_later_is_absent_from_older_runs_and_accepted_at_none(data_dir, straight,
+                                                                                            tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    recorded = fingerprint.read_fingerprint(str(workdir), "autoencoder")
+    assert recorded["config"].pop("autoencoder.train_crop") is None
+    fingerprint.write_fingerprint(str(workdir), "autoencoder", recorded)  # as a run from before the field
+    assert fingerprint.check_workdir(_config(data_dir), str(workdir)) == []
+    config = _config(data_dir)
+    config.autoencoder.train_crop = 16
+    with pytest.raises(fingerprint.ConfigMismatchError, match="autoencoder.train_crop absent -> 16"):
+        fingerprint.check_workdir(config, str(workdir))
+
+
 def test_retrain_from_retrains_the_stage_that_differs_and_the_later_ones(data_dir, straight, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
@@ -278,7 +293,15 @@ def test_retrain_from_retrains_the_stage_that_differs_and_the_later_ones(data_di
     assert _files(workdir) == before
 
 
-def test_a_data_build_warns_of_nothing(tmp_path, caplog):
-    """TFDS's check for a built data set warns that a folder not built yet "has no dataset_info.json"."""
-    trainer.prepare_data(_config(tmp_path))
+def test_a_data_build_warns_of_nothing_and_keeps_the_callers_progress_bar_setting(tmp_path, caplog):
+    """TFDS's check for a built data set warns that a folder not built yet "has no dataset_info.json". The
+    phantom builder hides TFDS's own bars while it builds, then restores what the caller had chosen."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+    tfds.display_progress_bar(False)
+    try:
+        trainer.prepare_data(_config(tmp_path))
+        assert tqdm_utils._active is False
+    finally:
+        tfds.display_progress_bar(True)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -14,6 +14,7 @@ import logging
 import os
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from cxr_ldm.data.builders.mimic_cxr_jpg import MimicCxrJpg
 from cxr_ldm.data.builders.openi_cxr import OpeniCxr
@@ -65,13 +66,14 @@ def prepare(name: str, data_dir: str | os.PathLike, config: str | None = None,
     download_config = tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else os.fspath(manual_dir))
     own_progress = getattr(builder, "SHOWS_PROGRESS", False)
+    shown_before = getattr(tqdm_utils, "_active", True)  # the caller's tfds.display_progress_bar setting
     if own_progress:  # TFDS's bars per split and per shuffle; the builder shows one per split instead
         tfds.display_progress_bar(False)
     try:
         builder.download_and_prepare(download_config=download_config)
     finally:
         if own_progress:
-            tfds.display_progress_bar(True)
+            tfds.display_progress_bar(shown_before)
     return builder
 
 
