@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ((CheXpert label, factor), ...): studies with these findings appear `factor` times per epoch. Tubes,
     # lines and fractures are thin and in few studies; without this the VAE learns to drop them.
     c.autoencoder.oversample = (("Support Devices", 8), ("Fracture", 8))
+    c.autoencoder.train_crop = placeholder(int)  # train on random windows of this side (px); None: whole images
     c.autoencoder.discriminator_start = -1  # step at which a patch discriminator starts; -1: none
     c.autoencoder.discriminator_weight = 0.1  # the discriminator's loss weight once started
     # Fold the per-channel mean / std of the latents into the VAE's 1x1 convs (scaling_factor 1): the

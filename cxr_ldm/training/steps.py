@@ -199,6 +199,10 @@ class AutoencoderLossConfig:
       blur away (0 = off).
     kl_weight: weight of KL(q(z|x) || N(0, I)) (1e-6 in Stable Diffusion's VAE).
     sample_posterior: decode a posterior sample (else the mean).
+    crop: train on one random crop x crop window of each image (its corner on the latent grid: a multiple
+      of the VAE's downsampling factor), None = the whole image. A convolutional VAE learns the same local
+      reconstruction from a window for a fraction of the step's cost, as Stable Diffusion's VAE trained on
+      256 px crops and serves 512 px images.
     disc_start: optimizer updates before the PatchGAN terms switch on; None = no discriminator.
     disc_weight: weight of the generator's hinge loss; with adaptive_disc_weight multiplied by
       |grad reconstruction| / |grad GAN| at the decoder's last layer `last_layer` (Esser et al. 2021).
@@ -209,6 +213,7 @@ class AutoencoderLossConfig:
     gradient_weight: float = 0.0
     kl_weight: float = 1e-6
     sample_posterior: bool = True
+    crop: int | None = None
     disc_start: int | None = None
     disc_weight: float = 0.5
     adaptive_disc_weight: bool = True
@@ -237,6 +242,9 @@ def make_autoencoder_loss_fn(vae: nn.Module, config: AutoencoderLossConfig,
         del frozen
         params = trainable["vae"]
         images = match_channels(batch["image"], vae.config.in_channels).astype(jnp.float32)
+        if config.crop is not None:
+            rng, crop_rng = jax.random.split(rng)
+            images = random_windows(images, config.crop, vae.config.downsampling_factor, crop_rng)
         mean, logvar = vae.apply({"params": params}, images, method=vae.encode)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape) if config.sample_posterior else mean
         decode = lambda p: vae.apply({"params": p}, z, method=vae.decode)
@@ -262,6 +270,19 @@ def make_autoencoder_loss_fn(vae: nn.Module, config: AutoencoderLossConfig,
         loss = loss + active * (weight * g_loss + d_loss)
         return loss, {**aux, "g_loss": g_loss, "d_loss": d_loss, "disc_weight": active * weight}
     return loss_fn
+
+
+def random_windows(images: jax.Array, size: int, grid: int, rng: jax.Array) -> jax.Array:
+    """One size x size window of each image (B, H, W, C) -> (B, size, size, C), its top-left corner drawn
+    uniformly from the multiples of `grid` that keep it inside the image."""
+    height, width = images.shape[1:3]
+    if size % grid or not grid <= size <= min(height, width):
+        raise ValueError(f"autoencoder crop = {size}: expected a multiple of {grid} (the VAE's downsampling "
+                         f"factor) between {grid} and the image side {min(height, width)}")
+    y_rng, x_rng = jax.random.split(rng)
+    corner = lambda key, side: grid * jax.random.randint(key, (images.shape[0],), 0, (side - size) // grid + 1)
+    window = lambda image, y, x: jax.lax.dynamic_slice(image, (y, x, 0), (size, size, image.shape[-1]))
+    return jax.vmap(window)(images, corner(y_rng, height), corner(x_rng, width))
 
 
 def _adaptive_weight(rec_fn, gan_fn, params, last_layer) -> jax.Array:

@@ -1,5 +1,6 @@
 """Train steps: LDM loss wiring, non-finite skip, gradient accumulation, EMA and schedule against
 diffusers/torch, autoencoder loss with the PatchGAN discriminator."""
+import dataclasses
 import functools
 import math
 
@@ -215,3 +216,38 @@ def test_autoencoder_gradient_loss_term_is_the_l1_of_finite_difference_errors():
     edges += sum(abs(error[i, r, c + 1] - error[i, r, c]).sum() for i in range(b) for r in range(h) for c in range(w - 1))
     np.testing.assert_allclose(terms[0.0], np.mean(np.sum(abs(error) + 0.5 * error ** 2, axis=(1, 2, 3))), rtol=1e-4)
     np.testing.assert_allclose(terms[3.0] - terms[0.0], 3.0 * edges / b, rtol=1e-4)
+
+
+def test_random_windows_are_grid_aligned_crops_and_reach_every_corner():
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 16, 1)), jnp.float32)
+    seen = set()
+    for key in range(20):
+        windows = np.asarray(steps.random_windows(images, 8, 4, jax.random.PRNGKey(key)))
+        assert windows.shape == (4, 8, 8, 1)
+        for i, window in enumerate(windows):
+            corners = [(y, x) for y in range(0, 9, 4) for x in range(0, 9, 4)
+                       if np.array_equal(window, np.asarray(images)[i, y:y + 8, x:x + 8])]
+            assert len(corners) == 1
+            seen.add(corners[0])
+    assert seen == {(y, x) for y in (0, 4, 8) for x in (0, 4, 8)}
+    with pytest.raises(ValueError, match="crop = 6: expected a multiple of 4"):
+        steps.random_windows(images, 6, 4, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="crop = 20: .* image side 16"):
+        steps.random_windows(images, 20, 4, jax.random.PRNGKey(0))
+
+
+def test_autoencoder_crop_trains_on_the_windows():
+    vae = common.tiny_models().vae
+    vae_params = common.random_params(vae, jnp.zeros((1, 16, 16, 1)))
+    batch = {"image": common.tiny_batch(0)["image"]}
+    rng = jax.random.PRNGKey(5)
+    config = steps.AutoencoderLossConfig(l1_weight=1.0, l2_weight=0.5, gradient_weight=2.0, kl_weight=1e-3)
+    grid = vae.config.downsampling_factor
+    cropped, _ = steps.make_autoencoder_loss_fn(vae, dataclasses.replace(config, crop=8))(
+        {"vae": vae_params}, {}, batch, rng, 0)
+    rng_rest, crop_rng = jax.random.split(rng)
+    windows = {"image": steps.random_windows(batch["image"], 8, grid, crop_rng)}
+    expected, _ = steps.make_autoencoder_loss_fn(vae, config)({"vae": vae_params}, {}, windows, rng_rest, 0)
+    whole, _ = steps.make_autoencoder_loss_fn(vae, config)({"vae": vae_params}, {}, batch, rng, 0)
+    np.testing.assert_allclose(float(cropped), float(expected), rtol=1e-5)
+    assert float(cropped) < 0.5 * float(whole)  # per-image sums over a quarter of the pixels
