@@ -492,6 +492,8 @@ class Pipeline:
 def _expand_multi_vector_tokens(tokenizer, prompt: str) -> str:
     """`prompt` with each added token t that has companions t_1, t_2, ... (a multi-vector textual inversion)
     written "t t_1 t_2 ..." (diffusers' `TextualInversionLoaderMixin.maybe_convert_prompt`)."""
+    if not any(f"{token}_1" in tokenizer.added_tokens_encoder for token in tokenizer.added_tokens_encoder):
+        return prompt  # nothing to expand; tokenizing a long prompt would only warn that it is long
     for token in set(tokenizer.tokenize(prompt)):
         if token in tokenizer.added_tokens_encoder:
             replacement, i = token, 1

@@ -170,3 +170,14 @@ def test_missing_folder_and_bad_arguments_are_named(pipelines, tmp_path):
         pipe(PROMPTS, guidance_rescale=1.5)
     with pytest.raises(ValueError, match="latents must have shape"):
         pipe(PROMPTS, latents=np.zeros((2, 4, 4, 4), np.float32))
+
+
+def test_a_prompt_longer_than_the_window_is_cut_without_a_transformers_warning(capfd):
+    from cxr_ldm.data.tokenizer import set_prompt_length, truncation
+    from cxr_ldm.pipeline import _expand_multi_vector_tokens
+    tokenizer = load_tokenizer()
+    set_prompt_length(tokenizer, 8)
+    prompt = "Large left pleural effusion with compressive atelectasis of the left lower lobe."
+    assert _expand_multi_vector_tokens(tokenizer, prompt) == prompt
+    assert truncation(tokenizer, prompt)[1] > 8
+    assert "Token indices sequence length" not in capfd.readouterr().err
