@@ -7,6 +7,7 @@ All functions are jittable; `alphas_cumprod` is a (T,) array, numpy (preferred: 
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from cxr_ldm.diffusion.schedules import PREDICTION_TYPES, alpha_sigma_tables
@@ -18,6 +19,17 @@ def _alpha_sigma(t: jnp.ndarray, alphas_cumprod, ndim: int) -> tuple[jnp.ndarray
     t = jnp.asarray(t)
     shape = t.shape + (1,) * (ndim - t.ndim)
     return alphas[t].reshape(shape), sigmas[t].reshape(shape)
+
+
+def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, logit_std: float = 0.0,
+                     logit_mean: float = 0.0) -> jnp.ndarray:
+    """Training timesteps, int32 (batch_size,) in [0, num_timesteps): uniform when logit_std is 0, else
+    logit-normal (Esser et al. 2024): t = floor(T sigmoid(n)), n ~ N(logit_mean, logit_std^2), which draws
+    the middle of the schedule more often than its ends (a positive mean leans to the noisy end)."""
+    if not logit_std:
+        return jax.random.randint(rng, (batch_size,), 0, num_timesteps)
+    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch_size,), jnp.float32))
+    return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
 
 
 def add_noise(x0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray, alphas_cumprod) -> jnp.ndarray:

@@ -64,7 +64,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> 
                 c.discriminator_start)})
     loss_config = steps_lib.AutoencoderLossConfig(
         l1_weight=c.l1_weight, l2_weight=c.l2_weight, gradient_weight=c.gradient_weight,
-        kl_weight=c.kl_weight, crop=c.get("train_crop"),
+        kl_weight=c.kl_weight, crop=c.train_crop,
         disc_start=c.discriminator_start if discriminator is not None else None,
         disc_weight=c.discriminator_weight)
     state, shardings = init_train_state(trainable, {}, optimizer, jax.random.fold_in(rng, 3), mesh)

@@ -47,7 +47,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int) -> None:
                 if not _is_count(_get(config, name))]
     if not problems:
         problems = (_schedule_problems(config) + _device_problems(config, device_count) + _data_problems(config)
-                    + _name_problems(config) + _bert_problems(config))
+                    + _name_problems(config) + _bert_problems(config) + _ldm_loss_problems(config))
     if problems:
         raise ConfigError("; ".join(problems))
     check_models_fit(config)
@@ -128,11 +128,27 @@ def _data_problems(config) -> list[str]:
     if config.data.resolution != side:
         problems.append(f"config.data.resolution = {config.data.resolution}: the images of "
                         f"{config.data.name}/{name} are {side} px")
-    if AUTOENCODER_STAGE in config.stages and not config.autoencoder.init_from:
+    if AUTOENCODER_STAGE in config.stages and not config.autoencoder.init_from:  # else the folder's VAE
         factor = _autoencoder(config).downsampling_factor
         if side % factor:
             problems.append(f"config.data.resolution = {side}: expected a multiple of {factor}, the downsampling "
                             "factor of config.autoencoder.model")
+        crop = config.autoencoder.train_crop
+        if crop is not None and not (_is_count(crop) and crop % factor == 0 and crop <= side):
+            problems.append(f"config.autoencoder.train_crop = {crop!r}: expected a multiple of {factor} (the "
+                            f"VAE's downsampling factor) up to the image side {side}, or None")
+    return problems
+
+
+def _ldm_loss_problems(config) -> list[str]:
+    if LDM_STAGE not in config.stages:
+        return []
+    c, problems = config.ldm, []
+    if c.snr_offset and c.snr_gamma is None:
+        problems.append(f"config.ldm.snr_offset = {c.snr_offset}: it adds to the min-SNR weight, so it needs "
+                        "config.ldm.snr_gamma")
+    if not c.timestep_logit_std >= 0:
+        problems.append(f"config.ldm.timestep_logit_std = {c.timestep_logit_std}: expected >= 0 (0: uniform)")
     return problems
 
 

@@ -50,6 +50,9 @@ IGNORED_FIELDS = frozenset({
     "data.data_dir", "data.manual_dir", "autoencoder.init_from", "ldm.init_from", "ldm.text_encoder_from",
     "ldm.init_allow_pickle",
     "autoencoder.eval_every", "autoencoder.num_eval_batches", "text_pretrain.num_eval_batches"})
+# Fields added to the configs after stages were trained, with the value that trains what those stages did
+# without them (a field added at None is also taken as unchanged).
+ADDED_FIELDS = {"ldm.snr_offset": 0.0, "ldm.timestep_logit_std": 0.0, "ldm.timestep_logit_mean": 0.0}
 
 
 class ConfigMismatchError(WorkdirError):
@@ -89,9 +92,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, retrain_from:
         if recorded is None:
             continue
         current = stage_fingerprint(stage, config, workdir)
-        # A field added to the configs after this stage was trained, left at None, changes nothing it did.
         current_config = {key: value for key, value in current["config"].items()
-                          if key in recorded["config"] or value is not None}
+                          if key in recorded["config"] or (value is not None and value != ADDED_FIELDS.get(key))}
         changes = (differences(recorded["config"], current_config)  # named as on the command line
                    + differences({"inputs": recorded["inputs"]}, {"inputs": current["inputs"]}))
         if not changes:

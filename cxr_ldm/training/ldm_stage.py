@@ -178,6 +178,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> 
     state, shardings = init_train_state(trainable, frozen, optimizer, jax.random.fold_in(rng, 22), mesh,
                                         use_ema=c.ema_decay is not None)
     loss_config = steps_lib.LDMLossConfig(prediction_type=scheduler.prediction_type, snr_gamma=c.snr_gamma,
+                                          snr_offset=c.snr_offset,
+                                          timestep_logit_std=c.timestep_logit_std,
+                                          timestep_logit_mean=c.timestep_logit_mean,
                                           latent_scale=models.vae.config.scaling_factor,
                                           latent_shift=models.vae.config.shift_factor or 0.0)
     step_fn = steps_lib.make_ldm_train_step(

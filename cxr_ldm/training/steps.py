@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from cxr_ldm.diffusion.losses import diffusion_loss
 from cxr_ldm.diffusion.schedules import PREDICTION_TYPES
-from cxr_ldm.diffusion.targets import add_noise, training_target
+from cxr_ldm.diffusion.targets import add_noise, sample_timesteps, training_target
 from cxr_ldm.imaging import match_channels, psnr, ssim
 from cxr_ldm.training import finetune as finetune_lib
 from cxr_ldm.training import optimizer as optimizer_lib
@@ -89,12 +89,18 @@ class LDMModels:
 class LDMLossConfig:
     """prediction_type: "epsilon", "v_prediction" or "sample" (the scheduler config's).
     snr_gamma: min-SNR-gamma loss weighting, None = plain MSE.
+    snr_offset: added to the min-SNR weight of the x0 error (`losses.min_snr_weights`); needs snr_gamma.
+    timestep_logit_std, timestep_logit_mean: logit-normal training timesteps (`targets.sample_timesteps`);
+      std 0 = uniform.
     noise_offset: adds noise_offset * N(0, 1) per example and channel to the noise (0 = off).
     latent_scale, latent_shift: latents = (z - latent_shift) * latent_scale, z the VAE posterior sample
       (or mean, if not sample_posterior); the VAE config's scaling_factor / shift_factor, or measured."""
 
     prediction_type: str = "epsilon"
     snr_gamma: float | None = None
+    snr_offset: float = 0.0
+    timestep_logit_std: float = 0.0
+    timestep_logit_mean: float = 0.0
     noise_offset: float = 0.0
     latent_scale: float = 0.18215
     latent_shift: float = 0.0
@@ -103,6 +109,10 @@ class LDMLossConfig:
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type = {self.prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        if self.snr_offset and self.snr_gamma is None:
+            raise ValueError(f"snr_offset = {self.snr_offset} needs snr_gamma (min-SNR weighting) to be set")
+        if self.timestep_logit_std < 0:
+            raise ValueError(f"timestep_logit_std = {self.timestep_logit_std}: expected >= 0")
 
 
 
@@ -135,8 +145,9 @@ def measure_latent_scale(vae: nn.Module, vae_params: Any, images: jax.Array, rng
 def make_ldm_loss_fn(models: LDMModels, finetune: finetune_lib.FinetuneConfig, config: LDMLossConfig,
                      alphas_cumprod) -> LossFn:
     """The denoising loss of one batch {"image": (B, H, W, C) in [-1, 1], "input_ids": int (B, L)}
-    (or "latent_moments" (B, h, w, 2c) from a `latent_cache` in place of "image"): encode to latents, draw t ~ U{0..T-1} and noise, predict with the UNet conditioned on the text
+    (or "latent_moments" (B, h, w, 2c) from a `latent_cache` in place of "image"): encode to latents, draw t and noise, predict with the UNet conditioned on the text
     encoder's last hidden state, MSE to the prediction target (min-SNR weighted if set).
+    t is drawn by `targets.sample_timesteps` (uniform unless config.timestep_logit_std).
     Prompt dropout for classifier-free guidance is done by the input pipeline (empty prompts)."""
     alphas_cumprod = jnp.asarray(alphas_cumprod, jnp.float32)
     num_timesteps = alphas_cumprod.shape[0]
@@ -156,13 +167,14 @@ def make_ldm_loss_fn(models: LDMModels, finetune: finetune_lib.FinetuneConfig, c
         noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
         if config.noise_offset:
             noise = noise + config.noise_offset * jax.random.normal(offset_rng, (batch_size, 1, 1, channels))
-        t = jax.random.randint(t_rng, (batch_size,), 0, num_timesteps)
+        t = sample_timesteps(t_rng, batch_size, num_timesteps, config.timestep_logit_std, config.timestep_logit_mean)
         noisy = add_noise(latents, noise, t, alphas_cumprod)
         context = models.text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])
         prediction = models.unet.apply({"params": params["unet"]}, noisy, t, context, train=True)
         target = training_target(config.prediction_type, latents, noise, t, alphas_cumprod)
         loss = diffusion_loss(prediction, target, t, alphas_cumprod=alphas_cumprod,
-                              prediction_type=config.prediction_type, snr_gamma=config.snr_gamma)
+                              prediction_type=config.prediction_type, snr_gamma=config.snr_gamma,
+                              snr_offset=config.snr_offset)
         return loss, {}
     return loss_fn
 
@@ -200,9 +212,10 @@ class AutoencoderLossConfig:
     kl_weight: weight of KL(q(z|x) || N(0, I)) (1e-6 in Stable Diffusion's VAE).
     sample_posterior: decode a posterior sample (else the mean).
     crop: train on one random crop x crop window of each image (its corner on the latent grid: a multiple
-      of the VAE's downsampling factor), None = the whole image. A convolutional VAE learns the same local
-      reconstruction from a window for a fraction of the step's cost, as Stable Diffusion's VAE trained on
-      256 px crops and serves 512 px images.
+      of the VAE's downsampling factor), None = the whole image. A step costs about the window's share of the
+      pixels; what a convolutional VAE learns from windows serves whole images, as Stable Diffusion's VAE
+      trained on 256 px crops serves 512 px ones (at 64 px it learned no faster per unit of compute:
+      docs/recipes.md).
     disc_start: optimizer updates before the PatchGAN terms switch on; None = no discriminator.
     disc_weight: weight of the generator's hinge loss; with adaptive_disc_weight multiplied by
       |grad reconstruction| / |grad GAN| at the decoder's last layer `last_layer` (Esser et al. 2021).

@@ -1,8 +1,10 @@
 """Training targets and losses against diffusers' add_noise / get_velocity / compute_snr and the
 min-SNR weighting of diffusers' examples/text_to_image/train_text_to_image.py."""
 import diffusers
+import jax
 import numpy as np
 import pytest
+import scipy
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
@@ -84,6 +86,40 @@ def test_min_snr_loss_matches_train_text_to_image(schedule, prediction_type, snr
     loss = losses.diffusion_loss(pred, target, t, alphas_cumprod=ac, snr_gamma=snr_gamma,
                                  prediction_type=prediction_type)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_offset_weighs_the_x0_error_the_same_in_every_parameterization(prediction_type):
+    ref = diffusers.DDPMScheduler(**SCHEDULE)
+    ac = compute_alphas_cumprod(SchedulerConfig(**SCHEDULE))
+    x0, noise = _batch(5)
+    output, _ = _batch(6)
+    xt = targets.add_noise(x0, noise, TIMESTEPS, ac)
+    target = targets.training_target(prediction_type, x0, noise, TIMESTEPS, ac)
+    alpha, sigma = np.sqrt(ac[TIMESTEPS])[:, None, None, None], np.sqrt(1 - ac[TIMESTEPS])[:, None, None, None]
+    x0_hat, _ = targets.predicted_x0_and_eps(prediction_type, output, xt, alpha, sigma)
+    snr = compute_snr(ref, torch.from_numpy(TIMESTEPS)).numpy()
+    x0_error = ((np.asarray(x0_hat) - x0) ** 2).mean(axis=(1, 2, 3))
+    expected = np.mean((np.minimum(snr, 5.0) + 1.0) * x0_error)
+    got = losses.diffusion_loss(output, target, TIMESTEPS, alphas_cumprod=ac, snr_gamma=5.0,
+                                prediction_type=prediction_type, snr_offset=1.0)
+    np.testing.assert_allclose(float(got), expected, rtol=2e-3)
+    if prediction_type == "v_prediction":  # plain v-MSE wherever SNR <= gamma
+        weights = np.asarray(losses.min_snr_weights(TIMESTEPS, ac, 5.0, prediction_type, offset=1.0))
+        np.testing.assert_allclose(weights[snr <= 5.0], 1.0, rtol=1e-5)
+        assert np.all(weights[snr > 5.0] < 1.0)
+
+
+@pytest.mark.parametrize("logit_mean", [0.0, 1.0])
+def test_logit_normal_timesteps_follow_their_distribution(logit_mean):
+    key, num = jax.random.PRNGKey(0), 20000
+    t = np.asarray(targets.sample_timesteps(key, num, 1000, logit_std=1.0, logit_mean=logit_mean))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    edges = np.array([50, 200, 400, 500, 600, 800, 950])
+    expected = scipy.stats.norm.cdf((scipy.special.logit(edges / 1000) - logit_mean) / 1.0)
+    np.testing.assert_allclose((t[:, None] < edges).mean(axis=0), expected, atol=0.015)
+    uniform = targets.sample_timesteps(key, 64, 1000)
+    np.testing.assert_array_equal(uniform, jax.random.randint(key, (64,), 0, 1000))
 
 
 def test_per_example_weights_and_plain_mse():

@@ -44,6 +44,12 @@ def _tiny(**overrides):
     ({"stages": ("autoencoder", "text_encoder", "ldm")}, "'text_encoder' stage is now called 'text_pretrain'"),
     ({"remat_policy": "dots"},
      "config.remat_policy = 'dots': expected one of ['full', 'dots_saveable', 'dots_and_convs_saveable']"),
+    ({"autoencoder__train_crop": 5}, "config.autoencoder.train_crop = 5: expected a multiple of 2 (the VAE's "
+     "downsampling factor) up to the image side 32, or None"),
+    ({"autoencoder__train_crop": 64}, "config.autoencoder.train_crop = 64: expected a multiple of 2"),
+    ({"ldm__snr_gamma": None, "ldm__snr_offset": 1.0, "ldm__timestep_logit_std": -1.0},
+     "config.ldm.snr_offset = 1.0: it adds to the min-SNR weight, so it needs config.ldm.snr_gamma; "
+     "config.ldm.timestep_logit_std = -1.0: expected >= 0 (0: uniform)"),
     ({"ldm__text_encoder__hidden_size": 64},
      "config.ldm.text_encoder.hidden_size=64 differs from config.ldm.unet.cross_attention_dim=32"),
     ({"ldm__text_encoder_from": "/no/bert"}, "config.ldm.text_encoder_from = '/no/bert': no such folder"),

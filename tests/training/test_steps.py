@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from cxr_ldm.diffusion.targets import add_noise
+from cxr_ldm.diffusion.targets import add_noise, sample_timesteps
 from cxr_ldm.training import discriminator as disc_lib
 from cxr_ldm.training import optimizer, sharding, state, steps
 from helpers import training as common
@@ -37,13 +37,33 @@ def test_ldm_loss_is_the_denoising_mse_of_scaled_vae_latents(ldm):
     np.testing.assert_allclose(np.asarray(add_noise(latents, noise, t, ac)), x_t, atol=1e-6)
 
 
-def _by_hand(models, trainable, frozen, batch, rng, ac):
+def test_ldm_loss_wires_v_prediction_snr_offset_and_logit_normal_timesteps(ldm):
+    models, ft = ldm["models"], ldm["ft"]
+    trainable, frozen = ldm["state"].trainable, ldm["state"].frozen
+    batch, ac, rng = common.tiny_batch(1), common.alphas_cumprod(), jax.random.PRNGKey(4)
+    config = steps.LDMLossConfig(prediction_type="v_prediction", snr_gamma=5.0, snr_offset=1.0,
+                                 timestep_logit_std=1.0, timestep_logit_mean=0.5, latent_scale=0.5)
+    loss, _ = jax.jit(steps.make_ldm_loss_fn(models, ft, config, ac))(trainable, frozen, batch, rng, 0)
+    draw_t = lambda key: sample_timesteps(key, 8, 1000, logit_std=1.0, logit_mean=0.5)
+    prediction, noise, _, latents, t = jax.jit(functools.partial(_by_hand, models, draw_t=draw_t))(
+        trainable, frozen, batch, rng, ac)
+    t, ac = np.asarray(t), np.asarray(ac)
+    v = np.sqrt(ac[t])[:, None, None, None] * noise - np.sqrt(1 - ac[t])[:, None, None, None] * latents
+    snr = ac[t] / (1 - ac[t])
+    weights = (np.minimum(snr, 5.0) + 1.0) / (snr + 1.0)
+    expected = np.mean(weights * np.mean((np.asarray(prediction) - v) ** 2, axis=(1, 2, 3)))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="snr_offset = 1.0 needs snr_gamma"):
+        steps.LDMLossConfig(snr_offset=1.0)
+
+
+def _by_hand(models, trainable, frozen, batch, rng, ac, draw_t=lambda key: jax.random.randint(key, (8,), 0, 1000)):
     """The LDM loss's draws and prediction, composed step by step (latent scale 0.5)."""
     latent_rng, t_rng, noise_rng, _ = jax.random.split(rng, 4)
     mean, logvar = models.vae.apply({"params": frozen["vae"]}, batch["image"], method=models.vae.encode)
     latents = 0.5 * (mean + jnp.exp(0.5 * logvar) * jax.random.normal(latent_rng, mean.shape))
     noise = jax.random.normal(noise_rng, latents.shape)
-    t = jax.random.randint(t_rng, (8,), 0, 1000)
+    t = draw_t(t_rng)
     context = models.text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"])
     x_t = jnp.sqrt(ac[t])[:, None, None, None] * latents + jnp.sqrt(1 - ac[t])[:, None, None, None] * noise
     prediction = models.unet.apply({"params": trainable["unet"]}, x_t, t, context)

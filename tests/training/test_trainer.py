@@ -259,17 +259,24 @@ def test_a_replaced_input_folder_is_refused(data_dir, straight, tmp_path, monkey
         trainer.run(_config(data_dir), str(workdir))
 
 
-def test_a_field_added_to_the_configs_later_is_absent_from_older_runs_and_accepted_at_none(data_dir, straight,
-                                                                                            tmp_path):
+def test_a_field_added_to_the_configs_later_is_absent_from_older_runs_and_accepted_at_its_old_value(
+        data_dir, straight, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
     recorded = fingerprint.read_fingerprint(str(workdir), "autoencoder")
     assert recorded["config"].pop("autoencoder.train_crop") is None
     fingerprint.write_fingerprint(str(workdir), "autoencoder", recorded)  # as a run from before the field
+    recorded = fingerprint.read_fingerprint(str(workdir), "ldm")
+    assert recorded["config"].pop("ldm.timestep_logit_std") == 0.0
+    fingerprint.write_fingerprint(str(workdir), "ldm", recorded)
     assert fingerprint.check_workdir(_config(data_dir), str(workdir)) == []
     config = _config(data_dir)
     config.autoencoder.train_crop = 16
     with pytest.raises(fingerprint.ConfigMismatchError, match="autoencoder.train_crop absent -> 16"):
+        fingerprint.check_workdir(config, str(workdir))
+    config = _config(data_dir)
+    config.ldm.timestep_logit_std = 1.0
+    with pytest.raises(fingerprint.ConfigMismatchError, match="ldm.timestep_logit_std absent -> 1.0"):
         fingerprint.check_workdir(config, str(workdir))
 
 
