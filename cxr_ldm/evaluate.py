@@ -156,12 +156,19 @@ def main(argv=None) -> None:
     parser.add_argument("--num-edits", type=positive_int, default=100, help="with --edits: studies edited")
     parser.add_argument("--edit-strength", type=strength, default=0.6,
                         help="with --edits: the SDEdit strength in (0, 1] (inpainting runs at 1)")
+    parser.add_argument("--headline-only", action="store_true",
+                        help="only the strict and presence conditioning accuracy with their intervals (no ceilings, "
+                             "FID, diversity, reconstruction or memorization): for comparing recipes quickly")
     parser.add_argument("--no-compilation-cache", action="store_true", help=NO_CACHE_HELP)
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.judge_only:
         parser.error("--checkpoint is required (except with --judge-only)")
     if args.augmentation_data and not args.augmentation_experiment:
         parser.error("--augmentation-data needs --augmentation-experiment")
+    if args.headline_only and (args.augmentation_experiment or args.guidance_sweep or args.vae_only
+                               or args.judge_only or args.edits):
+        parser.error("--headline-only skips every optional section; it does not go with --augmentation-experiment, "
+                     "--guidance-sweep, --vae-only, --judge-only or --edits")
     if args.edits and args.prompts not in EDIT_SETS:
         parser.error(f"--edits takes --prompts {' or '.join(EDIT_SETS)} (the studies to edit), got {args.prompts!r}")
     try:

@@ -84,6 +84,14 @@ class EvalSettings:
     # A synthetic data set (`python -m cxr_ldm.synthesize --out`) the augmentation experiment reads its synthetic
     # images from; None: it generates them from the training prompts.
     augmentation_data: str | None = None
+    # Only the headline: strict and presence conditioning with their intervals; no ceilings, FID, diversity,
+    # reconstruction or memorization (their fields are None). For comparing recipes quickly.
+    headline_only: bool = False
+
+    def __post_init__(self):
+        if self.headline_only and (self.augmentation_experiment or self.guidance_sweep):
+            raise ValueError("headline_only skips the optional sections; it cannot run the augmentation "
+                             "experiment or a guidance sweep")
 
 
 def _run_config(checkpoint: str) -> dict:
@@ -204,7 +212,34 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
                                               generation_seeds(seed)["conditioning"], settings.batch_size)
         by_seed.append(_seed_row(seed, *conditioning.evaluate_conditioning(classifier, images, usable)))
     lap("conditioning")
-    ceilings = _ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size)
+    results = {
+        "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
+        "conditioning_accuracy_ci": by_seed[0]["conditioning_accuracy_ci"],
+        "presence_accuracy": conditioning_summary["presence_accuracy"],
+        "presence_accuracy_ci": by_seed[0]["presence_accuracy_ci"],
+        "conditioning_by_seed": by_seed,
+        "conditioning_accuracy_seed_spread": intervals.spread([row["conditioning_accuracy"] for row in by_seed]),
+        "attribute_accuracy": conditioning_summary["attribute_accuracy"],
+        "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
+        "classifier_accuracy_real": classifier_test["major_accuracy"],
+        "classifier_exact_match_real": classifier_test["exact_match"],
+        "classifier_attribute_accuracy_real": classifier_test["attribute_accuracy"],
+        "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
+        "conditioning": conditioning_summary,
+        **_ceilings(settings, classifier, usable, None, None, size, skip=True),
+        "skipped_prompts": [p.text for p in skipped],
+        "truncated_prompts": truncated,
+        "classifier": _classifier_section(judge),
+        "fid": None, "diversity": None, "reconstruction": None, "memorization": None,
+        "augmentation": None, "guidance_sweep": None,
+        "settings": _settings_record(settings, size),
+        "timings_s": timings,
+    }
+    if settings.headline_only:
+        write_json(out, results)
+        _write_report(out, results, [p.text for p in usable], prompt_images, prompt_results, None, None)
+        return results
+    results.update(_ceilings(settings, classifier, usable, pipe.vae, pipe.vae_params, size))
     lap("ceilings")
 
     n = min(settings.num_fid, len(validation), len(test))
@@ -265,29 +300,8 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
             key=lambda row: row["guidance"])
         lap("guidance_sweep")
 
-    results = {
-        "conditioning_accuracy": conditioning_summary["conditioning_accuracy"],
-        "conditioning_accuracy_ci": by_seed[0]["conditioning_accuracy_ci"],
-        "presence_accuracy": conditioning_summary["presence_accuracy"],
-        "presence_accuracy_ci": by_seed[0]["presence_accuracy_ci"],
-        "conditioning_by_seed": by_seed,
-        "conditioning_accuracy_seed_spread": intervals.spread([row["conditioning_accuracy"] for row in by_seed]),
-        "attribute_accuracy": conditioning_summary["attribute_accuracy"],
-        "prompt_set": _prompt_set_record(prompt_set_name, usable, train),
-        "classifier_accuracy_real": classifier_test["major_accuracy"],
-        "classifier_exact_match_real": classifier_test["exact_match"],
-        "classifier_attribute_accuracy_real": classifier_test["attribute_accuracy"],
-        "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
-        "conditioning": conditioning_summary,
-        **ceilings,
-        "skipped_prompts": [p.text for p in skipped],
-        "truncated_prompts": truncated,
-        "classifier": _classifier_section(judge),
-        "fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
-        "augmentation": augmentation, "guidance_sweep": sweep,
-        "settings": _settings_record(settings, size),
-        "timings_s": timings,
-    }
+    results.update({"fid": fid, "diversity": diversity, "reconstruction": recon, "memorization": memo,
+                    "augmentation": augmentation, "guidance_sweep": sweep})
     write_json(out, results)
     _write_report(out, results, [p.text for p in usable], prompt_images, prompt_results, generated_all,
                   train.data.images)
@@ -519,15 +533,14 @@ def _classifier_section(judge: "_Judge") -> dict:
             "training": classifier.training_report, "test": judge.classifier_test}
 
 
-def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int) -> dict:
+def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int, skip: bool = False) -> dict:
     """The results' ceiling fields: conditioning_real_studies (real phantom studies of each prompt, scored as
     generated images are: what a perfect generator would get), conditioning_vae_reconstructed (the same studies
     through the VAE: what a diffusion model that is perfect in latent space could reach with this autoencoder),
     each with its conditioning_accuracy_* and presence_accuracy_* headlines and _ci intervals; all None unless
-    phantom_cxr (the VAE ones
-    also without a VAE)."""
+    phantom_cxr (the VAE ones also without a VAE), or if `skip`."""
     sets = {"real_studies": None, "vae_reconstructed": None}
-    if settings.dataset == DEFAULT_DATASET:
+    if settings.dataset == DEFAULT_DATASET and not skip:
         sets["real_studies"] = conditioning.phantom_studies(usable, settings.num_samples, size)
         if vae is not None:
             reconstructed = reconstruct(vae, vae_params, np.concatenate(sets["real_studies"]), settings.batch_size)
@@ -653,7 +666,7 @@ def _write_report(out: Path, results: dict, prompts: list[str], prompt_images, p
     assets = out.with_name(out.stem + "_assets")
     assets.mkdir(exist_ok=True)
     grids = report.save_prompt_grids(assets, prompts, prompt_images, [r.success for r in prompt_results])
-    pairs = results["memorization"]["worst_pairs"]
+    pairs = (results["memorization"] or {}).get("worst_pairs")
     pairs_file = None
     if pairs:
         pairs_file = "memorization_pairs.png"

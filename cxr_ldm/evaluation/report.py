@@ -88,6 +88,24 @@ def _interval(results: dict) -> str:
     return f"; 95 % interval [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
 
 
+def _optional_rows(results: dict) -> list[list]:
+    """The headline table's rows of the optional sections (FID, diversity, reconstruction, memorization)."""
+    fid = results["fid"]
+    return [
+        ["domain FID generated vs real", fid["domain"]["generated_vs_real"], f"classifier features, n = {fid['domain']['n']}"],
+        ["domain FID real vs real (floor)", fid["domain"]["real_vs_real"], "validation vs test split"],
+        ["Inception FID generated vs real", (fid["inception"] or {}).get("generated_vs_real"), "pool3, if weights given"],
+        ["Inception FID real vs real", (fid["inception"] or {}).get("real_vs_real"), ""],
+        ["MS-SSIM within prompt (generated)", results["diversity"]["generated_mean"], "lower = more diverse"],
+        ["MS-SSIM same findings (real)", results["diversity"]["real_same_findings"], ""],
+        ["VAE PSNR / SSIM / RMSE", " / ".join(_fmt(results["reconstruction"][k]) for k in ("psnr", "ssim", "rmse")),
+         "real test split through the VAE and back"],
+        ["copies (SSIM >= threshold)", results["memorization"]["generated"]["copy_fraction"],
+         f"threshold {results['memorization']['copy_threshold']}; held-out real: "
+         f"{_fmt(results['memorization']['heldout_real']['copy_fraction'])}"],
+    ]
+
+
 def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence[str], pairs_file: str | None) -> None:
     """Writes the Markdown report of `results` (the evaluation JSON object) atomically."""
     rel = os.path.relpath(assets, path.parent)
@@ -117,18 +135,11 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
         ["classifier exact match (real)", results["classifier_exact_match_real"],
          "test images with every major finding right"],
         ["side accuracy (generated)", cond["side_accuracy_overall"], "detected findings on the prompted side"],
-        ["domain FID generated vs real", fid["domain"]["generated_vs_real"], f"classifier features, n = {fid['domain']['n']}"],
-        ["domain FID real vs real (floor)", fid["domain"]["real_vs_real"], "validation vs test split"],
-        ["Inception FID generated vs real", (fid["inception"] or {}).get("generated_vs_real"), "pool3, if weights given"],
-        ["Inception FID real vs real", (fid["inception"] or {}).get("real_vs_real"), ""],
-        ["MS-SSIM within prompt (generated)", results["diversity"]["generated_mean"], "lower = more diverse"],
-        ["MS-SSIM same findings (real)", results["diversity"]["real_same_findings"], ""],
-        ["VAE PSNR / SSIM / RMSE", " / ".join(_fmt(results["reconstruction"][k]) for k in ("psnr", "ssim", "rmse")),
-         "real test split through the VAE and back"],
-        ["copies (SSIM >= threshold)", results["memorization"]["generated"]["copy_fraction"],
-         f"threshold {results['memorization']['copy_threshold']}; held-out real: "
-         f"{_fmt(results['memorization']['heldout_real']['copy_fraction'])}"],
+        *(_optional_rows(results) if fid else []),
     ])
+    if not fid:
+        lines += ["The ceilings and the optional sections (FID, diversity, reconstruction, memorization) were "
+                  "skipped (`--headline-only`).", ""]
     lines += guidance_sweep_section(results.get("guidance_sweep"), settings["guidance"])
     lines += ["## Per finding", ""]
     normal_fp = cond["normal_false_positive_rate"] or {}
@@ -156,6 +167,10 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
     if results.get("skipped_prompts"):
         lines += ["Skipped prompts (findings the classifier does not know): "
                   + "; ".join(results["skipped_prompts"]), ""]
+    if results["memorization"] is None:
+        lines += _timings_section(results)
+        _write_atomically(path, lines)
+        return
     lines += ["## Memorization", "",
               "Nearest training image of every generated image (exact pixel search over the training split, "
               "shifts up to 1 px, then SSIM); the "
@@ -169,9 +184,17 @@ def write_markdown(path: Path, results: dict, assets: Path, grid_files: Sequence
     if results.get("augmentation"):
         lines += ["## Augmentation experiment", ""]
         lines += _table(*augmentation.report_rows(results["augmentation"]))
-    lines += ["## Time per section", "",
-              "The headline (strict conditioning with its intervals) is `conditioning`; the rest are optional.", ""]
-    lines += _table(["section", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results["timings_s"].items()])
+    lines += _timings_section(results)
+    _write_atomically(path, lines)
+
+
+def _timings_section(results: dict) -> list[str]:
+    return (["## Time per section", "",
+             "The headline (strict conditioning with its intervals) is `conditioning`; the rest are optional.", ""]
+            + _table(["section", "seconds"], [[name, f"{seconds:.1f}"] for name, seconds in results["timings_s"].items()]))
+
+
+def _write_atomically(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
@@ -200,9 +223,7 @@ def write_autoencoder_markdown(path: Path, results: dict, grid: Path) -> None:
                         [[name, real[name], through.get(name)] for name in real])
     lines += ["## Test images and their reconstructions", "",
               f"![reconstructions]({os.path.relpath(grid, path.parent)})", ""]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    _write_atomically(path, lines)
 
 
 def _with_ci(score: dict | None) -> str:
@@ -241,6 +262,4 @@ def write_edits_markdown(path: Path, results: dict, grid: Path) -> None:
     lines += ["", f"DDIM inversion and redraw ({settings['steps']} steps, no guidance) against the VAE round trip: "
               f"PSNR {_with_ci(edits['inversion_redraw_psnr_vs_vae'])} dB.", "",
               "## Edits", "", f"![edits]({os.path.relpath(grid, path.parent)})", ""]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    _write_atomically(path, lines)

@@ -9,6 +9,7 @@ import pytest
 
 from cxr_ldm import evaluate
 from cxr_ldm.evaluation import evaluator
+from tests.evaluation.test_evaluator import tiny_pipeline
 
 
 def test_data_comes_from_the_workdir_config(tmp_path):
@@ -85,7 +86,7 @@ def test_vae_only_names_where_it_looked(tmp_path):
         evaluator.load_autoencoder(tmp_path)
 
 
-def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tmp_path, monkeypatch):
+def test_judge_only_measures_the_ceiling_of_a_prompt_set_and_headline_only_reuses_its_judge(tmp_path, monkeypatch):
     from cxr_ldm.evaluation import classifier as clf
     from cxr_ldm.evaluation.prompts import HANDWRITTEN
 
@@ -115,6 +116,26 @@ def test_judge_only_measures_the_ceiling_of_a_prompt_set_without_a_checkpoint(tm
     with pytest.raises(SystemExit):
         evaluate.main(["--out", str(tmp_path / "x.json")])
 
+    # --headline-only on a pipeline, with that judge: the strict and presence headline, nothing optional
+    out = tmp_path / "headline" / "h.json"
+    headline = evaluator.evaluate(tiny_pipeline(tmp_path / "pipe"), out, prompts=prompts, classifier_config=recipe,
+                                  dataset_config="tiny", data_dir=str(tmp_path / "tfds"), num_samples=3, steps=2,
+                                  batch_size=8, headline_only=True)
+    assert json.loads(out.read_text()) == headline and headline["classifier"]["cached"]
+    per_prompt = headline["conditioning"]["per_prompt"]
+    assert headline["conditioning_accuracy"] == pytest.approx(np.mean([p["success_rate"] for p in per_prompt]))
+    assert all(p["num_images"] == 3 for p in per_prompt)
+    low, high = headline["conditioning_accuracy_ci"]
+    assert low <= headline["conditioning_accuracy"] <= high
+    assert headline["conditioning_accuracy"] <= headline["presence_accuracy"]
+    skipped = ("fid", "diversity", "reconstruction", "memorization", "conditioning_real_studies",
+               "conditioning_accuracy_real_studies", "conditioning_vae_reconstructed")
+    assert all(headline[key] is None for key in skipped)
+    assert list(headline["timings_s"]) == ["data", "classifier", "conditioning"]
+    assert "skipped (`--headline-only`)" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="headline_only skips the optional sections"):
+        evaluator.EvalSettings(checkpoint="", headline_only=True, guidance_sweep=(2.0,))
+
 
 @pytest.mark.parametrize("flag,value,expected", [
     ("--num-samples", "0", "an integer >= 1"), ("--num-fid", "-5", "an integer >= 1"), ("--steps", "0", "an integer >= 1"),
@@ -128,6 +149,15 @@ def test_out_of_range_arguments_stop_before_any_work_with_status_2(tmp_path, cap
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(rf"\S+: error: argument {flag}: expected {expected}, got '{re.escape(value)}'", error)
+    assert not list(tmp_path.iterdir())
+
+
+def test_headline_only_with_an_optional_section_stops_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.json"),
+                       "--headline-only", "--guidance-sweep", "2,4"])
+    assert exit_info.value.code == 2
+    assert "--headline-only skips every optional section" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
