@@ -34,8 +34,8 @@ def diffusion_loss(model_output: jnp.ndarray, target: jnp.ndarray, t: jnp.ndarra
     """Scalar float32 loss: mean over the batch of (per-example MSE x min-SNR weight x `weights`).
 
     model_output, target: (B, ...), compared in float32; t: int (B,), needed with `snr_gamma`, like
-    `alphas_cumprod` (T,) and `prediction_type`; snr_offset: `min_snr_weights`' offset. weights: optional float (B,) multiplying each example's
-    loss (the result stays a plain batch mean, not divided by sum(weights)). Without snr_gamma and
+    `alphas_cumprod` (T,) and `prediction_type`; snr_offset: `min_snr_weights`' offset.
+    weights: optional float (B,) multiplying each example's loss (the result stays a plain batch mean, not divided by sum(weights)). Without snr_gamma and
     weights this is the mean over all elements, F.mse_loss(..., reduction="mean").
     """
     if model_output.shape != target.shape:
@@ -45,8 +45,7 @@ def diffusion_loss(model_output: jnp.ndarray, target: jnp.ndarray, t: jnp.ndarra
     if snr_gamma is not None:
         if t is None or alphas_cumprod is None:
             raise ValueError("diffusion_loss with snr_gamma needs the timesteps t and alphas_cumprod")
-        per_example = per_example * min_snr_weights(t, alphas_cumprod, snr_gamma, prediction_type,
-                                                                   snr_offset)
+        per_example = per_example * min_snr_weights(t, alphas_cumprod, snr_gamma, prediction_type, snr_offset)
     if weights is not None:
         weights = jnp.asarray(weights, jnp.float32)
         if weights.shape != per_example.shape:
