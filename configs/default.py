@@ -150,9 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Min-SNR-gamma loss weighting; None: plain MSE (the command line cannot write None; a gamma above the
     # schedule's largest SNR, e.g. 1e5, weighs the same).
     c.ldm.snr_gamma = ml_collections.FieldReference(5.0, field_type=float)
-    # Added to the min-SNR weight of the x0 error: 1 with v_prediction weighs every step with SNR <= gamma as
-    # plain v-MSE does, instead of down to its SNR
-    c.ldm.snr_offset = 0.0
+    c.ldm.snr_offset = 0.0  # added to the min-SNR weight of the x0 error (losses.min_snr_weights); 0: the paper's
     c.ldm.timestep_logit_std = 0.0  # logit-normal training timesteps of this spread; 0: uniform
     c.ldm.timestep_logit_mean = 0.0  # their centre on the logit scale; > 0 leans to the noisy end
     c.ldm.ema_decay = 0.999  # EMA of the trained weights; the sample grids and the export use the EMA
