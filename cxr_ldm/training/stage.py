@@ -110,7 +110,7 @@ class StageTimes:
     steps_run: int
 
     def rounded(self) -> dict:
-        return {k: v if isinstance(v, int) else round(v, 1) for k, v in dataclasses.asdict(self).items()}
+        return {k: v if isinstance(v, int) else round(v, 3) for k, v in dataclasses.asdict(self).items()}
 
 
 def dataset_name(config: ml_collections.ConfigDict) -> str:
