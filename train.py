@@ -16,26 +16,36 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file.",
-                                          lock_config=True)
+# No default here: absl would load it at import, before jax.distributed.initialize() (`_with_config_file`)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (default: "
+                                          "configs/default.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (default: the config's workdir).")
 _RETRAIN_FROM = flags.DEFINE_string(
     "retrain_from", None, "autoencoder | text_pretrain | ldm: when the workdir's stage of that name or a later one "
     "was trained with other settings, delete it and the stages after it and train them again.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+# The multi-process flags are parsed first, apart: jax.distributed.initialize() must run before the config file
+# is loaded, since the config asks JAX for its backend (scale_for_accelerators).
+_LAUNCH = flags.FlagValues()
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().", flag_values=_LAUNCH)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.", flag_values=_LAUNCH)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=_LAUNCH)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.", flag_values=_LAUNCH)
+flags.FLAGS.append_flag_values(_LAUNCH)
 _NO_COMPILATION_CACHE = flags.DEFINE_bool(
     "no-compilation-cache", False, "Compile every program afresh: no JAX persistent compilation cache "
     "(default: $CXR_LDM_COMPILATION_CACHE, else ~/.cache/cxr_ldm/jax).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing and the config file's loading; a bad argument ends the program with one
-    `error: ...` line and exit status 2."""
+    """absl's flag parsing, jax.distributed.initialize() where asked, and the config file's loading; a bad
+    argument ends the program with one `error: ...` line and exit status 2."""
     try:
-        rest = flags.FLAGS(argv)
+        argv = _LAUNCH(argv, known_only=True)
+    except flags.Error as e:
+        _usage_error(" ".join(str(e).split()))
+    _initialize_distributed()
+    try:
+        rest = flags.FLAGS(_with_config_file(argv))
         _CONFIG.value.workdir  # loads the config file, if it was not loaded yet
     except flags.Error as e:  # unknown flag, bad value
         _usage_error(" ".join(str(e).split()))
@@ -46,6 +56,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     if len(rest) > 1:
         _usage_error(f"unexpected arguments {rest[1:]}")
     return rest
+
+
+def _with_config_file(argv: list[str]) -> list[str]:
+    """argv with --config=configs/default.py added when it names no config file."""
+    if any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
+        return argv
+    return [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
+
+
+def _initialize_distributed() -> None:
+    """jax.distributed.initialize() when the launch flags ask for several processes."""
+    if not (_COORDINATOR.value or _DISTRIBUTED.value):
+        return
+    import jax
+    # CPU processes need gloo for their collectives; on accelerators the setting is unused. Asking JAX for its
+    # backend here would start it, which initialize() refuses.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
 
 
 def _unknown_config_field(argv: list[str]) -> str | None:
@@ -82,12 +111,6 @@ def _usage_error(message: str) -> None:
 
 def main(argv):
     del argv  # parse_flags refused positional arguments
-    import jax
-    if _COORDINATOR.value or _DISTRIBUTED.value:
-        if jax.default_backend() == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
     from cxr_ldm.io.compilation_cache import enable_compilation_cache
     from cxr_ldm.io.run_folder import WorkdirError
     from cxr_ldm.training.config_check import ConfigError

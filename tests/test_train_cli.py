@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers.training import run_train_py
+from helpers.training import ROOT, run_train_py
 
 from cxr_ldm.io.run_folder import WorkdirBusyError, workdir_lock
 
@@ -85,3 +86,24 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
         f"error: no space left on device writing {workdir}: free some space and rerun the same command to resume "
         "(checkpoints and exports are written atomically; the last whole ones are kept)")
     assert "Traceback" not in result.stderr
+
+
+def test_two_processes_started_with_the_launch_flags_train_one_run(tmp_path):
+    """--coordinator_address/--num_processes/--process_id: jax.distributed starts before the config file is read
+    (the config asks JAX for its backend), the run ends, and only process 0 logs."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "run"
+    args = ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+            "--config.stages=('autoencoder',)", "--config.autoencoder.num_steps=4", "--config.autoencoder.eval_every=4",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    processes = [subprocess.Popen([sys.executable, "train.py", *args, f"--process_id={i}"], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "JAX_PLATFORMS": "cpu"}) for i in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in processes]
+    for process, error in zip(processes, errors):
+        assert process.returncode == 0, error[-3000:]
+    assert json.loads((workdir / "autoencoder" / "done.json").read_text())["step"] == 4
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], "loss" in row) for row in logged] == [(4, True), (4, False)]
