@@ -41,6 +41,8 @@ JUDGE_NETWORK = {"downsample": "maxpool", "stem_layers": 2}
 # How often the judge's extra studies have 1, 2 or 3 drawn findings (the data set's: 0.6, 0.3, 0.1); prompt sets
 # stress combinations (docs/recipes.md)
 JUDGE_FINDING_COUNT_SHARES = (0.2, 0.3, 0.5)
+# The ceilings' image sets: real phantom studies of each prompt, and the same through the VAE
+CEILING_SETS = ("real_studies", "vae_reconstructed")
 CLASSIFIER_ACCURACY_DEFINITION = (
     "mean over the major findings (the classifier's observations among Cardiomegaly, Lung Lesion, Edema, "
     "Consolidation, Atelectasis, Pneumothorax, Pleural Effusion, Pleural Other, Fracture, Support Devices) of "
@@ -226,7 +228,7 @@ def evaluate(checkpoint: str | os.PathLike, out: str | os.PathLike, *, pipe=None
         "classifier_attribute_accuracy_real": classifier_test["attribute_accuracy"],
         "classifier_accuracy_real_definition": CLASSIFIER_ACCURACY_DEFINITION,
         "conditioning": conditioning_summary,
-        **_ceilings(settings, classifier, usable, None, None, size, skip=True),
+        **_ceiling_fields(dict.fromkeys(CEILING_SETS), classifier, usable),
         "skipped_prompts": [p.text for p in skipped],
         "truncated_prompts": truncated,
         "classifier": _classifier_section(judge),
@@ -533,18 +535,23 @@ def _classifier_section(judge: "_Judge") -> dict:
             "training": classifier.training_report, "test": judge.classifier_test}
 
 
-def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int, skip: bool = False) -> dict:
+def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size: int) -> dict:
     """The results' ceiling fields: conditioning_real_studies (real phantom studies of each prompt, scored as
     generated images are: what a perfect generator would get), conditioning_vae_reconstructed (the same studies
     through the VAE: what a diffusion model that is perfect in latent space could reach with this autoencoder),
     each with its conditioning_accuracy_* and presence_accuracy_* headlines and _ci intervals; all None unless
-    phantom_cxr (the VAE ones also without a VAE), or if `skip`."""
-    sets = {"real_studies": None, "vae_reconstructed": None}
-    if settings.dataset == DEFAULT_DATASET and not skip:
+    phantom_cxr (the VAE ones also without a VAE)."""
+    sets = dict.fromkeys(CEILING_SETS)
+    if settings.dataset == DEFAULT_DATASET:
         sets["real_studies"] = conditioning.phantom_studies(usable, settings.num_samples, size)
         if vae is not None:
             reconstructed = reconstruct(vae, vae_params, np.concatenate(sets["real_studies"]), settings.batch_size)
             sets["vae_reconstructed"] = np.split(reconstructed, np.cumsum([len(x) for x in sets["real_studies"]])[:-1])
+    return _ceiling_fields(sets, classifier, usable)
+
+
+def _ceiling_fields(sets: dict, classifier, usable) -> dict:
+    """`_ceilings`' fields for {set name: per-prompt images, or None where the set was not made}."""
     out = {}
     for name, images in sets.items():
         summary, results = conditioning.evaluate_conditioning(classifier, images, usable) if images else (None, None)
