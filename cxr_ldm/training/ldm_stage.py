@@ -146,10 +146,12 @@ def _bert_text_encoder(c: ml_collections.ConfigDict, dtype, width: int, rng: jax
 
 def train_ldm(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer, stop: StopSignal) -> bool:
     """Trains (or resumes) the LDM stage; returns False if `stop` stopped it before the end."""
-    return run_stage(STAGE, config, workdir, mesh, lambda: _setup(config, workdir, mesh, tokenizer), stop)
+    return run_stage(STAGE, config, workdir, mesh, lambda: setup(config, workdir, mesh, tokenizer), stop)
 
 
-def _setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:
+def setup(config: ml_collections.ConfigDict, workdir: str, mesh, tokenizer) -> StageSetup:
+    """The stage's models, fresh state, jitted step and batches, from a workdir whose earlier stages are done
+    (its VAE and text encoder; the latent cache is built if missing)."""
     c = config.ldm
     finetune = finetune_lib.FinetuneConfig(mode=c.finetune, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
                                            train_token_embedding=c.train_token_embedding)
