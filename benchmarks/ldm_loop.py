@@ -9,7 +9,8 @@ part alone, after two warm-up steps:
 - step: the jitted step (frozen text encoder, noise, UNet forward and backward, AdamW, EMA) on one batch;
 - loop: both in turn, waiting for each step's NaN flag as the loop's check does (one step late there).
 
-    python benchmarks/ldm_loop.py --workdir W --data-dir D [--batch 8 16] [--steps 40] [--json out.json]
+    python benchmarks/ldm_loop.py --workdir W --data-dir D [--batch 8 16] [--steps 40] [--unet-channels 32 48 96]
+        [--json out.json]
 
 Nothing is trained or saved; a workdir without ldm/latent_cache gets one (the VAE's posterior of the training
 images, as the stage writes it).
@@ -31,10 +32,14 @@ from cxr_ldm.training import ldm_stage, sharding  # noqa: E402
 from cxr_ldm.training.trainer import load_run_tokenizer  # noqa: E402
 
 
-def time_loop(workdir: str, data_dir: str, batch: int, steps: int) -> dict:
-    """Milliseconds per step of the host's batch, the jitted step and the two in turn, and the loop's images/s."""
+def time_loop(workdir: str, data_dir: str, batch: int, steps: int,
+              unet_channels: tuple[int, ...] | None = None) -> dict:
+    """Milliseconds per step of the host's batch, the jitted step and the two in turn, and the loop's images/s.
+    unet_channels: the UNet's block_out_channels instead of the default's (a fresh UNet either way)."""
     config = default.get_config()
     config.data.data_dir, config.ldm.batch_size = data_dir, batch
+    if unet_channels:
+        config.ldm.unet.block_out_channels = tuple(unet_channels)
     mesh = sharding.make_mesh()
     stage = ldm_stage.setup(config, workdir, mesh, load_run_tokenizer(config))
     state, iterator = stage.state, stage.iterator
@@ -62,8 +67,8 @@ def time_loop(workdir: str, data_dir: str, batch: int, steps: int) -> dict:
         state, metrics = stage.step_fn(state, host_batch())
         int(metrics["nonfinite_streak"])
     loop = time.perf_counter() - start
-    return {"batch": batch, "host_ms": 1e3 * host / steps, "step_ms": 1e3 * step / steps,
-            "loop_ms": 1e3 * loop / steps, "loop_images_per_s": batch * steps / loop}
+    return {"batch": batch, "unet_channels": list(config.ldm.unet.block_out_channels), "host_ms": 1e3 * host / steps,
+            "step_ms": 1e3 * step / steps, "loop_ms": 1e3 * loop / steps, "loop_images_per_s": batch * steps / loop}
 
 
 def main(argv=None) -> list[dict]:
@@ -72,10 +77,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--data-dir", required=True, help="the TFDS folder holding its phantom_cxr/64")
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="global batch sizes")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per part")
+    parser.add_argument("--unet-channels", type=int, nargs="+", help="the UNet's block_out_channels (default: "
+                        "the config's)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    rows = [time_loop(args.workdir, args.data_dir, batch, args.steps) for batch in args.batch]
-    print(f"LDM loop of configs/default.py, {jax.device_count()} {jax.default_backend()} device(s)")
+    rows = [time_loop(args.workdir, args.data_dir, batch, args.steps, args.unet_channels) for batch in args.batch]
+    unet = f", UNet channels {tuple(args.unet_channels)}" if args.unet_channels else ""
+    print(f"LDM loop of configs/default.py{unet}, {jax.device_count()} {jax.default_backend()} device(s)")
     print(f"  {'batch':>5} {'host ms':>8} {'step ms':>8} {'loop ms':>8} {'images/s':>9}")
     for row in rows:
         print(f"  {row['batch']:>5} {row['host_ms']:>8.1f} {row['step_ms']:>8.1f} {row['loop_ms']:>8.1f} "
