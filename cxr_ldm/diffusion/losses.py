@@ -35,8 +35,9 @@ def diffusion_loss(model_output: jnp.ndarray, target: jnp.ndarray, t: jnp.ndarra
 
     model_output, target: (B, ...), compared in float32; t: int (B,), needed with `snr_gamma`, like
     `alphas_cumprod` (T,) and `prediction_type`; snr_offset: `min_snr_weights`' offset.
-    weights: optional float (B,) multiplying each example's loss (the result stays a plain batch mean, not divided by sum(weights)). Without snr_gamma and
-    weights this is the mean over all elements, F.mse_loss(..., reduction="mean").
+    weights: optional float (B,) multiplying each example's loss (the result stays a plain batch mean, not
+    divided by sum(weights)). Without snr_gamma and weights this is the mean over all elements,
+    F.mse_loss(..., reduction="mean").
     """
     if model_output.shape != target.shape:
         raise ValueError(f"model_output shape {model_output.shape} != target shape {target.shape}")

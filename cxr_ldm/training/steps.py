@@ -147,7 +147,8 @@ def make_ldm_loss_fn(models: LDMModels, finetune: finetune_lib.FinetuneConfig, c
     """The denoising loss of one batch {"image": (B, H, W, C) in [-1, 1], "input_ids": int (B, L)}
     (or "latent_moments" (B, h, w, 2c) from a `latent_cache` in place of "image"): encode to latents, draw t
     and noise, predict with the UNet conditioned on the text encoder's last hidden state, MSE to the prediction
-    target (min-SNR weighted if set). t is drawn by `targets.sample_timesteps` (uniform unless config.timestep_logit_std).
+    target (min-SNR weighted if set). t is drawn by `targets.sample_timesteps` (uniform unless
+    config.timestep_logit_std).
     Prompt dropout for classifier-free guidance is done by the input pipeline (empty prompts)."""
     alphas_cumprod = jnp.asarray(alphas_cumprod, jnp.float32)
     num_timesteps = alphas_cumprod.shape[0]
