@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_ldm.data import phantom
-from cxr_ldm.data.phantom.cases import draw_findings
+from cxr_ldm.data.phantom.cases import draw_findings, parse_findings
 from cxr_ldm.evaluation.attributes import ATTRIBUTES, SLOTS, prompted_codes
 from cxr_ldm.evaluation.classifier import FindingClassifier, Predictions
 from cxr_ldm.evaluation.findings import SIDES, allowed_findings
@@ -175,15 +175,42 @@ def generate_images(generate: Callable[[list[str], list[int]], np.ndarray], prom
     return [np.stack(images) for images in outputs]
 
 
+def _study_seeds(index: int, num_per_prompt: int, seed: int) -> range:
+    return range(seed + index * num_per_prompt, seed + (index + 1) * num_per_prompt)
+
+
 def phantom_studies(prompts: Sequence[EvalPrompt], num_per_prompt: int, resolution: int,
                     seed: int = PHANTOM_REFERENCE_SEED) -> list[np.ndarray]:
     """Real phantom studies that each prompt describes (`phantom.generate` with its findings):
     a list of float32 (N, R, R, 1) in [0, 1]. Scored like generated images they give the conditioning
     accuracy of a perfect generator under the classifier (the metric's ceiling). Seeds start at
     `seed`, outside the phantom_cxr splits."""
-    return [np.stack([phantom.generate(seed + p * num_per_prompt + i, resolution, prompt.phantom_findings())["image"]
-                      for i in range(num_per_prompt)]).astype(np.float32) / 255.0
+    return [np.stack([phantom.generate(s, resolution, prompt.phantom_findings())["image"]
+                      for s in _study_seeds(p, num_per_prompt, seed)]).astype(np.float32) / 255.0
             for p, prompt in enumerate(prompts)]
+
+
+def occluded_studies(prompts: Sequence[EvalPrompt], num_per_prompt: int, resolution: int,
+                     seed: int = PHANTOM_REFERENCE_SEED) -> list[np.ndarray]:
+    """For the studies of `phantom_studies` (same arguments): bool (N,) per prompt, True where the film does
+    not show a finding the prompt states (`phantom.hidden_findings`: removing it changes fewer than 15 pixels
+    by more than 10 gray levels), e.g. an atelectasis with a large effusion. No judge can find such a finding."""
+    return [np.array([bool(phantom.hidden_findings(s, parse_findings(s, prompt.phantom_findings()), resolution))
+                      for s in _study_seeds(p, num_per_prompt, seed)], bool)
+            for p, prompt in enumerate(prompts)]
+
+
+def occlusion_summary(results: Sequence[PromptResult], occluded: Sequence[np.ndarray]) -> dict:
+    """How much of a real-studies ceiling the phantom's own occlusions cost: occluded_share (fraction of the
+    studies whose film hides a stated finding, `occluded_studies`), conditioning_accuracy_visible (strict
+    success fraction over the other studies, pooled; None if there are none)."""
+    success = np.concatenate([r.success for r in results])
+    hidden = np.concatenate(occluded)
+    if success.shape != hidden.shape:
+        raise ValueError(f"occlusion flags for {hidden.size} studies, verdicts for {success.size}")
+    visible = success[~hidden]
+    return {"occluded_share": float(hidden.mean()),
+            "conditioning_accuracy_visible": float(visible.mean()) if visible.size else None}
 
 
 def evaluate_conditioning(classifier: FindingClassifier, images_per_prompt: Sequence[np.ndarray],

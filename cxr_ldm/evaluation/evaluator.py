@@ -539,22 +539,28 @@ def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size:
     """The results' ceiling fields: conditioning_real_studies (real phantom studies of each prompt, scored as
     generated images are: what a perfect generator would get), conditioning_vae_reconstructed (the same studies
     through the VAE: what a diffusion model that is perfect in latent space could reach with this autoencoder),
-    each with its conditioning_accuracy_* and presence_accuracy_* headlines and _ci intervals; all None unless
-    phantom_cxr (the VAE ones also without a VAE)."""
+    each with its conditioning_accuracy_* and presence_accuracy_* headlines and _ci intervals, and in each
+    conditioning_* the share of studies whose film hides a stated finding with the strict accuracy on the others
+    (`conditioning.occlusion_summary`); all None unless phantom_cxr (the VAE ones also without a VAE)."""
     sets = dict.fromkeys(CEILING_SETS)
+    occluded = None
     if settings.dataset == DEFAULT_DATASET:
         sets["real_studies"] = conditioning.phantom_studies(usable, settings.num_samples, size)
+        occluded = conditioning.occluded_studies(usable, settings.num_samples, size)
         if vae is not None:
             reconstructed = reconstruct(vae, vae_params, np.concatenate(sets["real_studies"]), settings.batch_size)
             sets["vae_reconstructed"] = np.split(reconstructed, np.cumsum([len(x) for x in sets["real_studies"]])[:-1])
-    return _ceiling_fields(sets, classifier, usable)
+    return _ceiling_fields(sets, classifier, usable, occluded)
 
 
-def _ceiling_fields(sets: dict, classifier, usable) -> dict:
-    """`_ceilings`' fields for {set name: per-prompt images, or None where the set was not made}."""
+def _ceiling_fields(sets: dict, classifier, usable, occluded=None) -> dict:
+    """`_ceilings`' fields for {set name: per-prompt images, or None where the set was not made}; occluded: the
+    studies' `conditioning.occluded_studies` flags."""
     out = {}
     for name, images in sets.items():
         summary, results = conditioning.evaluate_conditioning(classifier, images, usable) if images else (None, None)
+        if summary is not None and occluded is not None:
+            summary.update(conditioning.occlusion_summary(results, occluded))
         for key, attribute in (("conditioning_accuracy", "success"), ("presence_accuracy", "present")):
             interval = results and intervals.hierarchical_bootstrap([getattr(r, attribute) for r in results])
             out[f"{key}_{name}"] = summary and summary[key]

@@ -124,6 +124,37 @@ def test_phantom_studies_state_what_each_prompt_states():
     assert [x.shape for x in images] == [(3, 32, 32, 1)] * 2 and 0 <= images[0].min() < images[0].max() <= 1
 
 
+def test_occluded_studies_flag_the_studies_whose_film_hides_a_stated_finding(monkeypatch):
+    """A finding that draws nothing is occluded in every study of its prompt; a drawn one is not."""
+    from cxr_ldm.data.phantom import findings as phantom_findings
+
+    edema = EvalPrompt("Moderate pulmonary edema. Large right pleural effusion.",
+                       {"Edema": "bilateral", "Pleural Effusion": "right"},
+                       details={"Edema": {"severity": "moderate"}, "Pleural Effusion": {"severity": "large"}})
+    effusion = EvalPrompt("Large right pleural effusion.", {"Pleural Effusion": "right"},
+                          details={"Pleural Effusion": {"severity": "large"}})
+    normal = EvalPrompt("Normal chest radiograph.", {})
+    flags = conditioning.occluded_studies([edema, effusion, normal], 2, 32)
+    assert [f.tolist() for f in flags] == [[False, False]] * 3
+    monkeypatch.setitem(phantom_findings.DRAW, "Edema", lambda *args: None)
+    flags = conditioning.occluded_studies([edema, effusion, normal], 2, 32)
+    assert [f.tolist() for f in flags] == [[True, True], [False, False], [False, False]]
+
+
+def test_occlusion_summary_scores_the_visible_studies_only():
+    def result(success):
+        success = np.asarray(success)
+        return conditioning.PromptResult(EvalPrompt("x", {}), success, {}, {}, {}, success, {})
+
+    results = [result([True, False, True]), result([False, False])]
+    summary = conditioning.occlusion_summary(results, [np.array([False, True, False]), np.array([True, False])])
+    assert summary == {"occluded_share": pytest.approx(2 / 5), "conditioning_accuracy_visible": pytest.approx(2 / 3)}
+    everything_hidden = conditioning.occlusion_summary(results[1:], [np.array([True, True])])
+    assert everything_hidden == {"occluded_share": 1.0, "conditioning_accuracy_visible": None}
+    with pytest.raises(ValueError, match="occlusion flags for 2 studies, verdicts for 5"):
+        conditioning.occlusion_summary(results, [np.array([True, True])])
+
+
 def test_prompts_reject_unknown_findings_and_sides():
     with pytest.raises(ValueError, match=r"findings\['Lung Opacity'\] = null: expected a major finding"):
         EvalPrompt("x", {"Lung Opacity": None})

@@ -104,6 +104,9 @@ def test_judge_only_measures_the_ceiling_of_a_prompt_set_and_headline_only_reuse
     low, high = results["conditioning_accuracy_real_studies_ci"]
     assert low <= results["conditioning_accuracy_real_studies"] <= high
     assert results["conditioning_accuracy_real_studies"] <= results["presence_accuracy_real_studies"]
+    # single findings that the phantom always shows: no study is occluded, so the visible studies are all of them
+    assert real["occluded_share"] == 0.0
+    assert real["conditioning_accuracy_visible"] == pytest.approx(results["conditioning_accuracy_real_studies"])
     low, high = results["presence_accuracy_real_studies_ci"]
     assert low <= results["presence_accuracy_real_studies"] <= high
     assert results["prompt_set"]["name"] == "custom" and results["prompt_set"]["num_prompts"] == len(real["per_prompt"])
