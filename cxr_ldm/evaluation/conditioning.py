@@ -191,12 +191,17 @@ def phantom_studies(prompts: Sequence[EvalPrompt], num_per_prompt: int, resoluti
 
 
 def occluded_studies(prompts: Sequence[EvalPrompt], num_per_prompt: int, resolution: int,
-                     seed: int = PHANTOM_REFERENCE_SEED) -> list[np.ndarray]:
+                     seed: int = PHANTOM_REFERENCE_SEED, films: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """For the studies of `phantom_studies` (same arguments): bool (N,) per prompt, True where the film does
     not show a finding the prompt states (`phantom.hidden_findings`: removing it changes fewer than 15 pixels
-    by more than 10 gray levels), e.g. an atelectasis with a large effusion. No judge can find such a finding."""
-    return [np.array([bool(phantom.hidden_findings(s, parse_findings(s, prompt.phantom_findings()), resolution))
-                      for s in _study_seeds(p, num_per_prompt, seed)], bool)
+    by more than 10 gray levels), e.g. an atelectasis with a large effusion. No judge can find such a finding.
+    films: `phantom_studies`' output for the same arguments, where the caller has it, so that the studies are
+    not rendered again."""
+    def flag(p: int, prompt: EvalPrompt, i: int, study_seed: int) -> bool:
+        film = None if films is None else np.round(films[p][i] * 255.0).astype(np.uint8)
+        findings = parse_findings(study_seed, prompt.phantom_findings())
+        return bool(phantom.hidden_findings(study_seed, findings, resolution, film=film))
+    return [np.array([flag(p, prompt, i, s) for i, s in enumerate(_study_seeds(p, num_per_prompt, seed))], bool)
             for p, prompt in enumerate(prompts)]
 
 

@@ -546,7 +546,7 @@ def _ceilings(settings: EvalSettings, classifier, usable, vae, vae_params, size:
     occluded = None
     if settings.dataset == DEFAULT_DATASET:
         sets["real_studies"] = conditioning.phantom_studies(usable, settings.num_samples, size)
-        occluded = conditioning.occluded_studies(usable, settings.num_samples, size)
+        occluded = conditioning.occluded_studies(usable, settings.num_samples, size, films=sets["real_studies"])
         if vae is not None:
             reconstructed = reconstruct(vae, vae_params, np.concatenate(sets["real_studies"]), settings.batch_size)
             sets["vae_reconstructed"] = np.split(reconstructed, np.cumsum([len(x) for x in sets["real_studies"]])[:-1])

@@ -134,11 +134,16 @@ def test_occluded_studies_flag_the_studies_whose_film_hides_a_stated_finding(mon
     effusion = EvalPrompt("Large right pleural effusion.", {"Pleural Effusion": "right"},
                           details={"Pleural Effusion": {"severity": "large"}})
     normal = EvalPrompt("Normal chest radiograph.", {})
-    flags = conditioning.occluded_studies([edema, effusion, normal], 2, 32)
+    prompts = [edema, effusion, normal]
+    films = conditioning.phantom_studies(prompts, 2, 32)
+    flags = conditioning.occluded_studies(prompts, 2, 32)
     assert [f.tolist() for f in flags] == [[False, False]] * 3
+    assert [f.tolist() for f in conditioning.occluded_studies(prompts, 2, 32, films=films)] == [[False, False]] * 3
     monkeypatch.setitem(phantom_findings.DRAW, "Edema", lambda *args: None)
-    flags = conditioning.occluded_studies([edema, effusion, normal], 2, 32)
+    flags = conditioning.occluded_studies(prompts, 2, 32)
     assert [f.tolist() for f in flags] == [[True, True], [False, False], [False, False]]
+    # The films given are the ones judged: those rendered before edema stopped drawing still show it.
+    assert [f.tolist() for f in conditioning.occluded_studies(prompts, 2, 32, films=films)] == [[False, False]] * 3
 
 
 def test_occlusion_summary_scores_the_visible_studies_only():

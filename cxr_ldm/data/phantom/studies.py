@@ -50,11 +50,12 @@ def render_image(seed: int, findings: tuple[Finding, ...], resolution: int) -> n
 
 
 def hidden_findings(seed: int, findings: tuple[Finding, ...], resolution: int, *, min_pixels: int = 15,
-                    min_change: int = 10) -> tuple[Finding, ...]:
+                    min_change: int = 10, film: np.ndarray | None = None) -> tuple[Finding, ...]:
     """The findings of a case that its film does not show: those whose removal (the same patient, the
     other findings kept) changes fewer than `min_pixels` pixels by more than `min_change` gray levels at
-    `resolution`, e.g. a lesion behind an enlarged heart. The report states them all the same."""
-    film = render_image(seed, findings, resolution).astype(np.int16)
+    `resolution`, e.g. a lesion behind an enlarged heart. The report states them all the same.
+    film: the case's `render_image(seed, findings, resolution)` where the caller has it already."""
+    film = (render_image(seed, findings, resolution) if film is None else film).astype(np.int16)
     hidden = []
     for finding in findings:
         without = render_image(seed, tuple(f for f in findings if f is not finding), resolution)
