@@ -22,7 +22,9 @@ truncated_prompts, with the part the encoder reads.
                   for phantom_cxr also real phantom studies of each prompt scored the same way
                   (conditioning_accuracy_real_studies: what a perfect generator would get) and the
                   same studies through the checkpoint's VAE (conditioning_accuracy_vae_reconstructed:
-                  the most its diffusion model can reach with this autoencoder)
+                  the most its diffusion model can reach with this autoencoder), each with the share
+                  of studies whose film hides a stated finding and the strict accuracy on the others
+                  (occluded_share, conditioning_accuracy_visible)
   fid             domain FID (classifier features) of images generated from the test studies' prompts
                   vs those real test images; the fair floor (phantom_cxr): the same studies against a
                   second rendering of their cases (other patients); real vs real (validation vs test);
