@@ -118,3 +118,24 @@ def test_models_that_do_not_fit_are_named_before_anything_is_written(flag, messa
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     # Models loaded from a pipeline folder are not the config's: nothing to check.
     config_check.check_models_fit(_parse([flag, "--config.ldm.init_from=/models/sd15"]))
+
+
+def _leaves(node, prefix=""):
+    """{dotted name: value} of a ConfigDict's leaves."""
+    out = {}
+    for key in node.keys():
+        value = node[key]
+        out.update(_leaves(value, f"{prefix}{key}.") if hasattr(value, "keys") else {prefix + key: value})
+    return out
+
+
+def test_quick_config_is_the_default_with_the_measured_30_minute_cut(monkeypatch):
+    """configs/quick.py is the cut measured in docs/recipes.md (`--config.autoencoder.num_steps=1500
+    --config.ldm.num_steps=5500 --config.ldm.learning_rate=2e-3 --config.ldm.warmup_steps=200
+    --config.sample_every=5500`), and nothing else."""
+    monkeypatch.chdir(REPO)
+    quick, base = _leaves(_parse(["--config=configs/quick.py"])), _leaves(_parse([]))
+    changed = {key: quick[key] for key in base if quick[key] != base[key]}
+    assert changed == {"workdir": "workdir/quick", "autoencoder.num_steps": 1500, "ldm.num_steps": 5500,
+                       "ldm.learning_rate": 2e-3, "ldm.warmup_steps": 200, "sample_every": 5500}
+    assert quick.keys() == base.keys()
