@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.workdir = "workdir/quick"
     c.autoencoder.num_steps = c.autoencoder.num_steps * 3 // 8  # 1500 on a CPU
     c.ldm.num_steps = c.ldm.num_steps * 11 // 40  # 5500 on a CPU
-    c.ldm.learning_rate *= 2  # 2e-3 for the short run (4e-3 tied on dev)
+    c.ldm.learning_rate *= 2  # 2e-3 on a CPU: the short run's rate (docs/recipes.md)
     c.ldm.warmup_steps *= 2
     c.sample_every = c.ldm.num_steps  # one sample grid, at the end
     return c
